@@ -1,0 +1,13 @@
+"""CGNS: cross-modal clustering-guided negative sampling for chest X-ray image-report pretraining.
+
+Importing this package registers ``model_type="cgns"`` with ``AutoConfig`` / ``AutoModel``.
+"""
+from transformers import AutoConfig, AutoModel
+
+from .configuration_cgns import CGNSConfig
+from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
+
+AutoConfig.register("cgns", CGNSConfig, exist_ok=True)
+AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
+
+__all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel"]

@@ -1,0 +1,246 @@
+"""Cross-modal online k-means (ALGORITHM.md B.3 a-c, ARCHITECTURE.md section 4).
+
+The centroids live in the space of the *image-to-text* cross-attended sentence features (z2);
+the *text* sentence features (z1) are assigned to them to pick hard negatives (the second-nearest
+centroid) and false negatives (anchors that share a cluster). Every step is a small pure function
+with its hyper-parameters as arguments; :class:`CrossModalKMeans` only holds the state as buffers
+(saved with the model, restored on resume, identical on every rank) and drives the steps.
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+
+
+# --------------------------------------------------------------------------------------------------
+# pure steps
+# --------------------------------------------------------------------------------------------------
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, D) x (M, D) -> (N, M) cosine similarities."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()
+
+
+def greedy_chain_init(features: torch.Tensor, num_clusters: int, first_index: int) -> torch.Tensor:
+    """Centroid initialisation of B.3 step 1: a greedy farthest-point chain.
+
+    Starts from ``features[first_index]``; each next centroid is the not-yet-chosen point that is
+    *least* cosine-similar to the previously chosen one. Returns copies of K rows, (K, D).
+    """
+    n = features.shape[0]
+    if n < num_clusters:
+        raise ValueError(f"greedy_chain_init needs at least K={num_clusters} features, got {n}")
+    normed = F.normalize(features, dim=-1)
+    chosen = torch.zeros(n, dtype=torch.bool, device=features.device)
+    order = [int(first_index)]
+    chosen[first_index] = True
+    for _ in range(num_clusters - 1):
+        sims = normed @ normed[order[-1]]
+        sims = sims.masked_fill(chosen, float("inf"))
+        nxt = int(torch.argmin(sims))
+        order.append(nxt)
+        chosen[nxt] = True
+    return features[torch.tensor(order, device=features.device)].clone()
+
+
+def assign_to_centroids(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (by cosine) for every row of ``features``: (N,) long."""
+    return cosine_similarity_matrix(features, centroids).argmax(dim=1)
+
+
+def cluster_sums(features: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums S_k (K, D) and member counts (K,) of ``features`` under ``assignments``."""
+    sums = features.new_zeros(num_clusters, features.shape[1])
+    sums.index_add_(0, assignments, features)
+    counts = torch.bincount(assignments, minlength=num_clusters).to(features.dtype)
+    return sums, counts
+
+
+def momentum_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float) -> torch.Tensor:
+    """B.3 a: ``m_k <- eta * S_k + (1 - eta) * m_k`` for clusters with members; empty ones unchanged.
+
+    ``S_k`` is the *sum* of the members (as in the reference), centroids are not re-normalised.
+    """
+    updated = momentum * sums + (1.0 - momentum) * centroids
+    return torch.where((counts > 0).unsqueeze(1), updated, centroids)
+
+
+def nearest_two_centroids(anchors: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(own cluster, hard-negative cluster) per anchor: the nearest and second-nearest centroid (B.3 b, c)."""
+    top2 = cosine_similarity_matrix(anchors, centroids).topk(2, dim=1).indices
+    return top2[:, 0], top2[:, 1]
+
+
+def false_negative_mask(assignments: torch.Tensor) -> torch.Tensor:
+    """B.3 c: ``F_ij = [a_i == a_j] * [i != j]`` as a bool (N, N) matrix, symmetric with zero diagonal."""
+    same = assignments.unsqueeze(0) == assignments.unsqueeze(1)
+    return same & ~torch.eye(assignments.shape[0], dtype=torch.bool, device=assignments.device)
+
+
+def assignment_entropy(counts: torch.Tensor) -> float:
+    """Entropy (nats) of the cluster-size distribution; log K when every cluster is equally used."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * p.log()).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# state holder
+# --------------------------------------------------------------------------------------------------
+
+class CrossModalKMeans(nn.Module):
+    """Online k-means state over cross-modal sentence features, kept in buffers.
+
+    * ``update(text_features, cross_features)`` — call after each optimiser step in training. Before
+      initialisation it feeds a queue of recent cross-modal features and initialises the
+      centroids once the mean text/cross-modal cosine is at most ``init_threshold`` *and* at least
+      K features are queued (so small batches never crash, G.5). Afterwards it assigns the
+      features and applies the momentum update from per-cluster sums and counts all-reduced over
+      processes, so every rank holds identical centroids. No-op (returns stats only) in eval mode.
+    * ``reassign_dead()`` — re-seeds centroids without members for ``dead_patience`` updates from
+      queued features (``dead_patience = 0`` disables it, the reference behaviour).
+    * ``centroids`` is read by the cluster-guided text loss; ``None`` until initialised.
+    """
+
+    def __init__(self, num_clusters: int, dim: int, init_threshold: float = 0.4, momentum: float = 0.001,
+                 queue_size: Optional[int] = None, dead_patience: int = 0, seed: int = 0):
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.init_threshold = init_threshold
+        self.momentum = momentum
+        self.dead_patience = dead_patience
+        queue_size = queue_size if queue_size is not None else 2 * num_clusters
+        if queue_size < num_clusters:
+            raise ValueError(f"queue_size ({queue_size}) must be >= num_clusters ({num_clusters})")
+        self.register_buffer("centroid_vectors", torch.zeros(num_clusters, dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_member_update", torch.zeros(num_clusters, dtype=torch.long))
+        self.register_buffer("queue", torch.zeros(queue_size, dim))
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.long))
+
+    @property
+    def centroids(self) -> Optional[torch.Tensor]:
+        return self.centroid_vectors if bool(self.initialized) else None
+
+    def _generator(self) -> torch.Generator:
+        # A function of the saved state only, so a resumed run draws the same numbers.
+        return torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(self.num_updates))
+
+    def _enqueue(self, features: torch.Tensor) -> None:
+        size = self.queue.shape[0]
+        features = features[-size:]
+        n = features.shape[0]
+        idx = (int(self.queue_ptr) + torch.arange(n, device=features.device)) % size
+        self.queue[idx] = features.to(self.queue.dtype)
+        self.queue_ptr.fill_((int(self.queue_ptr) + n) % size)
+        self.queue_count.fill_(min(size, int(self.queue_count) + n))
+
+    def _queued(self) -> torch.Tensor:
+        return self.queue[: int(self.queue_count)]
+
+    @torch.no_grad()
+    def update(self, text_features: torch.Tensor, cross_features: torch.Tensor) -> Dict[str, float]:
+        """One online k-means step on this rank's (N, D) sentence features; returns diagnostics."""
+        text_features = F.normalize(text_features.detach().float(), dim=-1)
+        cross_features = F.normalize(cross_features.detach().float(), dim=-1)
+        if not self.training:
+            return self.diagnostics(text_features, cross_features)
+
+        # mean of cos(z1_i, z2_j) over all pairs of every rank's batch (B.3 step 1 trigger)
+        sim_stats = torch.stack([
+            (text_features @ cross_features.t()).sum() if text_features.shape[0] else text_features.new_zeros(()),
+            text_features.new_tensor(float(text_features.shape[0] ** 2)),
+        ])
+        distributed.all_reduce_sum(sim_stats)
+        mean_similarity = float(sim_stats[0] / sim_stats[1]) if sim_stats[1] > 0 else math.inf
+
+        everyone = distributed.all_gather_variable(cross_features)
+        if bool(self.initialized):
+            assignments = assign_to_centroids(cross_features, self.centroid_vectors)
+            sums, counts = cluster_sums(cross_features, assignments, self.num_clusters)
+            distributed.all_reduce_sum(sums)
+            distributed.all_reduce_sum(counts)
+            self.centroid_vectors.copy_(momentum_update(self.centroid_vectors, sums, counts, self.momentum))
+            self.last_member_update[counts > 0] = int(self.num_updates) + 1
+        if everyone.shape[0]:
+            self._enqueue(everyone)
+        if not bool(self.initialized) and mean_similarity <= self.init_threshold \
+                and int(self.queue_count) >= self.num_clusters:
+            queued = self._queued()
+            first = int(torch.randint(queued.shape[0], (1,), generator=self._generator()))
+            self.centroid_vectors.copy_(greedy_chain_init(queued, self.num_clusters, first))
+            distributed.broadcast(self.centroid_vectors, src=0)
+            self.initialized.fill_(True)
+            self.last_member_update.fill_(int(self.num_updates) + 1)
+        self.num_updates += 1
+        stats = self.diagnostics(text_features, cross_features)
+        stats["mean_text_cross_similarity"] = mean_similarity
+        return stats
+
+    @torch.no_grad()
+    def dead_clusters(self) -> torch.Tensor:
+        """Indices of centroids without members for at least ``dead_patience`` updates."""
+        if self.dead_patience <= 0 or not bool(self.initialized):
+            return torch.zeros(0, dtype=torch.long, device=self.centroid_vectors.device)
+        idle = self.num_updates - self.last_member_update
+        return torch.nonzero(idle >= self.dead_patience).flatten()
+
+    @torch.no_grad()
+    def reassign_dead(self) -> int:
+        """Re-seed dead centroids from random queued features (identical on every rank); returns how many."""
+        if not self.training:
+            return 0
+        dead = self.dead_clusters()
+        if dead.numel() == 0 or int(self.queue_count) == 0:
+            return 0
+        queued = self._queued()
+        picks = torch.randint(queued.shape[0], (dead.numel(),), generator=self._generator()).to(queued.device)
+        self.centroid_vectors[dead] = queued[picks]
+        distributed.broadcast(self.centroid_vectors, src=0)
+        self.last_member_update[dead] = self.num_updates
+        return int(dead.numel())
+
+    @torch.no_grad()
+    def diagnostics(self, text_features: torch.Tensor, cross_features: torch.Tensor) -> Dict[str, float]:
+        """Empty clusters, assignment entropy, mean intra-cluster cosine, anchor/positive cluster agreement."""
+        stats = {"initialized": float(bool(self.initialized)), "num_updates": float(self.num_updates)}
+        if not bool(self.initialized) or cross_features.shape[0] == 0:
+            return stats
+        sims = cosine_similarity_matrix(cross_features, self.centroid_vectors)
+        assignments = sims.argmax(dim=1)
+        counts = torch.bincount(assignments, minlength=self.num_clusters).float()
+        distributed.all_reduce_sum(counts)
+        text_assignments = assign_to_centroids(text_features, self.centroid_vectors)
+        agree = torch.stack([(text_assignments == assignments).float().sum(), counts.new_tensor(float(len(assignments)))])
+        intra = torch.stack([sims.gather(1, assignments[:, None]).sum(), counts.new_tensor(float(len(assignments)))])
+        distributed.all_reduce_sum(agree)
+        distributed.all_reduce_sum(intra)
+        stats.update({
+            "empty_clusters": float((counts == 0).sum()),
+            "assignment_entropy": assignment_entropy(counts),
+            "intra_cluster_cosine": float(intra[0] / intra[1]),
+            "anchor_positive_same_cluster": float(agree[0] / agree[1]),
+        })
+        return stats
+
+
+__all__ = [
+    "CrossModalKMeans",
+    "cosine_similarity_matrix",
+    "greedy_chain_init",
+    "assign_to_centroids",
+    "cluster_sums",
+    "momentum_update",
+    "nearest_two_centroids",
+    "false_negative_mask",
+    "assignment_entropy",
+]

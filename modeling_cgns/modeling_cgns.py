@@ -1,0 +1,565 @@
+"""CGNS model: image tower + report tower, global and local alignment, cross-modal clustering state
+and the CM-MIR decoder (ALGORITHM.md A-B, ARCHITECTURE.md sections 3-4).
+
+Reads top to bottom: batched building blocks -> decoders -> pre-trained base -> CGNSModel.
+Everything the reference computes per sample is batched here with padding masks; the slow
+per-sample versions live in tests as parity oracles.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from . import losses
+from .clustering import CrossModalKMeans
+from .configuration_cgns import CGNSConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# batched building blocks
+# --------------------------------------------------------------------------------------------------
+
+def segment_mean(token_features: torch.Tensor, sentence_index: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token -> sentence features by averaging the tokens of each sentence (A.4), batched.
+
+    Args:
+        token_features: (B, L, D).
+        sentence_index: (B, L) long; sentence id 0..S-1 of each token, -1 for [CLS]/[SEP]/padding.
+        attention_mask: (B, L); tokens with mask 0 never count, whatever their sentence id.
+    Returns:
+        sentences (B, S_max, D) — rows of empty or absent sentences are zero — and
+        sentence_mask (B, S_max) bool, True where the sentence has at least one token.
+    """
+    if attention_mask is not None:
+        sentence_index = sentence_index.masked_fill(attention_mask == 0, -1)
+    num_sentences = max(int(sentence_index.max()) + 1, 1) if sentence_index.numel() else 1
+    ids = torch.arange(num_sentences, device=sentence_index.device)
+    membership = (sentence_index.unsqueeze(1) == ids.view(1, -1, 1)).to(token_features.dtype)  # (B, S, L)
+    counts = membership.sum(dim=-1)
+    sentences = membership @ token_features / counts.clamp(min=1.0).unsqueeze(-1)
+    return sentences, counts > 0
+
+
+class CGNSAttentionPool2d(nn.Module):
+    """CLIP-style attention pooling over the ResNet grid (A.1): [mean; tokens] + positions -> MHA -> mean slot.
+
+    Only the mean slot's output is used, so only its query is computed.
+    """
+
+    def __init__(self, num_tokens: int, width: int, num_heads: int):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"vision width {width} is not divisible by attention_pool_heads {num_heads}")
+        self.num_heads = num_heads
+        self.positional_embedding = nn.Parameter(torch.zeros(num_tokens + 1, width))
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, P, C) -> pooled (B, C)."""
+        if tokens.shape[1] + 1 != self.positional_embedding.shape[0]:
+            raise ValueError(f"attention pool built for {self.positional_embedding.shape[0] - 1} grid tokens, got "
+                             f"{tokens.shape[1]}: image_size in the config must match the input resolution")
+        seq = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.positional_embedding
+        return self.c_proj(_single_query_attention(self.q_proj(seq[:, :1]), self.k_proj(seq), self.v_proj(seq),
+                                                   self.num_heads))
+
+
+class CGNSSentenceAttentionPool(nn.Module):
+    """Report vector from its sentences (A.5): [mean of valid sentences; sentences] -> MHA -> mean slot.
+
+    Padded sentences are excluded by a key-padding mask; the mean slot is always attendable, so a
+    report without sentences yields a finite vector (the projection of a zero mean).
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.c_proj = nn.Linear(dim, dim)
+
+    def forward(self, sentences: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
+        """sentences (B, S, D), sentence_mask (B, S) -> report vectors (B, D) (not normalised)."""
+        weights = sentence_mask.to(sentences.dtype).unsqueeze(-1)
+        mean = (sentences * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        seq = torch.cat([mean, sentences], dim=1)
+        key_mask = torch.cat([torch.ones_like(sentence_mask[:, :1]), sentence_mask], dim=1)
+        return self.c_proj(_single_query_attention(self.q_proj(seq[:, :1]), self.k_proj(seq), self.v_proj(seq),
+                                                   self.num_heads, key_mask))
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                            key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multi-head softmax attention of one query per row: q (B, 1, C), k/v (B, T, C) -> (B, C)."""
+    b, t, c = k.shape
+    head = c // num_heads
+    q = q.view(b, 1, num_heads, head).transpose(1, 2)
+    k = k.view(b, t, num_heads, head).transpose(1, 2)
+    v = v.view(b, t, num_heads, head).transpose(1, 2)
+    mask = None if key_mask is None else key_mask.bool().view(b, 1, 1, t)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, c)
+
+
+class CGNSLocalCrossAttention(nn.Module):
+    """Sigmoid cross-attention between image tokens and sentences in both directions (A.7), batched.
+
+    image-to-text: ``T~ = sigma(Q2(T) K1(V)^T / sqrt(D)) V1(V)`` — one image-conditioned vector per sentence;
+    text-to-image: ``V~ = (sigma(Q1(V) K2(T)^T / sqrt(D)) * mask) V2(T)`` — padded sentences contribute 0.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(dim)
+        self.image_query = nn.Linear(dim, dim)
+        self.image_key = nn.Linear(dim, dim)
+        self.image_value = nn.Linear(dim, dim)
+        self.text_query = nn.Linear(dim, dim)
+        self.text_key = nn.Linear(dim, dim)
+        self.text_value = nn.Linear(dim, dim)
+
+    def forward(self, image_tokens: torch.Tensor, sentences: torch.Tensor, sentence_mask: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """image_tokens (B, P, D), sentences (B, S, D), sentence_mask (B, S) ->
+        (text_to_image (B, P, D), image_to_text (B, S, D))."""
+        image_to_text_weights = torch.sigmoid(
+            self.text_query(sentences) @ self.image_key(image_tokens).transpose(1, 2) * self.scale)
+        image_to_text = image_to_text_weights @ self.image_value(image_tokens)
+        text_to_image_weights = torch.sigmoid(
+            self.image_query(image_tokens) @ self.text_key(sentences).transpose(1, 2) * self.scale)
+        text_to_image_weights = text_to_image_weights * sentence_mask.to(sentences.dtype).unsqueeze(1)
+        text_to_image = text_to_image_weights @ self.text_value(sentences)
+        return text_to_image, image_to_text
+
+
+class CGNSPredictor(nn.Sequential):
+    """SimSiam predictor h (B.2): Linear(D, D/2) -> ReLU -> Linear(D/2, D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+def random_token_mask(batch: int, num_tokens: int, ratio: float, device, generator=None) -> torch.Tensor:
+    """Exactly ``round(ratio * P)`` masked positions per sample, chosen uniformly: (B, P) bool."""
+    num_masked = int(round(ratio * num_tokens))
+    noise = torch.rand(batch, num_tokens, device=device, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks < num_masked
+
+
+def _upsampling_stages(grid: int, image_size: int) -> int:
+    factor = image_size // grid
+    if grid * factor != image_size or factor & (factor - 1):
+        raise ValueError(f"CM-MIR decoder needs image_size/grid to be a power of two, got {image_size}/{grid}")
+    return int(math.log2(factor))
+
+
+def _conv_upsampling_head(in_channels: int, widths, stages: int, out_channels: int) -> nn.Sequential:
+    """``stages`` x {Conv3x3 -> ReLU -> bilinear x2}, the last block without ReLU, then Tanh.
+
+    No ReLU before the Tanh: the target spans [-1, 1] (fixes the reference's [0, 1) output, G.10).
+    """
+    widths = list(widths)[: stages - 1]
+    if len(widths) < stages - 1:
+        widths += [widths[-1] if widths else in_channels] * (stages - 1 - len(widths))
+    layers = []
+    channels = [in_channels] + widths
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
+                   nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+    layers += [nn.Conv2d(channels[-1], out_channels, 3, padding=1),
+               nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+class CGNSGridDecoder(nn.Module):
+    """CM-MIR decoder for grid towers (ResNet, B.4): masked image tokens ++ text-to-image features on the
+    h x w grid -> convolutional upsampling to the input size."""
+
+    def __init__(self, dim: int, grid: int, image_size: int, widths, out_channels: int = 3):
+        super().__init__()
+        self.grid = grid
+        self.head = _conv_upsampling_head(2 * dim, widths, _upsampling_stages(grid, image_size), out_channels)
+
+    def forward(self, masked_image_tokens: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+        b, p, d = masked_image_tokens.shape
+        fused = torch.cat([masked_image_tokens, text_to_image], dim=-1)        # (B, P, 2D), row-major grid
+        fused = fused.transpose(1, 2).reshape(b, 2 * d, self.grid, self.grid)
+        return self.head(fused)
+
+
+class CGNSTokenDecoder(nn.Module):
+    """CM-MIR decoder for token towers (ViT, B.4): attention fusion of the masked image tokens with the
+    text-to-image features, positions, a transformer decoder (separate weights per layer, batch-first:
+    no attention across the batch), then convolutional upsampling."""
+
+    def __init__(self, dim: int, grid: int, image_size: int, widths, num_layers: int, num_heads: int,
+                 ffn_dim: int, out_channels: int = 3):
+        super().__init__()
+        self.grid = grid
+        self.fusion = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.position_embedding = nn.Parameter(torch.zeros(grid * grid, dim))
+        layer = nn.TransformerDecoderLayer(dim, num_heads, ffn_dim, dropout=0.1, batch_first=True)
+        self.transformer = nn.TransformerDecoder(layer, num_layers)   # deep-copies: layers do not share weights
+        self.head = _conv_upsampling_head(dim, widths, _upsampling_stages(grid, image_size), out_channels)
+
+    def forward(self, masked_image_tokens: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
+        b, p, d = masked_image_tokens.shape
+        fused, _ = self.fusion(masked_image_tokens, text_to_image, text_to_image, need_weights=False)
+        fused = fused + self.position_embedding
+        decoded = self.transformer(fused, fused)
+        return self.head(decoded.transpose(1, 2).reshape(b, d, self.grid, self.grid))
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs and base class
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class CGNSOutput(ModelOutput):
+    """Output of :class:`CGNSModel`.
+
+    Args:
+        loss: weighted sum of the named losses (present when ``return_loss``).
+        global_loss / local_image_loss / local_text_loss / reconstruction_loss / bml_loss: the named terms
+            (reconstruction only when ``reconstruct=True``; bml is already inside local_text_loss).
+        logits_per_image: (B, B_world) scaled image-report similarities; logits_per_text likewise.
+        image_embeds / text_embeds: (B, D) normalised global embeddings.
+        local_image_embeds: (B, P, D) normalised image tokens V.
+        sentence_embeds: (B, S, D) sentence features T; sentence_mask (B, S) marks real sentences.
+        text_to_image_features: (B, P, D) V~; image_to_text_features: (B, S, D) T~.
+        text_sentence_features / cross_sentence_features: (N, D) the valid rows of T and T~, flattened
+            in batch order — the anchors and positives of the local text loss and the k-means input.
+        reconstruction: (B, C, H, W) CM-MIR output when ``reconstruct=True``; token_mask (B, P) the masked tokens.
+        retrieval: dict of detached scalars i2t_acc1, i2t_acc5, t2i_acc1, t2i_acc5 and logit_scale.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    global_loss: Optional[torch.FloatTensor] = None
+    local_image_loss: Optional[torch.FloatTensor] = None
+    local_text_loss: Optional[torch.FloatTensor] = None
+    reconstruction_loss: Optional[torch.FloatTensor] = None
+    bml_loss: Optional[torch.FloatTensor] = None
+    logits_per_image: Optional[torch.FloatTensor] = None
+    logits_per_text: Optional[torch.FloatTensor] = None
+    image_embeds: Optional[torch.FloatTensor] = None
+    text_embeds: Optional[torch.FloatTensor] = None
+    local_image_embeds: Optional[torch.FloatTensor] = None
+    sentence_embeds: Optional[torch.FloatTensor] = None
+    sentence_mask: Optional[torch.BoolTensor] = None
+    text_to_image_features: Optional[torch.FloatTensor] = None
+    image_to_text_features: Optional[torch.FloatTensor] = None
+    text_sentence_features: Optional[torch.FloatTensor] = None
+    cross_sentence_features: Optional[torch.FloatTensor] = None
+    reconstruction: Optional[torch.FloatTensor] = None
+    token_mask: Optional[torch.BoolTensor] = None
+    retrieval: Optional[Dict[str, torch.Tensor]] = None
+
+    def named_losses(self) -> Dict[str, torch.Tensor]:
+        """Every loss term that was computed, by name (for logging)."""
+        names = ("loss", "global_loss", "local_image_loss", "local_text_loss", "reconstruction_loss", "bml_loss")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class CGNSPreTrainedModel(PreTrainedModel):
+    config_class = CGNSConfig
+    config: CGNSConfig
+    base_model_prefix = "cgns"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CGNSModel):
+            # A.3: projection weights ~ N(0, in_dim^-1/2); logit scale at ln(1/tau_0).
+            for proj in (module.global_image_projection, module.local_image_projection, module.local_text_projection):
+                init.normal_(proj.weight, mean=0.0, std=proj.in_features ** -0.5)
+                init.zeros_(proj.bias)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            if module.image_mask_token is not None:
+                init.normal_(module.image_mask_token, mean=0.0, std=module.config.initializer_range)
+        elif isinstance(module, CGNSAttentionPool2d):
+            init.normal_(module.positional_embedding, mean=0.0, std=module.positional_embedding.shape[1] ** -0.5)
+        elif isinstance(module, CGNSTokenDecoder):
+            init.zeros_(module.position_embedding)
+
+
+def build_text_tower(text_config) -> nn.Module:
+    model = AutoModel.from_config(text_config)
+    _drop_text_pooler(model)
+    return model
+
+
+def _drop_text_pooler(model: nn.Module) -> None:
+    # The pooler is never used (A.2); removing it keeps every parameter in the graph (no DDP unused params).
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+
+
+def vision_grid_size(config: CGNSConfig, vision_model: nn.Module) -> int:
+    """Side of the local-token grid for the configured image size (7 for ResNet-50 at 224, 14 for ViT-B/16)."""
+    timm_model = vision_model.timm_model
+    if config.vision_kind == "tokens":
+        return config.image_size // timm_model.patch_embed.patch_size[0]
+    reduction = timm_model.feature_info[-1]["reduction"]
+    return config.image_size // reduction
+
+
+# --------------------------------------------------------------------------------------------------
+# CGNSModel
+# --------------------------------------------------------------------------------------------------
+
+class CGNSModel(CGNSPreTrainedModel):
+    """Image-report dual encoder trained with CM-CGNS.
+
+    ``forward(pixel_values, input_ids, attention_mask, sentence_index, return_loss=True, reconstruct=False)``
+    computes the global InfoNCE, the local SimSiam image loss, the cluster-guided local text loss and,
+    with ``reconstruct=True`` (stage 2), the CM-MIR loss. The k-means state is ``self.clustering``;
+    the training loop calls ``model.clustering.update(out.text_sentence_features,
+    out.cross_sentence_features)`` after each optimiser step.
+    """
+
+    def __init__(self, config: CGNSConfig, vision_model: Optional[nn.Module] = None,
+                 text_model: Optional[nn.Module] = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else build_text_tower(config.text_config)
+        _drop_text_pooler(self.text_model)
+        timm_model = self.vision_model.timm_model
+        vision_width = timm_model.num_features
+        dim = config.projection_dim
+        self.grid_size = vision_grid_size(config, self.vision_model)
+        self.num_prefix_tokens = getattr(timm_model, "num_prefix_tokens", 0) if config.vision_kind == "tokens" else 0
+        self.attention_pool = (CGNSAttentionPool2d(self.grid_size ** 2, vision_width, config.attention_pool_heads)
+                               if config.vision_kind == "grid" else None)
+        self.global_image_projection = nn.Linear(vision_width, dim)
+        self.local_image_projection = nn.Linear(vision_width, dim)
+        self.local_text_projection = nn.Linear(config.text_hidden_size, dim)
+        self.sentence_pool = CGNSSentenceAttentionPool(dim, config.sentence_pool_heads)
+        self.cross_attention = CGNSLocalCrossAttention(dim)
+        self.predictor = CGNSPredictor(dim, config.predictor_hidden_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.clustering = CrossModalKMeans(
+            config.num_clusters, dim, init_threshold=config.cluster_init_threshold, momentum=config.cluster_momentum,
+            queue_size=config.cluster_queue_size, dead_patience=config.dead_cluster_patience)
+        if config.use_reconstruction:
+            self.image_mask_token = nn.Parameter(torch.zeros(dim))
+            num_channels = 3
+            if config.vision_kind == "grid":
+                self.decoder = CGNSGridDecoder(dim, self.grid_size, config.image_size, config.decoder_channels,
+                                               num_channels)
+            else:
+                self.decoder = CGNSTokenDecoder(dim, self.grid_size, config.image_size, config.decoder_channels,
+                                                config.decoder_layers, config.decoder_heads, config.decoder_ffn_dim,
+                                                num_channels)
+        else:
+            self.image_mask_token = None
+            self.decoder = None
+        self.post_init()
+
+    # ---------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path: str, text_model_name_or_path: str,
+                                    **config_kwargs) -> "CGNSModel":
+        """A fresh CGNS model around pretrained towers.
+
+        ``vision_model_name_or_path``: a timm name (``"resnet50"``; random init), ``"timm/<name>"`` hub id
+        (ImageNet weights, online), or a local folder holding a TimmWrapper save. ``text_model_name_or_path``:
+        a BERT-family hub id (e.g. ``emilyalsentzer/Bio_ClinicalBERT``) or local folder.
+        ``config_kwargs`` go to :class:`CGNSConfig`.
+        """
+        import os
+
+        from transformers import TimmWrapperConfig
+
+        if os.path.isdir(vision_model_name_or_path) or "/" in vision_model_name_or_path:
+            vision_model = AutoModel.from_pretrained(vision_model_name_or_path)
+        else:
+            vision_model = AutoModel.from_config(TimmWrapperConfig(architecture=vision_model_name_or_path))
+        text_model = AutoModel.from_pretrained(text_model_name_or_path)
+        config = CGNSConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
+        # post_init only initialises the CGNS heads' own modules: the towers keep their loaded weights.
+        vision_state = {k: v.clone() for k, v in vision_model.state_dict().items()}
+        text_state = {k: v.clone() for k, v in text_model.state_dict().items()}
+        model = cls(config, vision_model=vision_model, text_model=text_model)
+        model.vision_model.load_state_dict(vision_state)
+        model.text_model.load_state_dict(text_state, strict=False)
+        return model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing in both towers (the heads are small)."""
+        self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.vision_model.timm_model.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_disable(self):
+        self.text_model.gradient_checkpointing_disable()
+        self.vision_model.timm_model.set_grad_checkpointing(False)
+
+    # ---------------------------------------------------------------- encoders
+    def encode_image(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values (B, 3, H, W) -> (global image embedding (B, D) normalised, local tokens V (B, P, D) normalised)."""
+        features = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if self.config.vision_kind == "grid":
+            tokens = features.flatten(2).transpose(1, 2)        # spatial flatten, row-major (never a raw reshape)
+            global_raw = self.attention_pool(tokens)
+        else:
+            global_raw = features[:, 0]
+            tokens = features[:, self.num_prefix_tokens:]
+        image_embeds = F.normalize(self.global_image_projection(global_raw), dim=-1)
+        local_image = F.normalize(self.local_image_projection(tokens), dim=-1)
+        return image_embeds, local_image
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor,
+                    token_type_ids: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (report embedding (B, D) normalised, sentences T (B, S, D), sentence_mask (B, S))."""
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        tokens = F.normalize(self.local_text_projection(hidden), dim=-1)
+        sentences, sentence_mask = segment_mean(tokens, sentence_index, attention_mask)
+        text_embeds = F.normalize(self.sentence_pool(sentences, sentence_mask), dim=-1)
+        return text_embeds, sentences, sentence_mask
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised global image embeddings (B, D)."""
+        return self.encode_image(pixel_values)[0]
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor,
+                          token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalised global report embeddings (B, D)."""
+        return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[0]
+
+    def get_local_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised local image tokens (B, P, D) in row-major grid order."""
+        return self.encode_image(pixel_values)[1]
+
+    def get_sentence_features(self, input_ids, attention_mask, sentence_index, token_type_ids=None
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sentence features (B, S, D) (means of normalised tokens) and their validity mask (B, S)."""
+        return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[1:]
+
+    def scaled_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    # ---------------------------------------------------------------- CM-MIR
+    def reconstruct_image(self, local_image: torch.Tensor, text_to_image: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mask image tokens (training only), fuse with V~ and decode: -> (reconstruction (B, 3, H, W), mask (B, P))."""
+        b, p, _ = local_image.shape
+        if self.training and self.config.mask_ratio > 0:
+            token_mask = random_token_mask(b, p, self.config.mask_ratio, local_image.device)
+        else:
+            token_mask = torch.zeros(b, p, dtype=torch.bool, device=local_image.device)
+        masked = torch.where(token_mask.unsqueeze(-1), self.image_mask_token.to(local_image.dtype), local_image)
+        return self.decoder(masked, text_to_image), token_mask
+
+    def _pixel_mask(self, token_mask: torch.Tensor, size) -> torch.Tensor:
+        grid = token_mask.view(-1, 1, self.grid_size, self.grid_size).float()
+        return F.interpolate(grid, size=size, mode="nearest")
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        return_loss: Optional[bool] = True,
+        reconstruct: bool = False,
+        **kwargs: Any,
+    ) -> CGNSOutput:
+        """See the class docstring; all inputs are batch-first, ``sentence_index`` (B, L) from :class:`CGNSProcessor`."""
+        cfg = self.config
+        image_embeds, local_image = self.encode_image(pixel_values)
+        text_embeds, sentences, sentence_mask = self.encode_text(input_ids, attention_mask, sentence_index,
+                                                                 token_type_ids)
+        text_to_image, image_to_text = self.cross_attention(local_image, sentences, sentence_mask)
+        text_sentence_features = sentences[sentence_mask]
+        cross_sentence_features = image_to_text[sentence_mask]
+
+        reconstruction = token_mask = None
+        if reconstruct:
+            if self.decoder is None:
+                raise ValueError("reconstruct=True needs a model built with use_reconstruction=True")
+            reconstruction, token_mask = self.reconstruct_image(local_image, text_to_image)
+
+        out = CGNSOutput(image_embeds=image_embeds, text_embeds=text_embeds, local_image_embeds=local_image,
+                         sentence_embeds=sentences, sentence_mask=sentence_mask,
+                         text_to_image_features=text_to_image, image_to_text_features=image_to_text,
+                         text_sentence_features=text_sentence_features,
+                         cross_sentence_features=cross_sentence_features,
+                         reconstruction=reconstruction, token_mask=token_mask)
+        logit_scale = self.scaled_logit_scale()
+        if not return_loss:
+            out.logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+            out.logits_per_text = out.logits_per_image.t()
+            return out
+
+        global_loss, logits_per_image, logits_per_text, labels = losses.global_contrastive_loss(
+            image_embeds, text_embeds, logit_scale)
+        has_sentences = sentence_mask.any(dim=1)
+        local_image_loss = losses.local_image_loss(self.predictor(local_image), text_to_image,
+                                                   self.predictor(text_to_image), local_image, has_sentences)
+        centroids = self.clustering.centroids if cfg.use_clustering else None
+        local_text_loss, text_parts = losses.cluster_guided_text_loss(
+            text_sentence_features, cross_sentence_features, centroids, temperature=cfg.local_text_temperature,
+            hard_negative_mode=cfg.hard_negative_mode, hard_negative_weight=cfg.hard_negative_weight,
+            remove_false_negatives=cfg.remove_false_negatives, bml_alpha=cfg.bml_alpha, bml_beta=cfg.bml_beta,
+            bml_weight=cfg.bml_weight)
+        loss = (cfg.global_loss_weight * global_loss + cfg.local_image_loss_weight * local_image_loss
+                + cfg.local_text_loss_weight * local_text_loss)
+        if reconstruct:
+            pixel_mask = (self._pixel_mask(token_mask, reconstruction.shape[-2:])
+                          if cfg.reconstruction_target == "masked" else None)
+            out.reconstruction_loss = losses.reconstruction_loss(reconstruction, pixel_values,
+                                                                 cfg.reconstruction_weight, pixel_mask)
+            loss = loss + out.reconstruction_loss
+        elif self.decoder is not None and self.training and torch.is_grad_enabled():
+            # Stage 1 leaves the decoder out of the loss. Touch its parameters with weight 0 so every
+            # parameter is in the graph and DDP runs without find_unused_parameters.
+            loss = loss + 0.0 * sum(p.view(-1)[0] for p in self._reconstruction_parameters())
+
+        i2t = losses.retrieval_accuracy(logits_per_image.detach(), labels)
+        t2i = losses.retrieval_accuracy(logits_per_text.detach(), labels)
+        out.loss = loss
+        out.global_loss = global_loss
+        out.local_image_loss = local_image_loss
+        out.local_text_loss = local_text_loss
+        out.bml_loss = text_parts["bml"]
+        out.logits_per_image = logits_per_image
+        out.logits_per_text = logits_per_text
+        out.retrieval = {"i2t_acc1": i2t[1], "i2t_acc5": i2t[5], "t2i_acc1": t2i[1], "t2i_acc5": t2i[5],
+                         "logit_scale": logit_scale.detach()}
+        return out
+
+    def _reconstruction_parameters(self):
+        yield self.image_mask_token
+        yield from self.decoder.parameters()
+
+
+__all__ = [
+    "CGNSModel",
+    "CGNSPreTrainedModel",
+    "CGNSOutput",
+    "CGNSAttentionPool2d",
+    "CGNSSentenceAttentionPool",
+    "CGNSLocalCrossAttention",
+    "CGNSPredictor",
+    "CGNSGridDecoder",
+    "CGNSTokenDecoder",
+    "segment_mean",
+    "random_token_mask",
+]

@@ -1,0 +1,59 @@
+"""Report text -> sentence list (ALGORITHM.md D.3).
+
+The reference builds one training text per image as ``impression + " " + findings`` and cuts it
+into sentences: split on numbered-list markers, then on full stops; every piece is lower-cased,
+reduced to its ``\\w+`` tokens (punctuation dropped), stripped of non-ASCII characters, and kept
+only when it has at least two tokens. A report is usable only when it has at least
+``min_report_tokens`` tokens in total.
+
+The result is lower-case, punctuation-free and whitespace-separated, which is what makes the
+per-sentence word-piece counts add up to the joint tokenisation (see ``processing_cgns``).
+"""
+import re
+from typing import List, Optional
+
+_NUMBERED_ITEM = re.compile(r"[0-9]+\.")
+_WORD = re.compile(r"\w+")
+
+
+def report_text(impression: Optional[str], findings: Optional[str]) -> str:
+    """Join the two sections the way the reference does (impression first), newlines -> spaces."""
+    parts = [p for p in (impression, findings) if p and p.strip()]
+    return " ".join(parts).replace("\r", " ").replace("\n", " ")
+
+
+def split_sentences(text: Optional[str], min_sentence_tokens: int = 2) -> List[str]:
+    """Cut a report into normalised sentences (D.3 steps 2-3).
+
+    Returns a list of lower-case strings of ``\\w+`` tokens joined by single spaces; pieces with
+    fewer than ``min_sentence_tokens`` tokens are dropped. ``None`` or empty text gives ``[]``.
+    """
+    if not text:
+        return []
+    text = text.replace("\r", " ").replace("\n", " ")
+    sentences = []
+    for item in _NUMBERED_ITEM.split(text):
+        for piece in item.split("."):
+            if not piece.strip():
+                continue
+            piece = piece.replace("\ufffd\ufffd", " ").lower()
+            tokens = _WORD.findall(piece)
+            if len(tokens) < min_sentence_tokens:
+                continue
+            tokens = [t.encode("ascii", "ignore").decode() for t in tokens]
+            tokens = [t for t in tokens if t]
+            if tokens:
+                sentences.append(" ".join(tokens))
+    return sentences
+
+
+def count_tokens(sentences: List[str]) -> int:
+    return sum(len(s.split()) for s in sentences)
+
+
+def is_usable_report(sentences: List[str], min_report_tokens: int = 3) -> bool:
+    """D.3 step 4: keep a report only when its sentences hold at least ``min_report_tokens`` tokens."""
+    return count_tokens(sentences) >= min_report_tokens
+
+
+__all__ = ["report_text", "split_sentences", "count_tokens", "is_usable_report"]
