@@ -4,10 +4,13 @@ Importing this package registers ``model_type="cgns"`` with ``AutoConfig`` / ``A
 """
 from transformers import AutoConfig, AutoModel
 
+from .collator import CGNSPretrainingCollator
 from .configuration_cgns import CGNSConfig
 from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
+from .processing_cgns import CGNSImageProcessor, CGNSProcessor
 
 AutoConfig.register("cgns", CGNSConfig, exist_ok=True)
 AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
-__all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel"]
+__all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
+           "CGNSPretrainingCollator"]

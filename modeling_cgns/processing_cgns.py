@@ -1,0 +1,205 @@
+"""CGNSProcessor = CGNSImageProcessor (chest X-ray pixels) + a BERT-family tokenizer + report sentences.
+
+Image pipeline (ALGORITHM.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays,
+MONOCHROME1 inverted on request) -> intensities to [0, 1] -> resize so the longest side is
+``resize_size`` (area-style antialiasing) -> zero-pad to a centred square -> crop ``image_size``
+(random in training, centre in evaluation) -> normalise with mean/std 0.5 -> 3 channels.
+
+Text pipeline: report -> sentences (``sentences.split_sentences``) -> one tokenisation of the joined
+sentences with character offsets -> ``sentence_index`` (B, L): the sentence id (0-based) of every real
+word piece; -1 on [CLS], [SEP], padding and on anything truncated away (G.24 cannot happen: special
+tokens are never assigned to a sentence).
+"""
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_cgns import CGNSConfig
+from .sentences import report_text, split_sentences
+
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]
+
+
+def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] = None) -> torch.Tensor:
+    """Any single image -> float32 (H, W) grayscale tensor in [0, 1].
+
+    uint8 is divided by 255; 16-bit, other integer and float arrays are min-max scaled over the image
+    (the DICOM convention of "scale by the range"); RGB is averaged to gray; MONOCHROME1 is inverted.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image).astype(np.float32)
+            scaled = None
+        else:
+            array = np.asarray(image.convert("L"))
+            scaled = array.astype(np.float32) / 255.0
+    else:
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else None
+    if scaled is None:
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError("image contains NaN or infinite values")
+        lo, hi = float(array.min()), float(array.max())
+        scaled = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    if scaled.ndim == 3:
+        if scaled.shape[-1] in (3, 4):
+            scaled = scaled[..., :3].mean(axis=-1)
+        elif scaled.shape[0] in (1, 3):
+            scaled = scaled.mean(axis=0)
+        else:
+            raise ValueError(f"cannot interpret image of shape {scaled.shape} as grayscale or RGB")
+    if scaled.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale or 3-D colour image, got shape {scaled.shape}")
+    if photometric_interpretation is not None and photometric_interpretation.upper() == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return torch.from_numpy(np.ascontiguousarray(scaled))
+
+
+class CGNSImageProcessor(BaseImageProcessor):
+    r"""Chest X-ray image processor: longest side -> ``resize_size``, zero-pad square, crop ``image_size``.
+
+    Args:
+        image_size (`int`, 224): output side.
+        resize_size (`int`, 256): longest side after resizing (before padding and cropping).
+        image_mean / image_std (`float`, 0.5 / 0.5): normalisation, giving [-1, 1] pixels.
+        num_channels (`int`, 3): the gray image is replicated to this many channels.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, image_size: int = 224, resize_size: int = 256, image_mean: float = 0.5, image_std: float = 0.5,
+                 num_channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if resize_size < image_size:
+            raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.image_mean = image_mean
+        self.image_std = image_std
+        self.num_channels = num_channels
+
+    def transform(self, image: ImageInput, train: bool = False, photometric_interpretation: Optional[str] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One image -> (num_channels, image_size, image_size) float tensor."""
+        gray = to_unit_range(image, photometric_interpretation)
+        h, w = gray.shape
+        scale = self.resize_size / max(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        resized = F.interpolate(gray[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                antialias=True)[0, 0].clamp_(0.0, 1.0)
+        canvas = gray.new_zeros(self.resize_size, self.resize_size)
+        top, left = (self.resize_size - new_h) // 2, (self.resize_size - new_w) // 2
+        canvas[top:top + new_h, left:left + new_w] = resized
+        margin = self.resize_size - self.image_size
+        if train and margin > 0:
+            top, left = (int(v) for v in torch.randint(margin + 1, (2,), generator=generator))
+        else:
+            top = left = margin // 2
+        crop = canvas[top:top + self.image_size, left:left + self.image_size]
+        crop = (crop - self.image_mean) / self.image_std
+        return crop.unsqueeze(0).expand(self.num_channels, -1, -1).contiguous()
+
+    def preprocess(self, images, train: bool = False, photometric_interpretation=None, return_tensors="pt",
+                   **kwargs) -> BatchFeature:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if isinstance(photometric_interpretation, (list, tuple)):
+            interpretations = list(photometric_interpretation)
+        else:
+            interpretations = [photometric_interpretation] * len(images)
+        pixel_values = torch.stack([self.transform(im, train, pi) for im, pi in zip(images, interpretations)])
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type=None)
+
+
+class CGNSProcessor(ProcessorMixin):
+    r"""Image processor + tokenizer + report-to-sentence logic for :class:`CGNSModel`.
+
+    ``processor(images=..., text=...)`` where ``text`` is a report string (or a list of them), or
+    ``sentences=`` lists of already split sentences. Returns ``pixel_values``, ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids``), ``sentence_index``.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+
+    def __init__(self, image_processor=None, tokenizer=None, max_length: int = 256, **kwargs):
+        self.max_length = max_length
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @staticmethod
+    def split_report(report: Optional[str]) -> List[str]:
+        return split_sentences(report)
+
+    @staticmethod
+    def split_sections(impression: Optional[str], findings: Optional[str]) -> List[str]:
+        return split_sentences(report_text(impression, findings))
+
+    def tokenize_sentences(self, batch_sentences: Sequence[Sequence[str]], padding: Union[bool, str] = "longest",
+                           max_length: Optional[int] = None) -> BatchFeature:
+        """Lists of sentences -> input_ids, attention_mask, (token_type_ids), sentence_index; all (B, L)."""
+        max_length = max_length or self.max_length
+        texts, spans = [], []
+        for sentences in batch_sentences:
+            pieces, bounds, pos = [], [], 0
+            for sentence in sentences:
+                sentence = sentence.strip()
+                if not sentence:
+                    continue
+                if pieces:
+                    pos += 1
+                bounds.append((pos, pos + len(sentence)))
+                pieces.append(sentence)
+                pos += len(sentence)
+            texts.append(" ".join(pieces))
+            spans.append(bounds)
+        encoded = self.tokenizer(texts, padding=padding, truncation=True, max_length=max_length,
+                                 return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        offsets = encoded.pop("offset_mapping")
+        special = encoded.pop("special_tokens_mask").bool()
+        sentence_index = torch.full_like(encoded["input_ids"], -1)
+        for row, bounds in enumerate(spans):
+            if not bounds:
+                continue
+            starts = torch.tensor([b[0] for b in bounds])
+            token_start = offsets[row, :, 0]
+            # a token belongs to the last sentence that starts at or before its first character
+            ids = torch.searchsorted(starts, token_start, right=True) - 1
+            sentence_index[row] = ids.clamp(min=0)
+        real = encoded["attention_mask"].bool() & ~special & (offsets[..., 1] > offsets[..., 0])
+        encoded["sentence_index"] = sentence_index.masked_fill(~real, -1)
+        return encoded
+
+    def __call__(self, images=None, text=None, sentences=None, train: bool = False, padding="longest",
+                 max_length: Optional[int] = None, photometric_interpretation=None, **kwargs) -> BatchFeature:
+        if images is None and text is None and sentences is None:
+            raise ValueError("give images, text (reports) or sentences")
+        if text is not None and sentences is not None:
+            raise ValueError("give either text (reports, split here) or sentences (already split), not both")
+        data = {}
+        if text is not None:
+            reports = [text] if isinstance(text, str) else list(text)
+            sentences = [self.split_report(r) for r in reports]
+        if sentences is not None:
+            if sentences and isinstance(sentences[0], str):
+                sentences = [sentences]
+            data.update(self.tokenize_sentences(sentences, padding=padding, max_length=max_length))
+        if images is not None:
+            data.update(self.image_processor.preprocess(images, train=train,
+                                                        photometric_interpretation=photometric_interpretation))
+        return BatchFeature(data)
+
+    @property
+    def model_input_names(self):
+        return ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "sentence_index"]
+
+
+AutoImageProcessor.register(CGNSConfig, slow_image_processor_class=CGNSImageProcessor, exist_ok=True)
+AutoProcessor.register(CGNSConfig, CGNSProcessor, exist_ok=True)
+
+__all__ = ["CGNSImageProcessor", "CGNSProcessor", "to_unit_range"]
