@@ -194,12 +194,13 @@ def sklearn_holdout_split(items: Sequence, test_size, seed: int):
     return [items[i] for i in perm[n_test:]], [items[i] for i in perm[:n_test]]
 
 
-def prepare_and_load(builder, name: str, task: str, data_pct: float = 1.0, seed: int = 0, **prepare_kwargs):
-    """``download_and_prepare`` + ``as_dataset`` + train-only ``data_pct`` for a manifest-writing builder.
+def prepare_builder_and_load(builder, name: str, task: str, data_pct: float = 1.0, seed: int = 0,
+                             **prepare_kwargs):
+    """``download_and_prepare`` + ``as_dataset`` + train-only ``data_pct`` for an already built builder.
 
-    The builder writes ``manifest.json`` into its own Arrow cache folder while generating; this
-    copies it to ``<cache_root>/<name>/<task>/manifest.json`` (the contract's location), also on a
-    cache hit, and returns the DatasetDict.
+    For builders that write ``manifest.json`` into their own Arrow cache folder at the end of
+    generation (so it also lists what was found while writing): the manifest is copied to
+    ``<cache_root>/<name>/<task>/manifest.json`` (the contract's location), also on a cache hit.
     """
     import shutil
 
@@ -239,7 +240,7 @@ def manifest_summary(d: dict) -> str:
     return "\n".join(lines)
 
 
-def read_manifest(builder) -> dict:
+def read_builder_manifest(builder) -> dict:
     """The manifest dict a builder wrote beside its prepared data ({} if none)."""
     path = os.path.join(builder.cache_dir, "manifest.json")
     if not os.path.exists(path):
@@ -483,8 +484,8 @@ __all__ = [
     "encode_png",
     "sklearn_test_count",
     "sklearn_holdout_split",
-    "prepare_and_load",
-    "read_manifest",
+    "prepare_builder_and_load",
+    "read_builder_manifest",
     "write_manifest",
     "manifest_summary",
 ]

@@ -1,0 +1,340 @@
+"""Object-CXR (foreign objects on chest X-rays, JPEG): the ``detection`` task.
+
+Published layout (ALGORITHM.md J / E.2)::
+
+    <data_dir>/train.csv, <data_dir>/dev.csv   columns image_name, annotation
+    <data_dir>/train/<image_name>, <data_dir>/dev/<image_name>   (JPEG, sizes vary)
+
+``annotation`` is empty for an image without foreign objects; otherwise objects separated by
+``;``, each ``<type> x1 y1 x2 y2 ...`` in pixels:
+
+* type 0 (rectangle) and 1 (ellipse): the bounding rectangle of the listed points;
+* type 2 (polygon): ``polylabel`` (tolerance 10) of the closed polygon outline buffered by 100 px
+  gives a centre ``c`` (as the reference does: ``LineString(points + first point).buffer(100)``);
+  with ``polygon_box="square"`` (default, ALGORITHM.md E.2) the box is the square centred at ``c``
+  whose half-side is the largest distance from ``c`` to the polygon's bounds; with
+  ``polygon_box="mgca"`` it is the reference code's box, half-width and half-height taken per axis
+  (``max(|xmin - cx|, |xmax - cx|)``, same for y). Both always cover the polygon's bounds.
+
+Boxes are ``[x_min, y_min, x_max, y_max]`` normalised by the image's real size and clipped to
+[0, 1]. Splits: ``train.csv`` 90/10 into train/validation, sklearn-compatible
+(``train_test_split(test_size=0.1, random_state=split_seed=0)`` in file order: 8,000 -> 7,200 / 800);
+test = ``dev.csv``. Images are stored as 8-bit grayscale PNG, downsized to ``max_size``.
+
+Bad input in ``manifest.json``: skipped images ``malformed_annotation:odd_coordinate_count``,
+``...:unknown_type``, ``...:non_numeric``, ``...:too_few_points`` (an image with any malformed object
+is skipped whole, because keeping it would teach missing boxes as background), ``missing_image``,
+``unreadable_image``, ``duplicate_row`` (identical repeat), ``conflicting_duplicate`` (one name,
+different annotations: all its rows skipped), ``missing_image_name``; skipped boxes
+``box_outside_image``, ``box_nonpositive_size``; repaired ``box_clipped``, ``empty_object``
+(a stray ``;``).
+
+Polygon boxes need ``shapely`` (``shapely.ops.polylabel``), imported only when a polygon occurs.
+"""
+import argparse
+import math
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import datasets
+import numpy as np
+import pandas as pd
+
+from ._common import (
+    DatasetFormatError,
+    Manifest,
+    TaskSpec,
+    check_data_pct,
+    encode_png,
+    manifest_summary,
+    prepare_builder_and_load,
+    read_builder_manifest,
+    sklearn_holdout_split,
+    write_manifest,
+)
+
+NAME = "object_cxr"
+COLUMNS = ("image_name", "annotation")
+SOURCES = (("train.csv", "train"), ("dev.csv", "dev"))
+POLYGON_BOX_MODES = ("square", "mgca")
+OBJECT_SEP = ";"
+
+TASKS = {"detection": TaskSpec("detection", ("foreign_object",), "map")}
+
+
+class AnnotationError(ValueError):
+    """A malformed object annotation; ``reason`` is the manifest key suffix."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------------------------
+# Annotation parsing
+# ------------------------------------------------------------------------------------------------
+def polygon_box(points: np.ndarray, mode: str = "square") -> Tuple[float, float, float, float]:
+    """Pixel box ``(x0, y0, x1, y1)`` for a polygon given as an (N, 2) array (module docstring)."""
+    try:
+        from shapely.geometry import LineString
+        from shapely.ops import polylabel
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Object-CXR polygon annotations need shapely (pip install shapely)") from e
+    if mode not in POLYGON_BOX_MODES:
+        raise ValueError(f"polygon_box must be one of {POLYGON_BOX_MODES}, got {mode!r}")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    ring = LineString(np.vstack([pts, pts[:1]]))
+    centre = polylabel(ring.buffer(100), tolerance=10)
+    c = np.array([centre.x, centre.y])
+    bounds = np.asarray(ring.bounds, dtype=np.float64).reshape(2, 2)  # [[xmin, ymin], [xmax, ymax]]
+    dist = np.abs(bounds - c).max(axis=0)  # per-axis half extents (the reference)
+    half = dist if mode == "mgca" else np.array([dist.max(), dist.max()])
+    return float(c[0] - half[0]), float(c[1] - half[1]), float(c[0] + half[0]), float(c[1] + half[1])
+
+
+def parse_object(text: str, polygon_mode: str = "square") -> Tuple[float, float, float, float]:
+    """One ``<type> x1 y1 x2 y2 ...`` object -> pixel box; raises ``AnnotationError``."""
+    tokens = text.split()
+    kind, coords = tokens[0], tokens[1:]
+    if kind not in ("0", "1", "2"):
+        raise AnnotationError("unknown_type", f"type {kind!r}")
+    try:
+        values = [float(t) for t in coords]
+    except ValueError:
+        raise AnnotationError("non_numeric", " ".join(coords[:8])) from None
+    if not all(math.isfinite(v) for v in values):
+        raise AnnotationError("non_numeric", "non-finite coordinate")
+    if len(values) % 2:
+        raise AnnotationError("odd_coordinate_count", f"{len(values)} values")
+    pts = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    if len(pts) < (3 if kind == "2" else 2):
+        raise AnnotationError("too_few_points", f"type {kind} with {len(pts)} point(s)")
+    if kind == "2":
+        return polygon_box(pts, polygon_mode)
+    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def parse_annotation(annotation: str, polygon_mode: str = "square") -> Tuple[List[Tuple[float, ...]], int]:
+    """Annotation string -> (pixel boxes, number of empty objects); raises ``AnnotationError``."""
+    annotation = (annotation or "").strip()
+    if not annotation:
+        return [], 0
+    boxes, empty = [], 0
+    for obj in annotation.split(OBJECT_SEP):
+        obj = obj.strip()
+        if not obj:
+            empty += 1
+            continue
+        boxes.append(parse_object(obj, polygon_mode))
+    return boxes, empty
+
+
+def normalise_box(box, width: int, height: int) -> Tuple[Optional[List[float]], Optional[str]]:
+    """Pixel ``(x0, y0, x1, y1)`` -> normalised clipped box and a status (see ``rsna.normalise_box``)."""
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return None, "box_nonpositive_size"
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return None, "box_outside_image"
+    c = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
+    status = "box_clipped" if c != (x0, y0, x1, y1) else None
+    return [c[0] / width, c[1] / height, c[2] / width, c[3] / height], status
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the folder
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One image with its normalised boxes."""
+
+    image_name: str
+    path: str
+    boxes: List[List[float]] = field(default_factory=list)
+
+
+def read_csv_rows(path: str, manifest: Manifest) -> "OrderedDict[str, str]":
+    """``train.csv``/``dev.csv`` -> image_name -> annotation (duplicates resolved and counted)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DatasetFormatError(f"Object-CXR: cannot read {path} as CSV: {e}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetFormatError(f"Object-CXR: {os.path.basename(path)} must have columns {list(COLUMNS)}; "
+                                 f"missing {missing}, found {list(df.columns)}")
+    rows: "OrderedDict[str, str]" = OrderedDict()
+    conflicting = set()
+    for i, (name, ann) in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
+        name, ann = str(name).strip(), str(ann).strip()
+        if not name:
+            manifest.skip("missing_image_name", f"{os.path.basename(path)} row {i + 2}")
+        elif name in rows and rows[name] == ann:
+            manifest.skip("duplicate_row", f"{os.path.basename(path)}: {name}")
+        elif name in rows:
+            conflicting.add(name)
+        else:
+            rows[name] = ann
+    for name in sorted(conflicting):
+        manifest.skip("conflicting_duplicate", f"{os.path.basename(path)}: {name}")
+        del rows[name]
+    return rows
+
+
+def collect_items(csv_path: str, image_dir: str, manifest: Manifest, polygon_mode: str = "square") -> List[Item]:
+    """Validate one CSV's images (present, readable header) and annotations; normalise the boxes."""
+    from PIL import Image
+
+    items = []
+    for name, ann in read_csv_rows(csv_path, manifest).items():
+        path = os.path.join(image_dir, name)
+        if not os.path.isfile(path):
+            manifest.skip("missing_image", name)
+            continue
+        try:
+            pixel_boxes, empty = parse_annotation(ann, polygon_mode)
+        except AnnotationError as e:
+            manifest.skip(f"malformed_annotation:{e.reason}", f"{name} ({e})")
+            continue
+        if empty:
+            manifest.repair("empty_object", name)
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except Exception as e:
+            manifest.skip("unreadable_image", f"{name} ({type(e).__name__}: {e})")
+            continue
+        boxes = []
+        for b in pixel_boxes:
+            nb, status = normalise_box(b, width, height)
+            if status == "box_clipped":
+                manifest.repair(status, f"{name} {tuple(round(v, 2) for v in b)}")
+            elif status is not None:
+                manifest.skip(status, f"{name} {tuple(round(v, 2) for v in b)}")
+            if nb is not None:
+                boxes.append(nb)
+        items.append(Item(name, path, boxes))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# Builder
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ObjectCXRConfig(datasets.BuilderConfig):
+    """Options: ``max_size`` (longest stored side), ``split_seed``, ``polygon_box`` (square|mgca)."""
+
+    max_size: int = 1024
+    split_seed: int = 0
+    polygon_box: str = "square"
+
+
+class ObjectCXR(datasets.GeneratorBasedBuilder):
+    """Object-CXR detection builder (see the module docstring)."""
+
+    BUILDER_CONFIG_CLASS = ObjectCXRConfig
+    BUILDER_CONFIGS = [ObjectCXRConfig(name="detection", version=datasets.Version("1.0.0"))]
+    DEFAULT_CONFIG_NAME = "detection"
+    DEFAULT_WRITER_BATCH_SIZE = 64
+
+    def _info(self):
+        return datasets.DatasetInfo(
+            description=__doc__.split("\n")[0],
+            features=datasets.Features({
+                "image": datasets.Image(),
+                "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                "image_id": datasets.Value("string")}))
+
+    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
+        self.manifest = Manifest(NAME, self.config.name)
+        self.balance: Dict[str, Counter] = {}
+        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        write_manifest(self.manifest, self._output_dir,
+                       label_balance={k: dict(v) for k, v in self.balance.items()})
+
+    def _split_generators(self, dl_manager):
+        cfg = self.config
+        if cfg.polygon_box not in POLYGON_BOX_MODES:
+            raise ValueError(f"polygon_box must be one of {POLYGON_BOX_MODES}, got {cfg.polygon_box!r}")
+        if not cfg.data_dir:
+            raise DatasetFormatError("Object-CXR: data_dir is required")
+        data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
+        sources = {}
+        for csv_name, folder in SOURCES:
+            csv_path, image_dir = os.path.join(data_dir, csv_name), os.path.join(data_dir, folder)
+            if not os.path.isfile(csv_path):
+                raise DatasetFormatError(f"Object-CXR: expected {csv_name} in {data_dir!r}; found: {found}")
+            if not os.path.isdir(image_dir) or not os.listdir(image_dir):
+                raise DatasetFormatError(f"Object-CXR: expected images in {folder}/ under {data_dir!r}; "
+                                         f"found: {found}")
+            sources[folder] = collect_items(csv_path, image_dir, self.manifest, cfg.polygon_box)
+        if len(sources["train"]) < 2 or not sources["dev"]:
+            raise DatasetFormatError(f"Object-CXR: too few usable images in {data_dir!r}: "
+                                     f"{len(sources['train'])} from train.csv, {len(sources['dev'])} from dev.csv")
+        train, validation = sklearn_holdout_split(sources["train"], 0.1, cfg.split_seed)
+        splits = {"train": train, "validation": validation, "test": sources["dev"]}
+        return [datasets.SplitGenerator(name=s, gen_kwargs={"split": s, "items": v}) for s, v in splits.items()]
+
+    def _generate_examples(self, split, items):
+        from PIL import Image
+
+        balance = self.balance.setdefault(split, Counter())
+        n = 0
+        for it in items:
+            try:
+                with Image.open(it.path) as im:
+                    im.load()
+                    image = im.convert("L")
+            except Exception as e:  # truncated or corrupt JPEG whose header was fine
+                self.manifest.skip("unreadable_image", f"{it.image_name} ({type(e).__name__}: {e})")
+                continue
+            balance["with_objects" if it.boxes else "without_objects"] += 1
+            balance["boxes"] += len(it.boxes)
+            n += 1
+            yield it.image_name, {"image": {"bytes": encode_png(image, self.config.max_size), "path": None},
+                                  "boxes": it.boxes, "image_id": it.image_name}
+        self.manifest.rows[split] = n
+
+
+def load(data_dir=None, task: str = "detection", data_pct: float = 1.0, seed: int = 0,
+         cache_dir=None, download_mode=None, **options) -> datasets.DatasetDict:
+    """Prepare (once, Arrow-cached) and load Object-CXR detection as a DatasetDict.
+
+    ``options``: ``max_size`` (1024), ``split_seed`` (0), ``polygon_box`` (``"square"``/``"mgca"``).
+    """
+    if task not in TASKS:
+        raise ValueError(f"Object-CXR has no task {task!r}; it provides: {', '.join(TASKS)}")
+    check_data_pct(data_pct)
+    if data_dir is None:
+        raise DatasetFormatError("Object-CXR: data_dir is required (the folder with train.csv and dev.csv)")
+    builder = ObjectCXR(config_name=task, data_dir=os.path.abspath(os.path.expanduser(str(data_dir))),
+                        cache_dir=cache_dir, **options)
+    return prepare_builder_and_load(builder, NAME, task, data_pct, seed, download_mode=download_mode)
+
+
+def main(argv=None) -> int:
+    """CLI: ``python -m data_scripts.object_cxr --data_dir D --output_dir O [--task detection]``."""
+    ap = argparse.ArgumentParser(description="Prepare Object-CXR detection for CGNS.")
+    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--output_dir", required=True, help="Arrow cache root; manifest in <output_dir>/object_cxr/<task>/")
+    ap.add_argument("--task", choices=sorted(TASKS), default="detection")
+    ap.add_argument("--max_size", type=int, default=1024)
+    ap.add_argument("--polygon_box", choices=POLYGON_BOX_MODES, default="square")
+    args = ap.parse_args(argv)
+    builder = ObjectCXR(config_name=args.task, data_dir=os.path.abspath(args.data_dir), cache_dir=args.output_dir,
+                        max_size=args.max_size, polygon_box=args.polygon_box)
+    prepare_builder_and_load(builder, NAME, args.task)
+    print(manifest_summary(read_builder_manifest(builder)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+__all__ = ["NAME", "TASKS", "ObjectCXR", "ObjectCXRConfig", "AnnotationError", "Item", "load", "main",
+           "parse_annotation", "parse_object", "polygon_box", "normalise_box", "read_csv_rows", "collect_items"]
