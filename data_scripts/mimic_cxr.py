@@ -1,0 +1,475 @@
+"""MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR reports -> image-report pairs for pretraining (ALGORITHM.md D).
+
+Reads the published layout as it is (ALGORITHM.md J):
+
+* images ``files/p<xx>/p<subject_id>/s<study_id>/<dicom_id>.jpg``;
+* ``mimic-cxr-2.0.0-metadata.csv`` (or ``.csv.gz``): ``dicom_id, subject_id, study_id, ViewPosition, ...``;
+* ``mimic-cxr-2.0.0-split.csv`` (or ``.csv.gz``): ``dicom_id, study_id, subject_id, split``;
+* reports ``files/p<xx>/p<subject_id>/s<study_id>.txt``, either inside the official
+  ``mimic-cxr-reports.zip`` (possibly under a top folder) or extracted into a folder.
+
+Each report is cut into sections (D.1, ``extract_sections``); the text used is
+``impression + " " + findings`` (``modeling_cgns.sentences.report_text``), or the report's last
+paragraph when it has neither section. Only frontal images (PA/AP) are kept; the official
+``validate`` and ``test`` splits are merged into ``validation``. Unlike the reference, nothing
+depends on absolute paths (G.2 item 29): images are stored as bytes and the ids are kept as strings.
+"""
+import csv
+import gzip
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import datasets
+
+from modeling_cgns.sentences import is_usable_report, report_text, split_sentences
+
+from ._common import (
+    DatasetFormatError,
+    Manifest,
+    TaskSpec,
+    prepare_and_load,
+    read_image_bytes,
+    run_cli,
+    validate_image_files,
+    write_builder_manifest,
+)
+
+NAME = "mimic_cxr"
+TASKS = {"pretraining": TaskSpec("pretraining", (), None)}
+
+METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
+REPORTS_ZIP = "mimic-cxr-reports.zip"
+FRONTAL_VIEWS = ("PA", "AP")
+SPLIT_MAP = {"train": "train", "validate": "validation", "test": "validation"}
+
+# Manifest reasons (one per skipped image row, first failing check wins).
+R_DUPLICATE = "duplicate dicom_id"
+R_MALFORMED = "malformed metadata row"
+R_NON_FRONTAL = "non-frontal view"
+R_NO_SPLIT = "dicom without split row"
+R_CONFLICTING_SPLIT = "conflicting split rows"
+R_UNKNOWN_SPLIT = "unknown split value"
+R_MISSING_REPORT = "missing report"
+R_EMPTY_REPORT = "empty report"
+R_SECTIONLESS = "section-less report"
+R_NO_SENTENCES = "no usable sentences"
+
+# ------------------------------------------------------------------------------------------------
+# Report sectioning (D.1)
+# ------------------------------------------------------------------------------------------------
+
+# An upper-case header at the start of a line: "FINDINGS:", " IMPRESSION: ...", "PA AND LATERAL:".
+_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ()/,&-]*[A-Z)])[ \t]*:", re.MULTILINE)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+# Common spellings -> canonical section name (lower-case keys). Anything not listed falls through to
+# the containment rules in ``normalize_section_name``.
+SECTION_ALIASES = {
+    "comparisons": "comparison", "comparision": "comparison", "comparsion": "comparison",
+    "comparrison": "comparison", "comparisions": "comparison", "reference exam": "comparison",
+    "prior": "comparison", "priors": "comparison",
+    "conclusion": "impression", "conclusions": "impression", "impresson": "impression",
+    "imprression": "impression", "imoression": "impression", "impressoin": "impression",
+    "imprssion": "impression", "impresion": "impression", "imperssion": "impression",
+    "mpression": "impression", "impession": "impression", "summary": "impression",
+    "finding": "findings", "findins": "findings", "findindgs": "findings", "findgings": "findings",
+    "findngs": "findings", "findnings": "findings", "finidngs": "findings", "fidings": "findings",
+    "clinical information": "history", "pfi": "history", "hx": "history",
+    "indication": "indication", "indications": "indication", "idication": "indication",
+    "clinical indication": "indication", "reason for exam": "indication",
+    "reason for examination": "indication", "reason for study": "indication",
+    "exam": "examination", "examination": "examination", "type of examination": "examination",
+    "technique": "technique", "notification": "notification", "wet read": "wet read",
+    "wetread": "wet read", "recommendation": "recommendations", "recommendation(s)": "recommendations",
+    "recommendations": "recommendations",
+}
+# Containment rules, checked in this order ("findings and impression" -> impression).
+MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
+# A header naming the view or exam describes the whole study: its text is findings.
+_VIEW_PHRASE = re.compile(
+    r"chest|portable|pa and lat|lateral and pa|ap and lat|lateral and ap|frontal and|two views|"
+    r"frontal view|pa view|ap view|one view|single view|lateral view|bone window|frontal upright|"
+    r"frontal semi-upright|upright|supine|semi-erect|ribs"
+)
+
+
+def normalize_section_name(name: str) -> str:
+    """Map a raw header ("IMPRESSON", "PA AND LATERAL VIEWS OF THE CHEST") to a canonical name."""
+    key = " ".join(name.lower().split())
+    if key in SECTION_ALIASES:
+        return SECTION_ALIASES[key]
+    for main in MAIN_SECTIONS:
+        if main in key:
+            return main
+    if "indication" in key or key.startswith("reason for"):
+        return "indication"
+    if _VIEW_PHRASE.search(key):
+        return "findings"
+    return key
+
+
+def section_report(text: str) -> List[Tuple[str, str]]:
+    """Cut a report into ``[(canonical name, section text), ...]`` in reading order.
+
+    The text before the first header is ``"preamble"``; a report without any header is one
+    ``"full report"`` section. Empty impression/findings sections are dropped.
+    """
+    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
+    matches = list(_HEADER.finditer(text))
+    if not matches:
+        return [("full report", text)]
+    sections = [("preamble", text[: matches[0].start()])]
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        sections.append((normalize_section_name(m.group(1)), text[m.end():end]))
+    return [(n, s) for n, s in sections if not (n in ("impression", "findings") and not s.strip())]
+
+
+def last_paragraph(section_text: str) -> Optional[str]:
+    """The tail after the last blank line of ``section_text`` (``None`` without a blank line)."""
+    parts = _BLANK_LINE.split(section_text.strip())
+    if len(parts) < 2 or not parts[-1].strip():
+        return None
+    return parts[-1].strip()
+
+
+def extract_sections(text: str) -> Dict[str, Optional[str]]:
+    """D.1 on one report: ``{"impression", "findings", "last_paragraph", "comparison"}``.
+
+    Each value is the stripped text of the *last* section of that name, or ``None``. When the
+    report has neither impression nor findings, ``last_paragraph`` is the tail after the last
+    blank line of its last section (else it stays ``None``).
+    """
+    sections = section_report(text)
+    out: Dict[str, Optional[str]] = {"impression": None, "findings": None, "last_paragraph": None,
+                                     "comparison": None}
+    for name, body in sections:  # later occurrences overwrite earlier ones
+        if name in out and body.strip():
+            out[name] = body.strip()
+    if out["impression"] is None and out["findings"] is None and sections:
+        out["last_paragraph"] = last_paragraph(sections[-1][1])
+    return out
+
+
+def report_to_text(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(text used for training, None)`` or ``(None, skip reason)`` for one raw report."""
+    if text is None:
+        return None, R_MISSING_REPORT
+    if not text.strip():
+        return None, R_EMPTY_REPORT
+    sec = extract_sections(text)
+    if sec["impression"] is None and sec["findings"] is None:
+        if sec["last_paragraph"] is None:
+            return None, R_SECTIONLESS
+        used = report_text(sec["last_paragraph"], None)
+    else:
+        used = report_text(sec["impression"], sec["findings"])
+    if not used.strip():
+        return None, R_SECTIONLESS
+    return used, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the published files
+# ------------------------------------------------------------------------------------------------
+
+_REPORT_NAME = re.compile(r"(?:^|/)p(\d+)/s(\d+)\.txt$")
+
+
+def _find_table(data_dir: str, filename: str) -> Optional[str]:
+    for candidate in (filename, filename + ".gz"):
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_csv(path: str, required: Tuple[str, ...], what: str) -> List[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            found = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in found]
+            if missing:
+                raise DatasetFormatError(
+                    f"{what} {os.path.basename(path)} lacks column(s) {missing}; expected at least "
+                    f"{list(required)}, found {found}"
+                )
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetFormatError(f"cannot read {what} {path}: {exc}") from exc
+
+
+class _ReportSource:
+    """Report texts by study id, from the official zip or an extracted folder."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._zip: Optional[zipfile.ZipFile] = None
+        self.members: Dict[str, str] = {}
+        self.duplicates: List[str] = []
+        if os.path.isfile(path):
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except zipfile.BadZipFile as exc:
+                raise DatasetFormatError(f"reports archive {path} is not a readable zip: {exc}") from exc
+            names = self._zip.namelist()
+        else:
+            names = []
+            for root, _, files in os.walk(path):
+                for fn in files:
+                    if fn.endswith(".txt"):
+                        names.append(os.path.relpath(os.path.join(root, fn), path).replace(os.sep, "/"))
+        for name in sorted(names):
+            m = _REPORT_NAME.search(name)
+            if m is None:
+                continue
+            study = m.group(2)
+            if study in self.members:
+                self.duplicates.append(name)
+                continue
+            self.members[study] = name
+
+    def read(self, study_id: str) -> Optional[str]:
+        name = self.members.get(study_id)
+        if name is None:
+            return None
+        if self._zip is not None:
+            raw = self._zip.read(name)
+        else:
+            with open(os.path.join(self.path, name), "rb") as f:
+                raw = f.read()
+        return raw.decode("utf-8", errors="replace")
+
+    def close(self):
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _locate_reports(data_dir: str, reports_path: Optional[str]) -> str:
+    if reports_path:
+        path = reports_path if os.path.isabs(reports_path) else os.path.join(data_dir, reports_path)
+        if not os.path.exists(path):
+            raise DatasetFormatError(f"reports_path {path!r} does not exist")
+        return path
+    candidates = [os.path.join(data_dir, REPORTS_ZIP), os.path.join(data_dir, "reports"),
+                  os.path.join(data_dir, "mimic-cxr-reports"), os.path.join(data_dir, "files")]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+        if os.path.isdir(path) and any(f.endswith(".txt") for _, _, fs in os.walk(path) for f in fs):
+            return path
+    raise DatasetFormatError(
+        f"no MIMIC-CXR reports in {data_dir}: expected {REPORTS_ZIP}, or a reports/ or files/ folder "
+        f"holding files/p<xx>/p<subject>/s<study>.txt (or pass reports_path=...)"
+    )
+
+
+def _image_relpath(subject_id: str, study_id: str, dicom_id: str) -> str:
+    return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def _digits(value: str, prefix: str) -> Optional[str]:
+    value = value.strip()
+    if value.startswith(prefix):
+        value = value[len(prefix):]
+    if value.endswith(".0"):
+        value = value[:-2]
+    return value if value.isdigit() else None
+
+
+def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optional[int] = None,
+         task: str = "pretraining") -> Tuple[Dict[str, List[dict]], Manifest]:
+    """Read and validate everything; return ``({split: [record, ...]}, manifest)``.
+
+    A record holds ``image_path`` (absolute, only used while writing), ``report``, ``sentences``,
+    ``study_id``, ``subject_id``, ``dicom_id``. Raises ``DatasetFormatError`` when the folder is
+    not MIMIC-CXR-JPG or nothing usable remains.
+    """
+    manifest = Manifest(NAME, task)
+    if not os.path.isdir(data_dir):
+        raise DatasetFormatError(f"MIMIC-CXR data_dir {data_dir!r} is not a folder")
+    meta_path = _find_table(data_dir, METADATA_FILE)
+    split_path = _find_table(data_dir, SPLIT_FILE)
+    if meta_path is None or split_path is None:
+        raise DatasetFormatError(
+            f"{data_dir} is not MIMIC-CXR-JPG 2.0.0: expected {METADATA_FILE}(.gz) and {SPLIT_FILE}(.gz), "
+            f"found {sorted(os.listdir(data_dir))[:20]}"
+        )
+    if not os.path.isdir(os.path.join(data_dir, "files")):
+        raise DatasetFormatError(f"{data_dir} has no files/ folder with the MIMIC-CXR-JPG images")
+    meta = _read_csv(meta_path, ("dicom_id", "subject_id", "study_id", "ViewPosition"), "metadata")
+    split_rows = _read_csv(split_path, ("dicom_id", "study_id", "subject_id", "split"), "split table")
+
+    # Split table: dicom_id -> split; identical duplicates are harmless, conflicting ones are not.
+    split_of: Dict[str, str] = {}
+    conflicting = set()
+    for row in split_rows:
+        d, s = row["dicom_id"], row["split"].lower()
+        if d in split_of and split_of[d] != s:
+            conflicting.add(d)
+        elif d in split_of:
+            manifest.repair("duplicate split row", d)
+        split_of.setdefault(d, s)
+
+    reports = _ReportSource(_locate_reports(data_dir, reports_path))
+    for name in reports.duplicates:
+        manifest.repair("duplicate report file ignored", name)
+    if not reports.members:
+        raise DatasetFormatError(f"no s<study_id>.txt reports found in {reports.path}")
+
+    seen = set()
+    candidates: List[dict] = []
+    report_cache: Dict[str, Tuple[Optional[str], Optional[List[str]], Optional[str]]] = {}
+    try:
+        for row in meta:
+            dicom = row["dicom_id"]
+            subject, study = _digits(row["subject_id"], "p"), _digits(row["study_id"], "s")
+            if not dicom or subject is None or study is None:
+                manifest.skip(R_MALFORMED, dicom or str(row))
+                continue
+            if dicom in seen:
+                manifest.skip(R_DUPLICATE, dicom)
+                continue
+            seen.add(dicom)
+            if row["ViewPosition"].upper() not in FRONTAL_VIEWS:
+                manifest.skip(R_NON_FRONTAL, dicom)
+                continue
+            if dicom in conflicting:
+                manifest.skip(R_CONFLICTING_SPLIT, dicom)
+                continue
+            if dicom not in split_of:
+                manifest.skip(R_NO_SPLIT, dicom)
+                continue
+            split = SPLIT_MAP.get(split_of[dicom])
+            if split is None:
+                manifest.skip(R_UNKNOWN_SPLIT, f"{dicom} ({split_of[dicom]})")
+                continue
+            if study not in report_cache:
+                used, reason = report_to_text(reports.read(study))
+                sentences = split_sentences(used) if used else []
+                if used and not is_usable_report(sentences):
+                    used, reason = None, R_NO_SENTENCES
+                report_cache[study] = (used, sentences, reason)
+            used, sentences, reason = report_cache[study]
+            if reason is not None:
+                manifest.skip(reason, dicom)
+                continue
+            rel = _image_relpath(subject, study, dicom)
+            candidates.append({"split": split, "image_path": os.path.join(data_dir, *rel.split("/")),
+                               "report": used, "sentences": sentences, "study_id": study,
+                               "subject_id": subject, "dicom_id": dicom})
+    finally:
+        reports.close()
+
+    checked = validate_image_files([c["image_path"] for c in candidates], num_workers)
+    splits: Dict[str, List[dict]] = {"train": [], "validation": []}
+    for c in candidates:
+        reason = checked[c["image_path"]]
+        if reason is not None:
+            manifest.skip(reason, c["dicom_id"])
+            continue
+        splits[c.pop("split")].append(c)
+    for records in splits.values():
+        records.sort(key=lambda r: (r["subject_id"], r["study_id"], r["dicom_id"]))
+    manifest.rows = {k: len(v) for k, v in splits.items()}
+    if not splits["train"] and not splits["validation"]:
+        raise DatasetFormatError(
+            f"nothing usable remains in {data_dir}: {len(meta)} metadata rows, skipped "
+            f"{ {k: len(v) for k, v in manifest.skipped.items()} }"
+        )
+    return splits, manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Builder, load(), CLI
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class MimicCxrConfig(datasets.BuilderConfig):
+    """Options: ``reports_path`` (zip or folder; default: found in data_dir), ``num_workers``
+    (threads for image validation)."""
+
+    reports_path: Optional[str] = None
+    num_workers: Optional[int] = None
+
+
+class MimicCxr(datasets.GeneratorBasedBuilder):
+    """MIMIC-CXR-JPG image-report pairs; one config, ``pretraining``."""
+
+    VERSION = datasets.Version("1.0.0")
+    BUILDER_CONFIG_CLASS = MimicCxrConfig
+    BUILDER_CONFIGS = [MimicCxrConfig(name="pretraining", version=VERSION,
+                                      description="frontal image + impression/findings sentences")]
+    DEFAULT_CONFIG_NAME = "pretraining"
+    DEFAULT_WRITER_BATCH_SIZE = 64
+
+    def _info(self):
+        return datasets.DatasetInfo(
+            description=__doc__,
+            features=datasets.Features({
+                "image": datasets.Image(),
+                "report": datasets.Value("string"),
+                "sentences": datasets.List(datasets.Value("string")),
+                "study_id": datasets.Value("string"),
+                "subject_id": datasets.Value("string"),
+                "dicom_id": datasets.Value("string"),
+            }),
+        )
+
+    def _split_generators(self, dl_manager):
+        if self.config.data_dir is None:
+            raise DatasetFormatError("MIMIC-CXR needs data_dir")
+        splits, manifest = scan(self.config.data_dir, self.config.reports_path, self.config.num_workers,
+                                self.config.name)
+        write_builder_manifest(self, manifest)
+        return [datasets.SplitGenerator(name=name, gen_kwargs={"records": splits[name]})
+                for name in ("train", "validation")]
+
+    def _generate_examples(self, records):
+        for rec in records:
+            yield rec["dicom_id"], {
+                "image": read_image_bytes(rec["image_path"]),
+                "report": rec["report"],
+                "sentences": rec["sentences"],
+                "study_id": rec["study_id"],
+                "subject_id": rec["subject_id"],
+                "dicom_id": rec["dicom_id"],
+            }
+
+
+def load(data_dir, task: str = "pretraining", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
+         **options) -> datasets.DatasetDict:
+    """``DatasetDict`` with ``train`` and ``validation`` (official validate + test); see module doc."""
+    if task not in TASKS:
+        raise ValueError(f"mimic_cxr has no task {task!r}; it provides: {', '.join(TASKS)}")
+    return prepare_and_load(MimicCxr, task, data_dir, data_pct=data_pct, seed=seed, cache_dir=cache_dir,
+                            **options)
+
+
+def main(argv=None) -> int:
+    return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+__all__ = [
+    "TASKS",
+    "MimicCxr",
+    "MimicCxrConfig",
+    "SECTION_ALIASES",
+    "normalize_section_name",
+    "section_report",
+    "last_paragraph",
+    "extract_sections",
+    "report_to_text",
+    "scan",
+    "load",
+    "main",
+]
