@@ -167,7 +167,7 @@ class CGNSProcessor(ProcessorMixin):
             if not bounds:
                 continue
             starts = torch.tensor([b[0] for b in bounds])
-            token_start = offsets[row, :, 0]
+            token_start = offsets[row, :, 0].contiguous()
             # a token belongs to the last sentence that starts at or before its first character
             ids = torch.searchsorted(starts, token_start, right=True) - 1
             sentence_index[row] = ids.clamp(min=0)
