@@ -155,21 +155,25 @@ class CrossModalKMeans(nn.Module):
         if not self.training:
             return self.diagnostics(text_features, cross_features)
 
-        # mean of cos(z1_i, z2_j) over all pairs of every rank's batch (B.3 step 1 trigger)
-        sim_stats = torch.stack([
-            (text_features @ cross_features.t()).sum() if text_features.shape[0] else text_features.new_zeros(()),
-            text_features.new_tensor(float(text_features.shape[0] ** 2)),
-        ])
+        # B.3 step 1 trigger: mean of cos(z1_i, z2_j) over all N^2 pairs of the global batch (every rank's
+        # rows, cross-rank pairs included). For unit rows sum_ij z1_i.z2_j = (sum_i z1_i).(sum_j z2_j), so
+        # all-reducing the two column sums gives the exact global mean, as on one process, in O(N D).
+        sim_stats = torch.cat([text_features.sum(dim=0), cross_features.sum(dim=0),
+                               text_features.new_tensor([float(text_features.shape[0])])])
         distributed.all_reduce_sum(sim_stats)
-        mean_similarity = float(sim_stats[0] / sim_stats[1]) if sim_stats[1] > 0 else math.inf
+        dim = text_features.shape[1]
+        total = float(sim_stats[-1])
+        mean_similarity = (float(sim_stats[:dim] @ sim_stats[dim:2 * dim]) / total ** 2) if total > 0 else math.inf
 
         everyone = distributed.all_gather_variable(cross_features)
         if bool(self.initialized):
-            assignments = assign_to_centroids(cross_features, self.centroid_vectors)
+            # k-means arithmetic in float32 whatever the buffers' dtype (a model cast to bf16 keeps working)
+            centroids = self.centroid_vectors.float()
+            assignments = assign_to_centroids(cross_features, centroids)
             sums, counts = cluster_sums(cross_features, assignments, self.num_clusters)
             distributed.all_reduce_sum(sums)
             distributed.all_reduce_sum(counts)
-            self.centroid_vectors.copy_(momentum_update(self.centroid_vectors, sums, counts, self.momentum))
+            self.centroid_vectors.copy_(momentum_update(centroids, sums, counts, self.momentum))
             self.last_member_update[counts > 0] = int(self.num_updates) + 1
         if everyone.shape[0]:
             self._enqueue(everyone)
@@ -203,7 +207,14 @@ class CrossModalKMeans(nn.Module):
         if dead.numel() == 0 or int(self.queue_count) == 0:
             return 0
         queued = self._queued()
-        picks = torch.randint(queued.shape[0], (dead.numel(),), generator=self._generator()).to(queued.device)
+        # Distinct queued rows where possible: two centroids seeded with the same vector tie in every argmax,
+        # so one of them could never win a member and would die again.
+        generator = self._generator()
+        if queued.shape[0] >= dead.numel():
+            picks = torch.randperm(queued.shape[0], generator=generator)[: dead.numel()]
+        else:
+            picks = torch.randint(queued.shape[0], (dead.numel(),), generator=generator)
+        picks = picks.to(queued.device)
         self.centroid_vectors[dead] = queued[picks]
         distributed.broadcast(self.centroid_vectors, src=0)
         self.last_member_update[dead] = self.num_updates
@@ -213,17 +224,22 @@ class CrossModalKMeans(nn.Module):
     def diagnostics(self, text_features: torch.Tensor, cross_features: torch.Tensor) -> Dict[str, float]:
         """Empty clusters, assignment entropy, mean intra-cluster cosine, anchor/positive cluster agreement."""
         stats = {"initialized": float(bool(self.initialized)), "num_updates": float(self.num_updates)}
-        if not bool(self.initialized) or cross_features.shape[0] == 0:
+        # A rank without sentences must still join the all-reduces below (an early return would hang the
+        # others), so only the global member count decides whether there is anything to report.
+        if not bool(self.initialized):
             return stats
-        sims = cosine_similarity_matrix(cross_features, self.centroid_vectors)
+        centroids = self.centroid_vectors.float()
+        sims = cosine_similarity_matrix(cross_features, centroids)
         assignments = sims.argmax(dim=1)
         counts = torch.bincount(assignments, minlength=self.num_clusters).float()
         distributed.all_reduce_sum(counts)
-        text_assignments = assign_to_centroids(text_features, self.centroid_vectors)
+        text_assignments = assign_to_centroids(text_features, centroids)
         agree = torch.stack([(text_assignments == assignments).float().sum(), counts.new_tensor(float(len(assignments)))])
         intra = torch.stack([sims.gather(1, assignments[:, None]).sum(), counts.new_tensor(float(len(assignments)))])
         distributed.all_reduce_sum(agree)
         distributed.all_reduce_sum(intra)
+        if intra[1] == 0:
+            return stats
         stats.update({
             "empty_clusters": float((counts == 0).sum()),
             "assignment_entropy": assignment_entropy(counts),

@@ -125,6 +125,7 @@ def cluster_guided_text_loss(text_sentences: torch.Tensor, cross_sentences: torc
     z1 = F.normalize(text_sentences, dim=-1)
     z2 = F.normalize(cross_sentences, dim=-1)
     n = z1.shape[0]
+    centroids = centroids.to(z1.dtype)
     with torch.no_grad():
         own_cluster, hard_cluster = nearest_two_centroids(z1, centroids)
         same_cluster = false_negative_mask(own_cluster)
