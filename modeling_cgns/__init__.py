@@ -7,10 +7,11 @@ from transformers import AutoConfig, AutoModel
 from .collator import CGNSPretrainingCollator
 from .configuration_cgns import CGNSConfig
 from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
+from .modeling_classification import CGNSForImageClassification
 from .processing_cgns import CGNSImageProcessor, CGNSProcessor
 
 AutoConfig.register("cgns", CGNSConfig, exist_ok=True)
 AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
 __all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
-           "CGNSPretrainingCollator"]
+           "CGNSPretrainingCollator", "CGNSForImageClassification"]
