@@ -1,13 +1,27 @@
-"""Shared pieces of the dataset builders: task specs, bad-input accounting, deterministic sampling.
+"""Shared pieces of the dataset builders (docs/data_contract.md).
 
-See docs/data_contract.md for the contract every builder follows.
+One way to do each thing, used by every dataset module:
+
+* ``CGNSBuilder``: base class of the builders. It keeps the ``Manifest`` (skipped / repaired items
+  by reason), counts rows and label balance per split while examples are generated, and writes
+  ``manifest.json`` beside the prepared Arrow files;
+* ``prepare_and_load``: what every module's ``load()`` calls: instantiate, prepare once (cached),
+  copy the manifest to ``<cache_dir>/<name>/<task>/manifest.json``, subsample train for ``data_pct``;
+* ``write_manifest`` / ``read_manifest``: the manifest file (``manifest_dir`` is the contract path);
+* ``format_summary``: the one on-screen summary (rows per split, label balance, skipped / repaired);
+* ``run_cli``: the one CLI (``--data_dir --output_dir --task --data_pct --seed --option KEY=VALUE``
+  plus dataset flags that map to load options);
+* helpers: deterministic sampling, image validation and storage, CSV tables, sklearn-compatible and
+  grouped hold-outs.
 """
+import io
 import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import datasets
 import numpy as np
 
 PROBLEM_TYPES = (
@@ -17,6 +31,7 @@ PROBLEM_TYPES = (
     "segmentation",
     "pretraining",
 )
+MANIFEST_FILE = "manifest.json"
 
 
 class DatasetFormatError(ValueError):
@@ -40,9 +55,14 @@ class TaskSpec:
         return len(self.label_names)
 
 
+# ------------------------------------------------------------------------------------------------
+# Manifest: bad-input accounting, its file and its on-screen summary
+# ------------------------------------------------------------------------------------------------
+
 @dataclass
 class Manifest:
-    """Counts and lists every item a builder skipped or repaired, by reason.
+    """Counts and lists every item a builder skipped or repaired, by reason, plus rows and label
+    balance per split.
 
     Nothing is dropped silently: the manifest is written beside the prepared data and printed.
     """
@@ -52,6 +72,7 @@ class Manifest:
     skipped: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
     repaired: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
     rows: Dict[str, int] = field(default_factory=dict)
+    label_balance: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def skip(self, reason: str, item: str) -> None:
         self.skipped[reason].append(str(item))
@@ -72,27 +93,371 @@ class Manifest:
             "repaired_counts": {k: len(v) for k, v in sorted(self.repaired.items())},
             "skipped": {k: sorted(v) for k, v in sorted(self.skipped.items())},
             "repaired": {k: sorted(v) for k, v in sorted(self.repaired.items())},
+            "label_balance": {k: dict(v) for k, v in self.label_balance.items()},
         }
 
-    def write(self, directory: str) -> str:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "manifest.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
 
-    def summary(self) -> str:
-        lines = [f"{self.dataset}/{self.task}: " + ", ".join(f"{k}={v}" for k, v in self.rows.items())]
-        if self.skipped:
-            lines.append(f"  skipped {self.num_skipped} item(s):")
-            lines += [f"    {k}: {len(v)}" for k, v in sorted(self.skipped.items())]
-        if self.repaired:
-            lines.append("  repaired:")
-            lines += [f"    {k}: {len(v)}" for k, v in sorted(self.repaired.items())]
-        return "\n".join(lines)
+def manifest_dir(cache_root: str, name: str, task: str) -> str:
+    """Where the contract puts a task's manifest: ``<cache_dir>/<name>/<task>/``."""
+    return os.path.join(cache_root, name, task)
 
+
+def write_manifest(manifest, directory: str) -> str:
+    """Write a ``Manifest`` (or a manifest dict) to ``<directory>/manifest.json`` atomically."""
+    data = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, MANIFEST_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str) -> Optional[dict]:
+    """The manifest dict in ``<directory>/manifest.json``, or ``None`` when there is none."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_manifests(name: str, manifests: Dict[str, dict], task: str = "all") -> dict:
+    """One manifest dict for several tasks: every per-split / per-reason key becomes ``task/key``."""
+    out = {"dataset": name, "task": task}
+    for key in ("rows", "skipped_counts", "repaired_counts", "skipped", "repaired", "label_balance"):
+        out[key] = {f"{t}/{k}": v for t, m in manifests.items() for k, v in m.get(key, {}).items()}
+    return out
+
+
+def _format_balance(balance: Dict[str, float], rows: int, problem_type: Optional[str]) -> str:
+    if problem_type == "pretraining" or "max_sentences" in balance:
+        mean = balance.get("sentences", 0) / rows if rows else 0.0
+        return f"sentences per report: mean {mean:.2f}, max {balance.get('max_sentences', 0)}"
+    text = ", ".join(f"{k}={v}" for k, v in balance.items())
+    if problem_type == "segmentation" and rows:
+        return f"label balance: {text} (positive share {100.0 * balance.get('positive', 0) / rows:.1f}%)"
+    if problem_type == "multi_label_classification" and "positive" not in balance:
+        return f"label balance (positives per label): {text}"
+    return f"label balance: {text}"
+
+
+def format_summary(manifest: dict, spec: Optional[TaskSpec] = None, dataset_dict=None) -> str:
+    """The on-screen summary of a manifest dict: rows and label balance per split, skipped and
+    repaired items per reason. With ``dataset_dict`` (what ``load`` returned), a train split that
+    ``data_pct`` subsampled is reported too."""
+    rows = manifest.get("rows", {})
+    balance = manifest.get("label_balance", {})
+    problem_type = spec.problem_type if spec is not None else None
+    lines = [f"{manifest.get('dataset')}/{manifest.get('task')}: "
+             + ", ".join(f"{k}={v}" for k, v in rows.items())]
+    for split, n in rows.items():
+        line = f"  {split}: {n} rows"
+        if balance.get(split):
+            line += "; " + _format_balance(balance[split], n, problem_type)
+        lines.append(line)
+    if dataset_dict is not None and "train" in dataset_dict and "train" in rows \
+            and len(dataset_dict["train"]) != rows["train"]:
+        lines.append(f"  train used: {len(dataset_dict['train'])} of {rows['train']} rows (data_pct)")
+    for key, title in (("skipped_counts", "skipped"), ("repaired_counts", "repaired")):
+        counts = manifest.get(key, {})
+        if counts:
+            lines.append(f"  {title} {sum(counts.values())} item(s):")
+            lines += [f"    {k}: {v}" for k, v in counts.items()]
+        elif key == "skipped_counts":
+            lines.append("  skipped: none")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Label balance, counted while examples are generated
+# ------------------------------------------------------------------------------------------------
+
+def _mask_positive(value) -> bool:
+    """Whether an ``Image()`` mask value (PIL image, array, or ``{"bytes": ...}``) has foreground."""
+    from PIL import Image as PILImage
+
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+        value = PILImage.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+    if isinstance(value, PILImage.Image):
+        return value.getbbox() is not None
+    return bool(np.asarray(value).any())
+
+
+class LabelBalance:
+    """Label balance of one split, by task family (the columns of ``features``):
+
+    * ``sentences``: total sentences and the longest report (``sentences``, ``max_sentences``);
+    * ``labels`` ClassLabel: count per class name;
+    * ``labels`` list of one float: ``positive`` / ``negative``; of C floats: positives per label;
+    * ``boxes``: images ``with_objects`` / ``without_objects`` and the number of ``boxes``;
+    * ``mask``: ``positive`` (any foreground) / ``negative`` masks.
+    """
+
+    def __init__(self, features: datasets.Features, label_names: Sequence[str] = ()):
+        self.kind, self.names = None, []
+        labels = features.get("labels")
+        if "sentences" in features:
+            self.kind, self.counts = "sentences", {"sentences": 0, "max_sentences": 0}
+        elif isinstance(labels, datasets.ClassLabel):
+            self.kind, self.names = "classes", list(labels.names)
+        elif labels is not None:
+            width = getattr(labels, "length", -1)
+            if width == 1:
+                self.kind, self.names = "binary", ["positive", "negative"]
+            else:
+                self.kind = "multi_label"
+                self.names = list(label_names) if len(label_names) == width \
+                    else [str(i) for i in range(width)]
+        elif "boxes" in features:
+            self.kind, self.names = "boxes", ["with_objects", "without_objects", "boxes"]
+        elif "mask" in features:
+            self.kind, self.names = "mask", ["positive", "negative"]
+        if self.kind != "sentences":
+            self.counts = {n: 0 for n in self.names}
+
+    def add(self, example: dict) -> None:
+        c = self.counts
+        if self.kind == "sentences":
+            n = len(example["sentences"])
+            c["sentences"] += n
+            c["max_sentences"] = max(c["max_sentences"], n)
+        elif self.kind == "classes":
+            v = example["labels"]
+            c[self.names[v] if isinstance(v, (int, np.integer)) else str(v)] += 1
+        elif self.kind == "binary":
+            c["positive" if float(example["labels"][0]) >= 0.5 else "negative"] += 1
+        elif self.kind == "multi_label":
+            for name, v in zip(self.names, example["labels"]):
+                c[name] += int(float(v) >= 0.5)
+        elif self.kind == "boxes":
+            n = len(example["boxes"])
+            c["with_objects" if n else "without_objects"] += 1
+            c["boxes"] += n
+        elif self.kind == "mask":
+            c["positive" if _mask_positive(example["mask"]) else "negative"] += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Builder base class, prepare-and-load and the CLI
+# ------------------------------------------------------------------------------------------------
+
+def contract_features(spec: TaskSpec, **extra) -> datasets.Features:
+    """The typed columns of a task family (docs/data_contract.md), then ``extra`` columns.
+
+    ``image`` first, then ``report``/``sentences``/``study_id`` (pretraining) or the label column
+    (``labels`` as C floats or a ClassLabel, ``boxes``, ``mask``) and ``image_id``.
+    """
+    cols = {"image": datasets.Image()}
+    if spec.problem_type == "pretraining":
+        cols.update(report=datasets.Value("string"), sentences=datasets.List(datasets.Value("string")),
+                    study_id=datasets.Value("string"))
+    else:
+        if spec.problem_type == "multi_label_classification":
+            cols["labels"] = datasets.List(datasets.Value("float32"), length=spec.num_labels)
+        elif spec.problem_type == "single_label_classification":
+            cols["labels"] = datasets.ClassLabel(names=list(spec.label_names))
+        elif spec.problem_type == "detection":
+            cols["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+        else:
+            cols["mask"] = datasets.Image()
+        cols["image_id"] = datasets.Value("string")
+    cols.update(extra)
+    return datasets.Features(cols)
+
+
+class CGNSBuilder(datasets.GeneratorBasedBuilder):
+    """Base of every dataset builder in data_scripts.
+
+    Subclasses set ``NAME`` (dataset name, also the manifest's folder) and ``TASKS``; the columns
+    are ``contract_features`` of the task plus ``EXTRA_FEATURES``. Their ``_split_generators``
+    returns ``self.split_generators({split: items}, **extra)`` and ``_examples(items, **extra)``
+    yields ``(key, example)`` (the default one reads records holding ``image_path`` and a value per
+    column, keyed by ``EXAMPLE_KEY``). Skips and repairs go to
+    ``self.manifest`` (created fresh for every preparation; a builder may replace it with the one
+    its scan returned). Rows and label balance per split are counted here while generating, and
+    ``manifest.json`` is written beside the Arrow files once everything is written; its summary is
+    printed unless ``verbose`` is false. Nothing happens on a cache hit.
+    """
+
+    NAME: str = ""
+    TASKS: Dict[str, TaskSpec] = {}
+    NEEDS_DATA_DIR = True
+    EXTRA_FEATURES: Dict[str, object] = {}
+    EXAMPLE_KEY = "image_id"
+    DEFAULT_WRITER_BATCH_SIZE = 64
+    verbose = True
+
+    def _info(self):
+        import sys
+
+        doc = sys.modules[type(self).__module__].__doc__ or ""
+        return datasets.DatasetInfo(description=doc.strip().split("\n")[0],
+                                    features=contract_features(self.task_spec, **self.EXTRA_FEATURES))
+
+    @property
+    def task_spec(self) -> Optional[TaskSpec]:
+        return self.TASKS.get(self.config.name)
+
+    def _data_dir(self) -> str:
+        """The config's data_dir as an absolute path; ``DatasetFormatError`` when it is missing."""
+        if not self.config.data_dir:
+            raise DatasetFormatError(f"{self.NAME}: data_dir is required")
+        return os.path.abspath(os.path.expanduser(str(self.config.data_dir)))
+
+    def split_generators(self, splits: Dict[str, list], **extra) -> List[datasets.SplitGenerator]:
+        return [datasets.SplitGenerator(name=s, gen_kwargs={"split": s, "items": items, **extra})
+                for s, items in splits.items()]
+
+    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
+        self.manifest = Manifest(self.NAME, self.config.name)
+        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        if "://" not in str(self._output_dir):
+            write_manifest(self.manifest, self._output_dir)
+        if self.verbose:
+            print(format_summary(self.manifest.to_dict(), self.task_spec), flush=True)
+
+    def _generate_examples(self, split, items, **extra):
+        spec = self.task_spec
+        balance = LabelBalance(self.info.features, spec.label_names if spec else ())
+        n = 0
+        for key, example in self._examples(items, **extra):
+            balance.add(example)
+            n += 1
+            yield key, example
+        self.manifest.rows[split] = n
+        self.manifest.label_balance[split] = balance.counts
+
+    def _examples(self, records, **extra):
+        columns = [c for c in self.info.features if c != "image"]
+        for rec in records:
+            yield rec[self.EXAMPLE_KEY], {"image": read_image_bytes(rec["image_path"]),
+                                          **{c: rec[c] for c in columns}}
+
+
+def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.0, seed: int = 0,
+                     cache_dir=None, download_mode=None, verbose: bool = True, **options):
+    """Instantiate ``builder_cls`` for ``task``, prepare it once (Arrow-cached), return a DatasetDict.
+
+    ``options`` become attributes of the task's BuilderConfig (``None`` means "the default" and is
+    dropped; an unknown option is an error). The manifest the builder wrote beside its Arrow files
+    is copied to ``<cache_dir>/<name>/<task>/manifest.json`` on every call, cache hits included.
+    ``data_pct`` subsamples the train split only (``subsample_train``); ``verbose`` prints the
+    summary when the data is actually prepared.
+    """
+    name = builder_cls.NAME
+    if task not in builder_cls.TASKS:
+        raise ValueError(f"{name} has no task {task!r}; it provides: {', '.join(builder_cls.TASKS)}")
+    check_data_pct(data_pct)
+    if builder_cls.NEEDS_DATA_DIR:
+        if data_dir is None:
+            raise DatasetFormatError(f"{name}: data_dir is required (the folder with the published files)")
+        data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
+        if not os.path.isdir(data_dir):
+            raise DatasetFormatError(f"{name}: data_dir {data_dir!r} is not a folder")
+    options = {k: v for k, v in options.items() if v is not None}
+    # dataset_name: datasets would otherwise name the cache folder after the builder's module, which
+    # is "__main__" under ``python -m data_scripts.<name>`` (the CLI's cache would never be reused)
+    builder = builder_cls(config_name=task, data_dir=data_dir, cache_dir=cache_dir, dataset_name=name,
+                          **options)
+    builder.verbose = verbose
+    builder.download_and_prepare(download_mode=download_mode)
+    manifest = read_manifest(builder.cache_dir)
+    if manifest is not None and "://" not in str(builder._cache_dir_root):
+        write_manifest(manifest, manifest_dir(cache_dir or builder._cache_dir_root, name, task))
+    return subsample_train(builder.as_dataset(), data_pct, seed)
+
+
+def parse_option(text: str) -> Tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value); the value is parsed as JSON when possible."""
+    if "=" not in text:
+        raise ValueError(f"--option expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except ValueError:
+        pass
+    return key.strip(), value
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    """A dataset-specific CLI flag: ``flag`` sets load option ``option`` (``None``: CLI-only, read by
+    ``run_cli``'s ``after`` hook); ``kwargs`` go to ``argparse.add_argument``."""
+
+    flag: str
+    option: Optional[str]
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_option(cls, option: str, **kwargs) -> "CliFlag":
+        """``--<option>`` setting the load option of the same name."""
+        return cls("--" + option, option, kwargs)
+
+
+MAX_SIZE_FLAG = CliFlag.for_option("max_size", type=int, help="longest stored side (1024; 0: full size)")
+
+
+def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None, description: str = "",
+            flags: Sequence[CliFlag] = (), needs_data_dir: bool = True,
+            after: Optional[Callable] = None) -> int:
+    """The CLI of every dataset module.
+
+    ``python -m data_scripts.<name> --data_dir D --output_dir O [--task T ...] [--data_pct P]
+    [--seed S] [--option KEY=VALUE ...]`` plus the module's ``flags``. Prepares each task (default:
+    all) with ``O`` as the cache dir, prints ``format_summary`` per task and writes the manifest to
+    ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task manifests stay at
+    ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last. Returns an exit code
+    (2 when the folder is not the named dataset).
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"python -m data_scripts.{name}", description=description)
+    parser.add_argument("--data_dir", required=needs_data_dir, default=None,
+                        help="folder holding the published files"
+                        + ("" if needs_data_dir else " (not needed: ignored)"))
+    parser.add_argument("--output_dir", required=True, help="where the prepared Arrow data and manifests go")
+    parser.add_argument("--task", action="append", choices=list(tasks),
+                        help="task to prepare (repeatable); default: every task")
+    parser.add_argument("--data_pct", type=float, default=1.0, help="fraction of train loaded (summary)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data_pct subsample")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="builder option (value parsed as JSON when possible); repeatable")
+    for f in flags:
+        parser.add_argument(f.flag, **({"default": None} if f.option else {}), **f.kwargs)
+    args = parser.parse_args(argv)
+    options = dict(parse_option(o) for o in args.option)
+    for f in flags:
+        value = getattr(args, f.flag.lstrip("-").replace("-", "_"))
+        if f.option and value is not None:
+            options[f.option] = value
+    selected = args.task or list(tasks)
+    manifests = {}
+    for task in selected:
+        try:
+            ds = load_fn(data_dir=args.data_dir, task=task, data_pct=args.data_pct, seed=args.seed,
+                         cache_dir=args.output_dir, verbose=False, **options)
+        except DatasetFormatError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        manifests[task] = read_manifest(manifest_dir(args.output_dir, name, task)) or {}
+        print(format_summary(manifests[task], tasks[task], ds))
+    if len(manifests) == 1:
+        combined = manifests[selected[0]]
+    else:
+        combined = merge_manifests(name, manifests, "all" if selected == list(tasks) else ",".join(selected))
+    print(f"manifest: {write_manifest(combined, args.output_dir)}")
+    if after is not None:
+        after(args, options)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Deterministic sampling and splits
+# ------------------------------------------------------------------------------------------------
 
 def check_data_pct(data_pct: float) -> float:
     data_pct = float(data_pct)
@@ -125,47 +490,6 @@ def subsample_train(dataset_dict, data_pct: float, seed: int):
     return dataset_dict
 
 
-def label_balance(values) -> Dict[str, int]:
-    return dict(Counter(values))
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers for the image builders (rsna, siim, object_cxr): PNG storage, sklearn-compatible
-# splits, prepare-then-load with the manifest copied to <cache_dir>/<name>/<task>/manifest.json.
-# ---------------------------------------------------------------------------------------------
-
-
-def resize_longest(image, max_size: Optional[int], resample=None):
-    """Downsize a PIL image so its longest side is at most ``max_size`` (aspect kept; never upsizes).
-
-    ``max_size`` None or <= 0 keeps the image as it is. ``resample`` defaults to bilinear
-    (antialiased when shrinking); use ``PIL.Image.NEAREST`` for label masks.
-    """
-    from PIL import Image
-
-    if not max_size or max_size <= 0 or max(image.size) <= max_size:
-        return image
-    w, h = image.size
-    scale = max_size / max(w, h)
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    return image.resize(size, Image.BILINEAR if resample is None else resample)
-
-
-def encode_png(image, max_size: Optional[int] = None, resample=None) -> bytes:
-    """PNG bytes of a PIL image or uint8 array, optionally downsized with ``resize_longest``."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = resize_longest(image, max_size, resample)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def sklearn_test_count(n: int, test_size) -> int:
     """Number of held-out items ``sklearn.model_selection.train_test_split`` takes for ``test_size``.
 
@@ -194,65 +518,55 @@ def sklearn_holdout_split(items: Sequence, test_size, seed: int):
     return [items[i] for i in perm[n_test:]], [items[i] for i in perm[:n_test]]
 
 
-def prepare_builder_and_load(builder, name: str, task: str, data_pct: float = 1.0, seed: int = 0,
-                             **prepare_kwargs):
-    """``download_and_prepare`` + ``as_dataset`` + train-only ``data_pct`` for an already built builder.
+def grouped_holdout(groups: Sequence[str], target: int, seed: int) -> set:
+    """Choose whole groups (e.g. patients) whose items add up to about ``target``, deterministically.
 
-    For builders that write ``manifest.json`` into their own Arrow cache folder at the end of
-    generation (so it also lists what was found while writing): the manifest is copied to
-    ``<cache_root>/<name>/<task>/manifest.json`` (the contract's location), also on a cache hit.
+    ``groups`` holds one group id per item. Groups are visited in a seeded PCG64 permutation of
+    their sorted ids; a group is taken when it still fits under ``target`` (so the total never
+    exceeds ``target`` unless the first visited group alone does, and at least one group is taken
+    when ``target > 0``). A group is therefore never split between the hold-out and the rest.
     """
-    import shutil
-
-    data_pct = check_data_pct(data_pct)
-    builder.download_and_prepare(**prepare_kwargs)
-    src = os.path.join(builder.cache_dir, "manifest.json")
-    if os.path.exists(src):
-        dst_dir = os.path.join(builder._cache_dir_root, name, task)
-        os.makedirs(dst_dir, exist_ok=True)
-        shutil.copyfile(src, os.path.join(dst_dir, "manifest.json"))
-    return subsample_train(builder.as_dataset(), data_pct, seed)
-
-
-def write_manifest(manifest: "Manifest", directory: str, **extra) -> str:
-    """``Manifest.write`` plus extra top-level keys (e.g. ``label_balance``) in the same JSON file."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "manifest.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({**manifest.to_dict(), **extra}, f, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
-
-
-def manifest_summary(d: dict) -> str:
-    """Human-readable summary of a manifest dict (rows, label balance, skipped/repaired counts)."""
-    lines = [f"{d.get('dataset')}/{d.get('task')}: rows " + ", ".join(f"{k}={v}" for k, v in d.get("rows", {}).items())]
-    for split, bal in d.get("label_balance", {}).items():
-        lines.append(f"  {split} label balance: " + ", ".join(f"{k}={v}" for k, v in bal.items()))
-    for key, title in (("skipped_counts", "skipped"), ("repaired_counts", "repaired")):
-        counts = d.get(key, {})
-        if counts:
-            lines.append(f"  {title} {sum(counts.values())} item(s):")
-            lines += [f"    {k}: {v}" for k, v in counts.items()]
-    if not d.get("skipped_counts"):
-        lines.append("  skipped: none")
-    return "\n".join(lines)
-
-
-def read_builder_manifest(builder) -> dict:
-    """The manifest dict a builder wrote beside its prepared data ({} if none)."""
-    path = os.path.join(builder.cache_dir, "manifest.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    counts = Counter(str(g) for g in groups)
+    names = sorted(counts)
+    if target <= 0 or not names:
+        return set()
+    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(names))
+    chosen, total = set(), 0
+    for i in order:
+        if total >= target:
+            break
+        name = names[i]
+        if total + counts[name] <= target:
+            chosen.add(name)
+            total += counts[name]
+    if not chosen:
+        chosen.add(names[order[0]])
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------
-# Generic helpers for builders: image validation, grouped hold-outs, manifest placement, the
-# prepare-then-load sequence and the CLI. All optional; builders may use any subset.
+# Reading the published files: CSV tables and images
 # ------------------------------------------------------------------------------------------------
+
+def read_csv_table(path: str, required: Sequence[str], what: str, hint: str = ""):
+    """A CSV as a pandas DataFrame of stripped strings (blank cells ``""``), header names stripped.
+
+    Raises ``DatasetFormatError`` naming ``what`` when the file cannot be parsed or lacks a
+    ``required`` column (``hint`` is added to that message).
+    """
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a format problem
+        raise DatasetFormatError(f"{what}: cannot read {path} as CSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DatasetFormatError(f"{what}: {os.path.basename(path)} must have columns {list(required)}"
+                                 f"{hint}; missing column(s) {missing}, found {list(df.columns)}")
+    return df
+
 
 REASON_MISSING_IMAGE = "missing image file"
 REASON_UNREADABLE_IMAGE = "unreadable image"
@@ -294,6 +608,19 @@ def validate_image_files(paths, num_workers: Optional[int] = None) -> Dict[str, 
         return dict(zip(unique, pool.map(check_image_file, unique, chunksize=16)))
 
 
+def keep_valid_images(records: List[dict], checked: Dict[str, Optional[str]], manifest: Manifest,
+                      path_key: str = "image_path", id_key: str = "image_id") -> List[dict]:
+    """The records whose image passed ``validate_image_files``; the others are skipped by reason."""
+    keep = []
+    for r in records:
+        reason = checked[r[path_key]]
+        if reason is None:
+            keep.append(r)
+        else:
+            manifest.skip(reason, r[id_key])
+    return keep
+
+
 def read_image_bytes(path: str) -> dict:
     """The value to store in an ``Image()`` column: the file's bytes, no path.
 
@@ -305,187 +632,72 @@ def read_image_bytes(path: str) -> dict:
         return {"bytes": f.read(), "path": None}
 
 
-def grouped_holdout(groups: Sequence[str], target: int, seed: int) -> set:
-    """Choose whole groups (e.g. patients) whose items add up to about ``target``, deterministically.
+def resize_longest(image, max_size: Optional[int], resample=None):
+    """Downsize a PIL image so its longest side is at most ``max_size`` (aspect kept; never upsizes).
 
-    ``groups`` holds one group id per item. Groups are visited in a seeded PCG64 permutation of
-    their sorted ids; a group is taken when it still fits under ``target`` (so the total never
-    exceeds ``target`` unless the first visited group alone does, and at least one group is taken
-    when ``target > 0``). A group is therefore never split between the hold-out and the rest.
+    ``max_size`` None or <= 0 keeps the image as it is. ``resample`` defaults to bilinear
+    (antialiased when shrinking); use ``PIL.Image.NEAREST`` for label masks.
     """
-    counts = Counter(str(g) for g in groups)
-    names = sorted(counts)
-    if target <= 0 or not names:
-        return set()
-    order = np.random.Generator(np.random.PCG64(seed)).permutation(len(names))
-    chosen, total = set(), 0
-    for i in order:
-        if total >= target:
-            break
-        name = names[i]
-        if total + counts[name] <= target:
-            chosen.add(name)
-            total += counts[name]
-    if not chosen:
-        chosen.add(names[order[0]])
-    return chosen
+    from PIL import Image
+
+    if not max_size or max_size <= 0 or max(image.size) <= max_size:
+        return image
+    w, h = image.size
+    scale = max_size / max(w, h)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    return image.resize(size, Image.BILINEAR if resample is None else resample)
 
 
-def manifest_dir(cache_root: str, name: str, task: str) -> str:
-    """Where the contract puts the manifest: ``<cache_dir>/<name>/<task>/``."""
-    return os.path.join(cache_root, name, task)
+def encode_png(image, max_size: Optional[int] = None, resample=None) -> bytes:
+    """PNG bytes of a PIL image or uint8 array, optionally downsized with ``resize_longest``."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = resize_longest(image, max_size, resample)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def write_builder_manifest(builder, manifest: Manifest, verbose: bool = True) -> None:
-    """Write ``manifest`` inside the builder's (incomplete) output dir and at the contract path.
-
-    Call it from ``_split_generators`` once the scan is done: the copy in the output dir then
-    travels with the prepared Arrow files, the one under ``<cache_dir>/<name>/<task>/`` is the
-    latest build of that task. Prints the summary unless ``verbose`` is false.
-    """
-    output_dir = getattr(builder, "_output_dir", None)
-    if output_dir and "://" not in str(output_dir):
-        manifest.write(output_dir)
-    cache_root = getattr(builder, "_cache_dir_root", None)
-    if cache_root and "://" not in str(cache_root):
-        manifest.write(manifest_dir(cache_root, manifest.dataset, manifest.task))
-    if verbose:
-        print(manifest.summary(), flush=True)
-
-
-def read_manifest(cache_root: str, name: str, task: str) -> Optional[dict]:
-    path = os.path.join(manifest_dir(cache_root, name, task), "manifest.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def prepare_and_load(builder_cls, task: str, data_dir, data_pct: float = 1.0, seed: int = 0,
-                     cache_dir=None, download_mode=None, **options):
-    """Instantiate ``builder_cls`` for ``task``, prepare it once (cached), and return a DatasetDict.
-
-    ``options`` become attributes of the task's BuilderConfig (an unknown option is an error);
-    ``data_pct`` subsamples the train split only (``subsample_train``).
-    """
-    check_data_pct(data_pct)
-    if data_dir is None:
-        raise DatasetFormatError(f"{builder_cls.__module__}: data_dir is required")
-    data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
-    if not os.path.isdir(data_dir):
-        raise DatasetFormatError(f"data_dir {data_dir!r} is not a folder")
-    options = {k: v for k, v in options.items() if v is not None}
-    builder = builder_cls(config_name=task, data_dir=data_dir, cache_dir=cache_dir, **options)
-    builder.download_and_prepare(download_mode=download_mode)
-    return subsample_train(builder.as_dataset(), data_pct, seed)
-
-
-def describe_dataset(dataset_dict, spec: Optional[TaskSpec] = None) -> str:
-    """Rows per split and label balance (positives per label, counts per class, or sentences)."""
-    lines = []
-    for split, ds in dataset_dict.items():
-        line = f"  {split}: {len(ds)} rows"
-        feats = ds.features
-        if "labels" in feats and len(ds):
-            feat = feats["labels"]
-            labels = ds["labels"]
-            if hasattr(feat, "names") and hasattr(feat, "int2str"):
-                counts = Counter(feat.int2str(int(v)) for v in labels)
-                line += "; " + ", ".join(f"{n}={counts.get(n, 0)}" for n in feat.names)
-            else:
-                arr = np.asarray(list(labels), dtype=np.float64).reshape(len(ds), -1)
-                names = list(spec.label_names) if spec and len(spec.label_names) == arr.shape[1] \
-                    else [str(i) for i in range(arr.shape[1])]
-                line += "; positives: " + ", ".join(f"{n}={int(c)}" for n, c in zip(names, arr.sum(0)))
-        elif "sentences" in feats and len(ds):
-            n_sent = [len(s) for s in ds["sentences"]]
-            line += f"; sentences per report: mean {np.mean(n_sent):.2f}, max {max(n_sent)}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _parse_option(text: str):
-    if "=" not in text:
-        raise ValueError(f"--option expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        value = json.loads(value)
-    except ValueError:
-        pass
-    return key.strip(), value
-
-
-def run_cli(name: str, load_fn, tasks: Dict[str, TaskSpec], argv=None, description: str = "") -> int:
-    """Shared CLI: ``--data_dir D --output_dir O [--task T] [--data_pct P] [--seed S] [--option K=V]``.
-
-    Prepares the data into ``O`` (used as the cache dir), copies the manifest to ``O/manifest.json``
-    and prints rows per split, label balance and skipped items per reason. Returns an exit code
-    (2 when the folder is not the named dataset).
-    """
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog=f"python -m data_scripts.{name}", description=description)
-    parser.add_argument("--data_dir", required=True, help="folder holding the published files")
-    parser.add_argument("--output_dir", required=True, help="where the prepared Arrow data and manifest go")
-    parser.add_argument("--task", default=next(iter(tasks)), choices=list(tasks))
-    parser.add_argument("--data_pct", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="builder option (value parsed as JSON when possible); repeatable")
-    args = parser.parse_args(argv)
-    options = dict(_parse_option(o) for o in args.option)
-    try:
-        ds = load_fn(data_dir=args.data_dir, task=args.task, data_pct=args.data_pct, seed=args.seed,
-                     cache_dir=args.output_dir, **options)
-    except DatasetFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = read_manifest(args.output_dir, name, args.task)
-    print(f"{name}/{args.task}")
-    print(describe_dataset(ds, tasks[args.task]))
-    if manifest is not None:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-        skipped = manifest.get("skipped_counts", {})
-        print(f"  skipped {sum(skipped.values())} item(s)" + (":" if skipped else ""))
-        for reason, count in skipped.items():
-            print(f"    {reason}: {count}")
-        for reason, count in manifest.get("repaired_counts", {}).items():
-            print(f"  repaired {reason}: {count}")
-        print(f"  manifest: {os.path.join(args.output_dir, 'manifest.json')}")
-    return 0
+def png_image(image, max_size: Optional[int] = None) -> dict:
+    """The ``Image()`` column value for a PIL image stored as PNG, downsized to ``max_size``."""
+    return {"bytes": encode_png(image, max_size), "path": None}
 
 
 __all__ = [
+    "PROBLEM_TYPES",
     "DatasetFormatError",
+    "TaskSpec",
+    "Manifest",
+    "manifest_dir",
+    "write_manifest",
+    "read_manifest",
+    "merge_manifests",
+    "format_summary",
+    "LabelBalance",
+    "contract_features",
+    "CGNSBuilder",
+    "prepare_and_load",
+    "parse_option",
+    "CliFlag",
+    "MAX_SIZE_FLAG",
+    "run_cli",
+    "check_data_pct",
+    "subsample_indices",
+    "subsample_train",
+    "sklearn_test_count",
+    "sklearn_holdout_split",
+    "grouped_holdout",
+    "read_csv_table",
     "REASON_MISSING_IMAGE",
     "REASON_UNREADABLE_IMAGE",
     "REASON_TRUNCATED_IMAGE",
     "check_image_file",
     "validate_image_files",
+    "keep_valid_images",
     "read_image_bytes",
-    "grouped_holdout",
-    "manifest_dir",
-    "write_builder_manifest",
-    "read_manifest",
-    "prepare_and_load",
-    "describe_dataset",
-    "run_cli",
-    "TaskSpec",
-    "Manifest",
-    "check_data_pct",
-    "subsample_indices",
-    "subsample_train",
-    "label_balance",
-    "PROBLEM_TYPES",
     "resize_longest",
     "encode_png",
-    "sklearn_test_count",
-    "sklearn_holdout_split",
-    "prepare_builder_and_load",
-    "read_builder_manifest",
-    "write_manifest",
-    "manifest_summary",
+    "png_image",
 ]

@@ -30,15 +30,16 @@ import numpy as np
 import pandas as pd
 
 from ._common import (
+    CGNSBuilder,
     DatasetFormatError,
     Manifest,
     TaskSpec,
     grouped_holdout,
+    keep_valid_images,
     prepare_and_load,
-    read_image_bytes,
+    read_csv_table,
     run_cli,
     validate_image_files,
-    write_builder_manifest,
 )
 
 NAME = "chexpert"
@@ -130,18 +131,7 @@ def find_dataset_dir(data_dir: str) -> str:
 
 
 def _read_list(path: str) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # noqa: BLE001 - any parser failure is a format problem
-        raise DatasetFormatError(f"cannot read CheXpert list {path}: {exc}") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetFormatError(
-            f"{os.path.basename(path)} is not a CheXpert list: missing column(s) {missing}; expected "
-            f"{list(REQUIRED_COLUMNS)} (+ other observations), found {list(df.columns)}"
-        )
-    return df
+    return read_csv_table(path, REQUIRED_COLUMNS, "CheXpert list", hint=" (+ other observations)")
 
 
 def _resolve(dataset_dir: str, rel: str) -> str:
@@ -231,18 +221,8 @@ def scan(data_dir: str, uncertainty_policy=None, val_size=None,
     test_rows = _rows(test_df, dataset_dir, policy, manifest, "valid")
 
     checked = validate_image_files([r["image_path"] for r in train_rows + test_rows], num_workers)
-
-    def usable(rows):
-        keep = []
-        for r in rows:
-            reason = checked[r["image_path"]]
-            if reason is None:
-                keep.append(r)
-            else:
-                manifest.skip(reason, r["image_id"])
-        return keep
-
-    train_rows, test_rows = usable(train_rows), usable(test_rows)
+    train_rows = keep_valid_images(train_rows, checked, manifest)
+    test_rows = keep_valid_images(test_rows, checked, manifest)
     if not train_rows or not test_rows:
         raise DatasetFormatError(
             f"nothing usable remains in {dataset_dir}: {len(train_rows)} train / {len(test_rows)} valid rows "
@@ -285,49 +265,30 @@ class ChexpertConfig(datasets.BuilderConfig):
     num_workers: Optional[int] = None
 
 
-class Chexpert(datasets.GeneratorBasedBuilder):
+class Chexpert(CGNSBuilder):
     """CheXpert five competition tasks; one config, ``classification``."""
 
+    NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = ChexpertConfig
     BUILDER_CONFIGS = [ChexpertConfig(name="classification", version=VERSION,
                                       description="5 competition tasks, frontal, multi-label")]
     DEFAULT_CONFIG_NAME = "classification"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(
-            description=__doc__,
-            features=datasets.Features({
-                "image": datasets.Image(),
-                "labels": datasets.List(datasets.Value("float32"), length=len(COMPETITION_TASKS)),
-                "image_id": datasets.Value("string"),
-            }),
-        )
 
     def _split_generators(self, dl_manager):
-        if self.config.data_dir is None:
-            raise DatasetFormatError("CheXpert needs data_dir")
         c = self.config
-        splits, manifest = scan(c.data_dir, c.uncertainty_policy, c.val_size, c.holdout_per_task,
-                                c.split_seed, c.num_workers, c.name)
-        write_builder_manifest(self, manifest)
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"records": splits[name]})
-                for name in ("train", "validation", "test")]
-
-    def _generate_examples(self, records):
-        for rec in records:
-            yield rec["image_id"], {"image": read_image_bytes(rec["image_path"]), "labels": rec["labels"],
-                                    "image_id": rec["image_id"]}
+        splits, self.manifest = scan(self._data_dir(), c.uncertainty_policy, c.val_size, c.holdout_per_task,
+                                     c.split_seed, c.num_workers, c.name)
+        return self.split_generators(splits)
 
 
-def load(data_dir, task: str = "classification", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
+def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
          **options) -> datasets.DatasetDict:
-    """``DatasetDict`` with ``train``, ``validation`` and ``test`` (official valid.csv); see module doc."""
-    if task not in TASKS:
-        raise ValueError(f"chexpert has no task {task!r}; it provides: {', '.join(TASKS)}")
-    return prepare_and_load(Chexpert, task, data_dir, data_pct=data_pct, seed=seed, cache_dir=cache_dir,
-                            **options)
+    """``DatasetDict`` with ``train``, ``validation`` and ``test`` (official valid.csv); see module doc.
+
+    ``options``: the ``ChexpertConfig`` fields, ``download_mode``, ``verbose``.
+    """
+    return prepare_and_load(Chexpert, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:

@@ -20,15 +20,15 @@ from typing import Dict, List, Optional, Tuple
 import datasets
 
 from ._common import (
+    CGNSBuilder,
     DatasetFormatError,
     Manifest,
     TaskSpec,
     grouped_holdout,
+    keep_valid_images,
     prepare_and_load,
-    read_image_bytes,
     run_cli,
     validate_image_files,
-    write_builder_manifest,
 )
 
 NAME = "covidx"
@@ -157,14 +157,7 @@ def scan(data_dir: str, train_list: Optional[str] = None, test_list: Optional[st
 
     checked = validate_image_files([r["image_path"] for rs in rows.values() for r in rs], num_workers)
     for split in rows:
-        keep = []
-        for r in rows[split]:
-            reason = checked[r["image_path"]]
-            if reason is None:
-                keep.append(r)
-            else:
-                manifest.skip(reason, r["image_id"])
-        rows[split] = keep
+        rows[split] = keep_valid_images(rows[split], checked, manifest)
     if len(rows["train"]) < 2 or not rows["test"]:
         raise DatasetFormatError(
             f"nothing usable remains in {data_dir}: {len(rows['train'])} train / "
@@ -199,49 +192,30 @@ class CovidxConfig(datasets.BuilderConfig):
     num_workers: Optional[int] = None
 
 
-class Covidx(datasets.GeneratorBasedBuilder):
+class Covidx(CGNSBuilder):
     """COVIDx three-class classification; one config, ``classification``."""
 
+    NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = CovidxConfig
     BUILDER_CONFIGS = [CovidxConfig(name="classification", version=VERSION,
                                     description="normal / pneumonia / COVID-19")]
     DEFAULT_CONFIG_NAME = "classification"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(
-            description=__doc__,
-            features=datasets.Features({
-                "image": datasets.Image(),
-                "labels": datasets.ClassLabel(names=list(CLASS_NAMES)),
-                "image_id": datasets.Value("string"),
-            }),
-        )
 
     def _split_generators(self, dl_manager):
-        if self.config.data_dir is None:
-            raise DatasetFormatError("COVIDx needs data_dir")
         c = self.config
-        splits, manifest = scan(c.data_dir, c.train_list, c.test_list, c.val_fraction, c.split_seed,
-                                c.num_workers, c.name)
-        write_builder_manifest(self, manifest)
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"records": splits[name]})
-                for name in ("train", "validation", "test")]
-
-    def _generate_examples(self, records):
-        for rec in records:
-            yield rec["image_id"], {"image": read_image_bytes(rec["image_path"]), "labels": rec["labels"],
-                                    "image_id": rec["image_id"]}
+        splits, self.manifest = scan(self._data_dir(), c.train_list, c.test_list, c.val_fraction,
+                                     c.split_seed, c.num_workers, c.name)
+        return self.split_generators(splits)
 
 
-def load(data_dir, task: str = "classification", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
+def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
          **options) -> datasets.DatasetDict:
-    """``DatasetDict`` with ``train``, ``validation`` (20 % of official train, by patient) and ``test``."""
-    if task not in TASKS:
-        raise ValueError(f"covidx has no task {task!r}; it provides: {', '.join(TASKS)}")
-    return prepare_and_load(Covidx, task, data_dir, data_pct=data_pct, seed=seed, cache_dir=cache_dir,
-                            **options)
+    """``DatasetDict`` with ``train``, ``validation`` (20 % of official train, by patient) and ``test``.
+
+    ``options``: the ``CovidxConfig`` fields, ``download_mode``, ``verbose``.
+    """
+    return prepare_and_load(Covidx, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:

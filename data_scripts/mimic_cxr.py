@@ -27,14 +27,14 @@ import datasets
 from modeling_cgns.sentences import is_usable_report, report_text, split_sentences
 
 from ._common import (
+    CGNSBuilder,
     DatasetFormatError,
     Manifest,
     TaskSpec,
+    keep_valid_images,
     prepare_and_load,
-    read_image_bytes,
     run_cli,
     validate_image_files,
-    write_builder_manifest,
 )
 
 NAME = "mimic_cxr"
@@ -369,11 +369,7 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
 
     checked = validate_image_files([c["image_path"] for c in candidates], num_workers)
     splits: Dict[str, List[dict]] = {"train": [], "validation": []}
-    for c in candidates:
-        reason = checked[c["image_path"]]
-        if reason is not None:
-            manifest.skip(reason, c["dicom_id"])
-            continue
+    for c in keep_valid_images(candidates, checked, manifest, id_key="dicom_id"):
         splits[c.pop("split")].append(c)
     for records in splits.values():
         records.sort(key=lambda r: (r["subject_id"], r["study_id"], r["dicom_id"]))
@@ -399,57 +395,31 @@ class MimicCxrConfig(datasets.BuilderConfig):
     num_workers: Optional[int] = None
 
 
-class MimicCxr(datasets.GeneratorBasedBuilder):
+class MimicCxr(CGNSBuilder):
     """MIMIC-CXR-JPG image-report pairs; one config, ``pretraining``."""
 
+    NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = MimicCxrConfig
     BUILDER_CONFIGS = [MimicCxrConfig(name="pretraining", version=VERSION,
                                       description="frontal image + impression/findings sentences")]
     DEFAULT_CONFIG_NAME = "pretraining"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(
-            description=__doc__,
-            features=datasets.Features({
-                "image": datasets.Image(),
-                "report": datasets.Value("string"),
-                "sentences": datasets.List(datasets.Value("string")),
-                "study_id": datasets.Value("string"),
-                "subject_id": datasets.Value("string"),
-                "dicom_id": datasets.Value("string"),
-            }),
-        )
+    EXTRA_FEATURES = {"subject_id": datasets.Value("string"), "dicom_id": datasets.Value("string")}
+    EXAMPLE_KEY = "dicom_id"
 
     def _split_generators(self, dl_manager):
-        if self.config.data_dir is None:
-            raise DatasetFormatError("MIMIC-CXR needs data_dir")
-        splits, manifest = scan(self.config.data_dir, self.config.reports_path, self.config.num_workers,
-                                self.config.name)
-        write_builder_manifest(self, manifest)
-        return [datasets.SplitGenerator(name=name, gen_kwargs={"records": splits[name]})
-                for name in ("train", "validation")]
-
-    def _generate_examples(self, records):
-        for rec in records:
-            yield rec["dicom_id"], {
-                "image": read_image_bytes(rec["image_path"]),
-                "report": rec["report"],
-                "sentences": rec["sentences"],
-                "study_id": rec["study_id"],
-                "subject_id": rec["subject_id"],
-                "dicom_id": rec["dicom_id"],
-            }
+        splits, self.manifest = scan(self._data_dir(), self.config.reports_path, self.config.num_workers,
+                                     self.config.name)
+        return self.split_generators(splits)
 
 
-def load(data_dir, task: str = "pretraining", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
+def load(data_dir=None, task: str = "pretraining", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
          **options) -> datasets.DatasetDict:
-    """``DatasetDict`` with ``train`` and ``validation`` (official validate + test); see module doc."""
-    if task not in TASKS:
-        raise ValueError(f"mimic_cxr has no task {task!r}; it provides: {', '.join(TASKS)}")
-    return prepare_and_load(MimicCxr, task, data_dir, data_pct=data_pct, seed=seed, cache_dir=cache_dir,
-                            **options)
+    """``DatasetDict`` with ``train`` and ``validation`` (official validate + test); see module doc.
+
+    ``options``: ``reports_path``, ``num_workers`` (``MimicCxrConfig``), ``download_mode``, ``verbose``.
+    """
+    return prepare_and_load(MimicCxr, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:

@@ -31,28 +31,27 @@ different annotations: all its rows skipped), ``missing_image_name``; skipped bo
 
 Polygon boxes need ``shapely`` (``shapely.ops.polylabel``), imported only when a polygon occurs.
 """
-import argparse
 import math
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import datasets
 import numpy as np
-import pandas as pd
 
 from ._common import (
+    CGNSBuilder,
+    MAX_SIZE_FLAG,
+    CliFlag,
     DatasetFormatError,
     Manifest,
     TaskSpec,
-    check_data_pct,
-    encode_png,
-    manifest_summary,
-    prepare_builder_and_load,
-    read_builder_manifest,
+    png_image,
+    prepare_and_load,
+    read_csv_table,
+    run_cli,
     sklearn_holdout_split,
-    write_manifest,
 )
 
 NAME = "object_cxr"
@@ -158,15 +157,7 @@ class Item:
 
 def read_csv_rows(path: str, manifest: Manifest) -> "OrderedDict[str, str]":
     """``train.csv``/``dev.csv`` -> image_name -> annotation (duplicates resolved and counted)."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DatasetFormatError(f"Object-CXR: cannot read {path} as CSV: {e}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetFormatError(f"Object-CXR: {os.path.basename(path)} must have columns {list(COLUMNS)}; "
-                                 f"missing {missing}, found {list(df.columns)}")
+    df = read_csv_table(path, COLUMNS, "Object-CXR")
     rows: "OrderedDict[str, str]" = OrderedDict()
     conflicting = set()
     for i, (name, ann) in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
@@ -233,36 +224,19 @@ class ObjectCXRConfig(datasets.BuilderConfig):
     polygon_box: str = "square"
 
 
-class ObjectCXR(datasets.GeneratorBasedBuilder):
+class ObjectCXR(CGNSBuilder):
     """Object-CXR detection builder (see the module docstring)."""
 
+    NAME, TASKS = NAME, TASKS
     BUILDER_CONFIG_CLASS = ObjectCXRConfig
     BUILDER_CONFIGS = [ObjectCXRConfig(name="detection", version=datasets.Version("1.0.0"))]
     DEFAULT_CONFIG_NAME = "detection"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(
-            description=__doc__.split("\n")[0],
-            features=datasets.Features({
-                "image": datasets.Image(),
-                "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-                "image_id": datasets.Value("string")}))
-
-    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
-        self.manifest = Manifest(NAME, self.config.name)
-        self.balance: Dict[str, Counter] = {}
-        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
-        write_manifest(self.manifest, self._output_dir,
-                       label_balance={k: dict(v) for k, v in self.balance.items()})
 
     def _split_generators(self, dl_manager):
         cfg = self.config
         if cfg.polygon_box not in POLYGON_BOX_MODES:
             raise ValueError(f"polygon_box must be one of {POLYGON_BOX_MODES}, got {cfg.polygon_box!r}")
-        if not cfg.data_dir:
-            raise DatasetFormatError("Object-CXR: data_dir is required")
-        data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        data_dir = self._data_dir()
         found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
         sources = {}
         for csv_name, folder in SOURCES:
@@ -277,14 +251,11 @@ class ObjectCXR(datasets.GeneratorBasedBuilder):
             raise DatasetFormatError(f"Object-CXR: too few usable images in {data_dir!r}: "
                                      f"{len(sources['train'])} from train.csv, {len(sources['dev'])} from dev.csv")
         train, validation = sklearn_holdout_split(sources["train"], 0.1, cfg.split_seed)
-        splits = {"train": train, "validation": validation, "test": sources["dev"]}
-        return [datasets.SplitGenerator(name=s, gen_kwargs={"split": s, "items": v}) for s, v in splits.items()]
+        return self.split_generators({"train": train, "validation": validation, "test": sources["dev"]})
 
-    def _generate_examples(self, split, items):
+    def _examples(self, items):
         from PIL import Image
 
-        balance = self.balance.setdefault(split, Counter())
-        n = 0
         for it in items:
             try:
                 with Image.open(it.path) as im:
@@ -293,44 +264,25 @@ class ObjectCXR(datasets.GeneratorBasedBuilder):
             except Exception as e:  # truncated or corrupt JPEG whose header was fine
                 self.manifest.skip("unreadable_image", f"{it.image_name} ({type(e).__name__}: {e})")
                 continue
-            balance["with_objects" if it.boxes else "without_objects"] += 1
-            balance["boxes"] += len(it.boxes)
-            n += 1
-            yield it.image_name, {"image": {"bytes": encode_png(image, self.config.max_size), "path": None},
+            yield it.image_name, {"image": png_image(image, self.config.max_size),
                                   "boxes": it.boxes, "image_id": it.image_name}
-        self.manifest.rows[split] = n
 
 
 def load(data_dir=None, task: str = "detection", data_pct: float = 1.0, seed: int = 0,
-         cache_dir=None, download_mode=None, **options) -> datasets.DatasetDict:
+         cache_dir=None, **options) -> datasets.DatasetDict:
     """Prepare (once, Arrow-cached) and load Object-CXR detection as a DatasetDict.
 
-    ``options``: ``max_size`` (1024), ``split_seed`` (0), ``polygon_box`` (``"square"``/``"mgca"``).
+    ``options``: ``max_size`` (1024), ``split_seed`` (0), ``polygon_box`` (``"square"``/``"mgca"``),
+    ``download_mode``, ``verbose``.
     """
-    if task not in TASKS:
-        raise ValueError(f"Object-CXR has no task {task!r}; it provides: {', '.join(TASKS)}")
-    check_data_pct(data_pct)
-    if data_dir is None:
-        raise DatasetFormatError("Object-CXR: data_dir is required (the folder with train.csv and dev.csv)")
-    builder = ObjectCXR(config_name=task, data_dir=os.path.abspath(os.path.expanduser(str(data_dir))),
-                        cache_dir=cache_dir, **options)
-    return prepare_builder_and_load(builder, NAME, task, data_pct, seed, download_mode=download_mode)
+    return prepare_and_load(ObjectCXR, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:
     """CLI: ``python -m data_scripts.object_cxr --data_dir D --output_dir O [--task detection]``."""
-    ap = argparse.ArgumentParser(description="Prepare Object-CXR detection for CGNS.")
-    ap.add_argument("--data_dir", required=True)
-    ap.add_argument("--output_dir", required=True, help="Arrow cache root; manifest in <output_dir>/object_cxr/<task>/")
-    ap.add_argument("--task", choices=sorted(TASKS), default="detection")
-    ap.add_argument("--max_size", type=int, default=1024)
-    ap.add_argument("--polygon_box", choices=POLYGON_BOX_MODES, default="square")
-    args = ap.parse_args(argv)
-    builder = ObjectCXR(config_name=args.task, data_dir=os.path.abspath(args.data_dir), cache_dir=args.output_dir,
-                        max_size=args.max_size, polygon_box=args.polygon_box)
-    prepare_builder_and_load(builder, NAME, args.task)
-    print(manifest_summary(read_builder_manifest(builder)))
-    return 0
+    return run_cli(NAME, load, TASKS, argv, description="Prepare Object-CXR detection for CGNS.",
+                   flags=[MAX_SIZE_FLAG, CliFlag.for_option("polygon_box", choices=POLYGON_BOX_MODES,
+                                                            help="polygon box rule (square)")])
 
 
 if __name__ == "__main__":

@@ -36,30 +36,29 @@ Bad input is counted in ``manifest.json`` (never dropped silently):
 * skipped boxes (detection/segmentation): ``box_nonpositive_size``, ``box_outside_image``;
 * repaired boxes: ``box_clipped`` (partly outside the image, clipped to it).
 """
-import argparse
 import math
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import datasets
 import numpy as np
-import pandas as pd
 
 from ._common import (
+    CGNSBuilder,
+    MAX_SIZE_FLAG,
+    CliFlag,
     DatasetFormatError,
     Manifest,
     TaskSpec,
-    check_data_pct,
-    encode_png,
-    manifest_summary,
-    prepare_builder_and_load,
-    read_builder_manifest,
+    png_image,
+    prepare_and_load,
+    read_csv_table,
     resize_longest,
+    run_cli,
     sklearn_holdout_split,
     sklearn_test_count,
-    write_manifest,
 )
 from .dicom import SCALINGS, DicomReadError, read_dicom
 
@@ -144,15 +143,7 @@ def read_labels(data_dir: str, manifest: Manifest) -> "OrderedDict[str, Patient]
     if not os.path.isfile(path):
         found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
         raise DatasetFormatError(f"RSNA: expected {LABELS_CSV} in {data_dir!r}; found: {found}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DatasetFormatError(f"RSNA: cannot read {path} as CSV: {e}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetFormatError(f"RSNA: {LABELS_CSV} must have columns {list(COLUMNS)}; "
-                                 f"missing {missing}, found {list(df.columns)}")
+    df = read_csv_table(path, COLUMNS, "RSNA")
     rows: Dict[str, Dict] = OrderedDict()
     seen = set()
     for i, rec in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
@@ -233,44 +224,19 @@ class RSNAConfig(datasets.BuilderConfig):
     scaling: str = "minmax"
 
 
-def _features(task: str) -> datasets.Features:
-    common = {"image": datasets.Image(), "image_id": datasets.Value("string")}
-    if task == "classification":
-        return datasets.Features({"image": common["image"],
-                                  "labels": datasets.List(datasets.Value("float32"), length=1),
-                                  "image_id": common["image_id"]})
-    if task == "detection":
-        return datasets.Features({"image": common["image"],
-                                  "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-                                  "image_id": common["image_id"]})
-    return datasets.Features({"image": common["image"], "mask": datasets.Image(), "image_id": common["image_id"]})
-
-
-class RSNA(datasets.GeneratorBasedBuilder):
+class RSNA(CGNSBuilder):
     """RSNA Pneumonia stage-2 builder; one config per task (see the module docstring)."""
 
+    NAME, TASKS = NAME, TASKS
     BUILDER_CONFIG_CLASS = RSNAConfig
     BUILDER_CONFIGS = [RSNAConfig(name=t, version=datasets.Version("1.0.0")) for t in TASKS]
     DEFAULT_CONFIG_NAME = "classification"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(description=__doc__.split("\n")[0], features=_features(self.config.name))
-
-    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
-        self.manifest = Manifest(NAME, self.config.name)
-        self.balance: Dict[str, Counter] = {}
-        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
-        write_manifest(self.manifest, self._output_dir,
-                       label_balance={k: dict(v) for k, v in self.balance.items()})
 
     def _split_generators(self, dl_manager):
         cfg = self.config
         if cfg.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {cfg.scaling!r}")
-        if not cfg.data_dir:
-            raise DatasetFormatError("RSNA: data_dir is required")
-        data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
+        data_dir = self._data_dir()
         patients = read_labels(data_dir, self.manifest)
         image_dir = os.path.join(data_dir, IMAGES_DIR)
         present = {f[:-4] for f in os.listdir(image_dir) if f.endswith(".dcm")} if os.path.isdir(image_dir) else set()
@@ -287,15 +253,11 @@ class RSNA(datasets.GeneratorBasedBuilder):
             raise DatasetFormatError(f"RSNA: none of the {len(patients)} patients in {LABELS_CSV} has a DICOM "
                                      f"in {IMAGES_DIR}/ (found {len(present)} unrelated .dcm files)")
         splits = split_patients(usable, cfg.name, cfg.split_seed)
-        names = {"train": datasets.Split.TRAIN, "validation": datasets.Split.VALIDATION, "test": datasets.Split.TEST}
-        return [datasets.SplitGenerator(name=names[s], gen_kwargs={
-                    "split": s, "image_dir": image_dir, "patients": [patients[p] for p in ids]})
-                for s, ids in splits.items()]
+        return self.split_generators({s: [patients[p] for p in ids] for s, ids in splits.items()},
+                                     image_dir=image_dir)
 
-    def _generate_examples(self, split, image_dir, patients):
+    def _examples(self, patients, image_dir):
         cfg, task = self.config, self.config.name
-        balance = self.balance.setdefault(split, Counter())
-        n = 0
         for p in patients:
             try:
                 dcm = read_dicom(os.path.join(image_dir, p.patient_id + ".dcm"), cfg.scaling)
@@ -303,10 +265,9 @@ class RSNA(datasets.GeneratorBasedBuilder):
                 self.manifest.skip("unreadable_dicom", f"{p.patient_id} ({e})")
                 continue
             image = dcm.to_pil()
-            example = {"image": {"bytes": encode_png(image, cfg.max_size), "path": None}, "image_id": p.patient_id}
+            example = {"image": png_image(image, cfg.max_size), "image_id": p.patient_id}
             if task == "classification":
                 example["labels"] = [float(p.target)]
-                balance["positive" if p.target else "negative"] += 1
             else:
                 boxes = []
                 for b in p.boxes:
@@ -319,55 +280,32 @@ class RSNA(datasets.GeneratorBasedBuilder):
                         boxes.append(nb)
                 if task == "detection":
                     example["boxes"] = boxes
-                    balance["boxes"] += len(boxes)
-                else:
+                else:  # a PIL image: datasets stores it as PNG
                     import PIL.Image
 
                     mask = PIL.Image.fromarray(boxes_mask(boxes, dcm.width, dcm.height), mode="L")
-                    mask = resize_longest(mask, cfg.max_size, PIL.Image.NEAREST)
-                    example["mask"] = {"bytes": encode_png(mask), "path": None}
-                balance["with_boxes" if boxes else "without_boxes"] += 1
-            n += 1
+                    example["mask"] = resize_longest(mask, cfg.max_size, PIL.Image.NEAREST)
             yield p.patient_id, example
-        self.manifest.rows[split] = n
 
 
 # ------------------------------------------------------------------------------------------------
 # Public entry points
 # ------------------------------------------------------------------------------------------------
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
-         cache_dir=None, download_mode=None, **options) -> datasets.DatasetDict:
+         cache_dir=None, **options) -> datasets.DatasetDict:
     """Prepare (once, Arrow-cached under ``cache_dir``) and load RSNA ``task`` as a DatasetDict.
 
-    ``options``: ``max_size`` (default 1024), ``split_seed`` (default 0), ``scaling``
-    (``"minmax"`` or ``"max"``). ``data_pct`` subsamples train only, from ``seed``.
+    ``options``: ``max_size`` (default 1024; 0 keeps full size), ``split_seed`` (default 0),
+    ``scaling`` (``"minmax"`` or ``"max"``), ``download_mode``, ``verbose``. ``data_pct``
+    subsamples train only, from ``seed``.
     """
-    if task not in TASKS:
-        raise ValueError(f"RSNA has no task {task!r}; it provides: {', '.join(TASKS)}")
-    check_data_pct(data_pct)
-    if data_dir is None:
-        raise DatasetFormatError("RSNA: data_dir is required (the folder with stage_2_train_labels.csv)")
-    builder = RSNA(config_name=task, data_dir=os.path.abspath(os.path.expanduser(str(data_dir))),
-                   cache_dir=cache_dir, **options)
-    return prepare_builder_and_load(builder, NAME, task, data_pct, seed, download_mode=download_mode)
+    return prepare_and_load(RSNA, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:
-    """CLI: ``python -m data_scripts.rsna --data_dir D --output_dir O [--task T] [--max_size N]``."""
-    ap = argparse.ArgumentParser(description="Prepare RSNA Pneumonia (stage 2) for CGNS fine-tuning.")
-    ap.add_argument("--data_dir", required=True)
-    ap.add_argument("--output_dir", required=True, help="Arrow cache root; manifests go to <output_dir>/rsna/<task>/")
-    ap.add_argument("--task", choices=sorted(TASKS), action="append",
-                    help="task to prepare (repeatable); default: all")
-    ap.add_argument("--max_size", type=int, default=1024)
-    ap.add_argument("--split_seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    for task in args.task or list(TASKS):
-        builder = RSNA(config_name=task, data_dir=os.path.abspath(args.data_dir), cache_dir=args.output_dir,
-                       max_size=args.max_size, split_seed=args.split_seed)
-        prepare_builder_and_load(builder, NAME, task)
-        print(manifest_summary(read_builder_manifest(builder)))
-    return 0
+    """CLI: ``python -m data_scripts.rsna --data_dir D --output_dir O [--task T ...] [--max_size N]``."""
+    return run_cli(NAME, load, TASKS, argv, "Prepare RSNA Pneumonia (stage 2) for CGNS fine-tuning.",
+                   flags=[MAX_SIZE_FLAG, CliFlag.for_option("split_seed", type=int, help="split seed (0)")])
 
 
 if __name__ == "__main__":

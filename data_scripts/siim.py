@@ -25,28 +25,27 @@ value), ``missing_image``, ``unreadable_dicom``, ``train_negative_not_sampled`` 
 repaired ``negative_row_with_rle_rows`` (a ``-1`` row next to RLE rows: the RLE wins),
 ``duplicate_dicom`` (several files with one ImageId: the first by path is used).
 """
-import argparse
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import datasets
 import numpy as np
-import pandas as pd
 
 from ._common import (
+    CGNSBuilder,
+    MAX_SIZE_FLAG,
+    CliFlag,
     DatasetFormatError,
     Manifest,
     TaskSpec,
-    check_data_pct,
-    encode_png,
-    manifest_summary,
-    prepare_builder_and_load,
-    read_builder_manifest,
+    png_image,
+    prepare_and_load,
+    read_csv_table,
     resize_longest,
+    run_cli,
     sklearn_holdout_split,
-    write_manifest,
 )
 from .dicom import SCALINGS, DicomReadError, read_dicom
 
@@ -119,15 +118,7 @@ def read_rle_csv(data_dir: str, manifest: Manifest) -> "OrderedDict[str, List[st
     if not os.path.isfile(path):
         found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
         raise DatasetFormatError(f"SIIM: expected {RLE_CSV} in {data_dir!r}; found: {found}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DatasetFormatError(f"SIIM: cannot read {path} as CSV: {e}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetFormatError(f"SIIM: {RLE_CSV} must have columns {list(COLUMNS)} (header "
-                                 f"'ImageId, EncodedPixels'); missing {missing}, found {list(df.columns)}")
+    df = read_csv_table(path, COLUMNS, "SIIM", hint=" (header 'ImageId, EncodedPixels')")
     out: "OrderedDict[str, List[str]]" = OrderedDict()
     seen = set()
     for i, (image_id, rle) in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
@@ -247,45 +238,28 @@ class SIIMConfig(datasets.BuilderConfig):
     scaling: str = "minmax"
 
 
-class SIIM(datasets.GeneratorBasedBuilder):
+class SIIM(CGNSBuilder):
     """SIIM-ACR Pneumothorax segmentation builder (see the module docstring)."""
 
+    NAME, TASKS = NAME, TASKS
     BUILDER_CONFIG_CLASS = SIIMConfig
     BUILDER_CONFIGS = [SIIMConfig(name="segmentation", version=datasets.Version("1.0.0"))]
     DEFAULT_CONFIG_NAME = "segmentation"
-    DEFAULT_WRITER_BATCH_SIZE = 64
-
-    def _info(self):
-        return datasets.DatasetInfo(
-            description=__doc__.split("\n")[0],
-            features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
-                                        "image_id": datasets.Value("string")}))
-
-    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
-        self.manifest = Manifest(NAME, self.config.name)
-        self.balance: Dict[str, Counter] = {}
-        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
-        write_manifest(self.manifest, self._output_dir,
-                       label_balance={k: dict(v) for k, v in self.balance.items()})
 
     def _split_generators(self, dl_manager):
         cfg = self.config
         if cfg.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {cfg.scaling!r}")
-        if not cfg.data_dir:
-            raise DatasetFormatError("SIIM: data_dir is required")
-        items = collect_items(os.path.abspath(os.path.expanduser(cfg.data_dir)), self.manifest)
+        items = collect_items(self._data_dir(), self.manifest)
         splits = split_items(items, cfg.split_seed, cfg.balance_train, cfg.balance_seed, self.manifest)
         if not splits["train"]:
             raise DatasetFormatError("SIIM: the training split is empty (no positive image to balance on?)")
-        return [datasets.SplitGenerator(name=s, gen_kwargs={"split": s, "items": v}) for s, v in splits.items()]
+        return self.split_generators(splits)
 
-    def _generate_examples(self, split, items):
+    def _examples(self, items):
         import PIL.Image
 
         cfg = self.config
-        balance = self.balance.setdefault(split, Counter())
-        n = 0
         for it in items:
             try:
                 dcm = read_dicom(it.path, cfg.scaling)
@@ -299,45 +273,27 @@ class SIIM(datasets.GeneratorBasedBuilder):
                 self.manifest.skip("malformed_rle", f"{it.image_id} ({e})")
                 continue
             mask_img = resize_longest(PIL.Image.fromarray(mask, mode="L"), cfg.max_size, PIL.Image.NEAREST)
-            balance["positive" if it.positive else "negative"] += 1
-            n += 1
-            yield it.image_id, {"image": {"bytes": encode_png(dcm.to_pil(), cfg.max_size), "path": None},
-                                "mask": {"bytes": encode_png(mask_img), "path": None},
+            yield it.image_id, {"image": png_image(dcm.to_pil(), cfg.max_size),
+                                "mask": mask_img,  # a PIL image: datasets stores it as PNG
                                 "image_id": it.image_id}
-        self.manifest.rows[split] = n
 
 
 def load(data_dir=None, task: str = "segmentation", data_pct: float = 1.0, seed: int = 0,
-         cache_dir=None, download_mode=None, **options) -> datasets.DatasetDict:
+         cache_dir=None, **options) -> datasets.DatasetDict:
     """Prepare (once, Arrow-cached) and load SIIM segmentation; ``data_pct`` samples train ImageIds.
 
     ``options``: ``max_size`` (1024), ``split_seed`` (0), ``balance_train`` (True), ``balance_seed``
-    (42), ``scaling`` (``"minmax"``/``"max"``).
+    (42), ``scaling`` (``"minmax"``/``"max"``), ``download_mode``, ``verbose``.
     """
-    if task not in TASKS:
-        raise ValueError(f"SIIM has no task {task!r}; it provides: {', '.join(TASKS)}")
-    check_data_pct(data_pct)
-    if data_dir is None:
-        raise DatasetFormatError("SIIM: data_dir is required (the folder with train-rle.csv)")
-    builder = SIIM(config_name=task, data_dir=os.path.abspath(os.path.expanduser(str(data_dir))),
-                   cache_dir=cache_dir, **options)
-    return prepare_builder_and_load(builder, NAME, task, data_pct, seed, download_mode=download_mode)
+    return prepare_and_load(SIIM, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:
     """CLI: ``python -m data_scripts.siim --data_dir D --output_dir O [--task segmentation]``."""
-    ap = argparse.ArgumentParser(description="Prepare SIIM-ACR Pneumothorax segmentation for CGNS.")
-    ap.add_argument("--data_dir", required=True)
-    ap.add_argument("--output_dir", required=True, help="Arrow cache root; manifest in <output_dir>/siim/<task>/")
-    ap.add_argument("--task", choices=sorted(TASKS), default="segmentation")
-    ap.add_argument("--max_size", type=int, default=1024)
-    ap.add_argument("--no_balance_train", action="store_true", help="keep every training negative")
-    args = ap.parse_args(argv)
-    builder = SIIM(config_name=args.task, data_dir=os.path.abspath(args.data_dir), cache_dir=args.output_dir,
-                   max_size=args.max_size, balance_train=not args.no_balance_train)
-    prepare_builder_and_load(builder, NAME, args.task)
-    print(manifest_summary(read_builder_manifest(builder)))
-    return 0
+    no_balance = CliFlag("--no_balance_train", "balance_train",
+                         dict(action="store_false", help="keep every training negative"))
+    return run_cli(NAME, load, TASKS, argv, "Prepare SIIM-ACR Pneumothorax segmentation for CGNS.",
+                   flags=[MAX_SIZE_FLAG, no_balance])
 
 
 if __name__ == "__main__":

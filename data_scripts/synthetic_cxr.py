@@ -49,7 +49,6 @@ average at 5 on the two cores).
 Calibration: all lesion contrasts and noise levels live in the module-level ``DIFFICULTY`` dict;
 ``DIFFICULTY["lesion_contrast_scale"]`` scales every lesion contrast at once.
 """
-import argparse
 import hashlib
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -59,7 +58,7 @@ import numpy as np
 
 from modeling_cgns.sentences import report_text, split_sentences
 
-from ._common import Manifest, TaskSpec, label_balance, subsample_train
+from ._common import CGNSBuilder, CliFlag, TaskSpec, prepare_and_load, run_cli
 
 DATASET_NAME = "synthetic_cxr"
 
@@ -888,29 +887,6 @@ TASKS: Dict[str, TaskSpec] = {
     "segmentation_opacity": TaskSpec("segmentation", ("opacity",), "dice"),
 }
 
-def _features(task: str) -> datasets.Features:
-    """Typed columns of ``task`` (docs/data_contract.md)."""
-    from datasets import ClassLabel, Features, Image, List as HFList, Value
-
-    if task == "pretraining":
-        return Features({"image": Image(), "report": Value("string"), "sentences": HFList(Value("string")),
-                         "study_id": Value("string")})
-    if task == "classification":
-        return Features({"image": Image(), "labels": HFList(Value("float32"), length=5),
-                         "image_id": Value("string")})
-    if task == "classification_binary":
-        return Features({"image": Image(), "labels": HFList(Value("float32"), length=1),
-                         "image_id": Value("string")})
-    if task == "classification_multiclass":
-        return Features({"image": Image(), "labels": ClassLabel(names=MULTICLASS_NAMES),
-                         "image_id": Value("string")})
-    if task == "detection":
-        return Features({"image": Image(), "boxes": HFList(HFList(Value("float32"), length=4)),
-                         "image_id": Value("string")})
-    if task in ("segmentation", "segmentation_opacity"):
-        return Features({"image": Image(), "mask": Image(), "image_id": Value("string")})
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-
 
 def _row(task: str, st: dict) -> dict:
     """One dataset row of ``task`` from a generated study."""
@@ -934,43 +910,39 @@ def _row(task: str, st: dict) -> dict:
 
 
 class SyntheticCXRConfig(datasets.BuilderConfig):
-    """BuilderConfig with the generator options: ``num_images``, ``image_size``, ``seed``."""
+    """BuilderConfig with the generator options: ``num_images``, ``image_size``, ``generator_seed``."""
 
-    def __init__(self, num_images: int = 2000, image_size: int = 224, seed: int = 0, **kwargs):
+    def __init__(self, num_images: int = 2000, image_size: int = 224, generator_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.num_images = int(num_images)
         self.image_size = int(image_size)
-        self.seed = int(seed)
+        self.generator_seed = int(generator_seed)
 
 
-class SyntheticCXR(datasets.GeneratorBasedBuilder):
+class SyntheticCXR(CGNSBuilder):
     """Builder of the synthetic chest X-ray dataset, one config per task (``TASKS``)."""
 
+    NAME, TASKS = DATASET_NAME, TASKS
+    NEEDS_DATA_DIR = False
     BUILDER_CONFIG_CLASS = SyntheticCXRConfig
     BUILDER_CONFIGS = [SyntheticCXRConfig(name=t, version=datasets.Version("1.0.0")) for t in TASKS]
     DEFAULT_CONFIG_NAME = "pretraining"
+    DEFAULT_WRITER_BATCH_SIZE = None  # the datasets default: rows are small
     VERSION = datasets.Version("1.0.0")
-
-    def _info(self) -> datasets.DatasetInfo:
-        return datasets.DatasetInfo(description=__doc__.splitlines()[0], features=_features(self.config.name))
 
     def _split_generators(self, dl_manager):
         n = self.config.num_images
         sz = split_sizes(n)
         bounds = {"train": (0, sz["train"]), "validation": (sz["train"], sz["train"] + sz["validation"]),
                   "test": (sz["train"] + sz["validation"], n)}
-        names = {"train": datasets.Split.TRAIN, "validation": datasets.Split.VALIDATION,
-                 "test": datasets.Split.TEST}
         # pretraining: train + validation only (contract); test studies stay unseen for downstream
         splits = ["train", "validation"] + ([] if self.config.name == "pretraining" else ["test"])
-        return [datasets.SplitGenerator(name=names[s], gen_kwargs={"start": bounds[s][0],
-                                                                   "stop": bounds[s][1]})
-                for s in splits]
+        return self.split_generators({s: range(*bounds[s]) for s in splits})
 
-    def _generate_examples(self, start: int, stop: int):
+    def _examples(self, indices: range):
         cfg = self.config
-        for i in range(start, stop):
-            yield i, _row(cfg.name, generate_study(i, cfg.seed, cfg.image_size))
+        for i in indices:
+            yield i, _row(cfg.name, generate_study(i, cfg.generator_seed, cfg.image_size))
 
 
 def _config_id(task: str, num_images: int, image_size: int, generator_seed: int) -> str:
@@ -978,52 +950,26 @@ def _config_id(task: str, num_images: int, image_size: int, generator_seed: int)
 
 
 def _cache_root(cache_dir: Optional[str]) -> str:
-    root = cache_dir if cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "cgns")
-    return os.path.join(root, DATASET_NAME)
+    return cache_dir if cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "cgns")
 
 
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
          cache_dir: Optional[str] = None, num_images: int = 2000, image_size: int = 224,
-         generator_seed: int = 0, **_) -> "datasets.DatasetDict":
+         generator_seed: int = 0, download_mode=None, verbose: bool = True, **_) -> "datasets.DatasetDict":
     """Build (or reuse) the synthetic dataset for ``task`` and return its DatasetDict.
 
-    ``data_dir`` is ignored (nothing is read). Data is cached under
+    ``data_dir`` and unknown options are ignored (nothing is read). Data is cached under
     ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes num_images /
     image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
     ``data_pct`` subsamples the train split only (``subsample_train(dd, data_pct, seed)``).
     """
-    if task not in TASKS:
-        raise ValueError(f"dataset {DATASET_NAME!r} has no task {task!r}; it provides: {', '.join(TASKS)}")
-    if int(num_images) < 10:
+    if task in TASKS and int(num_images) < 10:
         raise ValueError(f"num_images must be >= 10 (80/10/10 splits), got {num_images}")
-    root = _cache_root(cache_dir)
-    builder = SyntheticCXR(config_name=task, cache_dir=os.path.join(root, "hf"),
-                           config_id=_config_id(task, num_images, image_size, generator_seed),
-                           num_images=int(num_images), image_size=int(image_size), seed=int(generator_seed))
-    builder.download_and_prepare()
-    dd = builder.as_dataset()
-    manifest = Manifest(DATASET_NAME, task)
-    manifest.rows.update({k: len(dd[k]) for k in dd})
-    manifest.write(os.path.join(root, task))
-    return subsample_train(dd, data_pct, seed)
-
-
-def _balance(task: str, ds) -> Dict[str, object]:
-    """Label balance of one split (for the CLI summary)."""
-    if task == "classification":
-        arr = np.array(ds["labels"], dtype=np.float32).reshape(-1, 5)
-        return dict(zip(CHEXPERT_LABELS, arr.sum(0).astype(int).tolist()))
-    if task == "classification_binary":
-        return label_balance(int(x[0]) for x in ds["labels"])
-    if task == "classification_multiclass":
-        return label_balance(MULTICLASS_NAMES[x] for x in ds["labels"])
-    if task == "detection":
-        nb = [len(b) for b in ds["boxes"]]
-        return {"images_with_boxes": sum(1 for x in nb if x), "boxes": sum(nb)}
-    if task in ("segmentation", "segmentation_opacity"):
-        pos = sum(1 for m in ds["mask"] if np.asarray(m).any())
-        return {"positive_masks": pos, "empty_masks": len(ds) - pos}
-    return {"rows": len(ds)}
+    return prepare_and_load(SyntheticCXR, task, None, data_pct, seed, _cache_root(cache_dir),
+                            download_mode=download_mode, verbose=verbose,
+                            config_id=_config_id(task, num_images, image_size, generator_seed),
+                            num_images=int(num_images), image_size=int(image_size),
+                            generator_seed=int(generator_seed))
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
@@ -1032,30 +978,14 @@ def _save_png(array: np.ndarray, path: str) -> None:
     PILImage.fromarray(array, mode="L").save(path)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """CLI: prepare the dataset, print rows per split and label balance, write samples + manifest."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--data_dir", default=None, help="ignored (the data is generated)")
-    p.add_argument("--num_images", type=int, default=2000)
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--task", default=None, choices=list(TASKS), help="default: every task")
-    p.add_argument("--num_samples", type=int, default=6, help="sample PNGs written to output_dir/samples")
-    args = p.parse_args(argv)
-    tasks = [args.task] if args.task else list(TASKS)
-    manifest = Manifest(DATASET_NAME, args.task or "all")
-    for task in tasks:
-        dd = load(task=task, cache_dir=args.output_dir, num_images=args.num_images,
-                  image_size=args.image_size, generator_seed=args.seed)
-        print(f"{DATASET_NAME}/{task}: " + ", ".join(f"{k}={len(v)}" for k, v in dd.items()))
-        for split, ds in dd.items():
-            manifest.rows[split if args.task else f"{task}/{split}"] = len(ds)
-            if task != "pretraining":
-                print(f"  {split} label balance: {_balance(task, ds)}")
+def _write_samples(args, options) -> None:
+    """``run_cli`` hook: the first ``--num_samples`` studies (image, non-empty masks, report) as
+    files in ``output_dir/samples``, generated with the options the data was prepared with."""
+    n, seed, size = (int(options.get(k, d)) for k, d in (("num_images", 2000), ("generator_seed", 0),
+                                                          ("image_size", 224)))
     sample_dir = os.path.join(args.output_dir, "samples")
     os.makedirs(sample_dir, exist_ok=True)
-    for st in generate(min(args.num_samples, args.num_images), args.seed, args.image_size):
+    for st in generate(min(args.num_samples, n), seed, size):
         stem = os.path.join(sample_dir, st["study_id"])
         _save_png(st["image"], stem + ".png")
         if st["pneumothorax_mask"].any():
@@ -1064,10 +994,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             _save_png(st["opacity_mask"], stem + "_opacity.png")
         with open(stem + ".txt", "w") as f:
             f.write(st["report"] + "\n")
-    path = manifest.write(args.output_dir)
-    print(manifest.summary())
-    print(f"skipped: 0 (synthetic data); manifest: {path}; samples: {sample_dir}")
-    return 0
+    print(f"samples: {sample_dir}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI (``data_scripts._common.run_cli``): prepare the data, print rows per split and label
+    balance, write the manifest and a few sample studies (PNG + report) to ``output_dir/samples``."""
+    flags = [CliFlag.for_option("num_images", type=int, help="number of studies (2000)"),
+             CliFlag.for_option("image_size", type=int, help="image side in px (224)"),
+             CliFlag.for_option("generator_seed", type=int, help="generator seed (0)"),
+             CliFlag("--num_samples", None, dict(type=int, default=6, help="studies saved as samples/"))]
+    return run_cli(DATASET_NAME, load, TASKS, argv, description=__doc__.splitlines()[0], needs_data_dir=False,
+                   flags=flags, after=_write_samples)
 
 
 if __name__ == "__main__":
