@@ -36,8 +36,8 @@ _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 # --------------------------------------------------------------------------------------------------
 
 class TrainingProgress:
-    """Where training stands. Registered with ``accelerator.register_for_checkpointing`` so that
-    ``save_state`` / ``load_state`` carry it with the model, optimiser, scheduler and RNG states.
+    """Where training stands. Saved as ``trainer_state.json`` inside every checkpoint (beside the
+    model, optimiser, scheduler and RNG states of ``accelerator.save_state``) and read back on resume.
 
     ``stage`` is the stage whose optimiser is live (and saved); ``epoch`` counts epochs over both
     stages; ``step_in_epoch`` counts the micro-batches of ``epoch`` already consumed (what

@@ -397,7 +397,6 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
     run = PretrainingRun(args=config, accelerator=accelerator, model=model, processor=processor,
                          train_dataloader=train_loader, eval_dataloader=eval_loader,
                          train_sampler=train_sampler, output_dir=training_args.output_dir)
-    accelerator.register_for_checkpointing(run.progress)
 
     resume_dir = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.resume_from_checkpoint and resume_dir is None:
@@ -409,6 +408,9 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
     prepare_stage(run, stage)
     if resume_dir:
         accelerator.load_state(resume_dir)
+        # The progress counters travel as JSON beside the accelerate state, not as a registered custom
+        # object: accelerate loads those with weights_only=False (a pickle), which this project never does.
+        run.progress.load_state_dict(read_trainer_state(resume_dir))
         run.last_checkpoint = resume_dir
         logger.info(f"resumed from {resume_dir}: {run.progress}")
     elif accelerator.is_main_process:
