@@ -197,7 +197,8 @@ def prepare_stage(run: PretrainingRun, stage: int) -> None:
     run.progress.stage = stage
     num_params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     logger.info(f"stage {stage}: fresh Adam over {num_params:,} parameters, "
-                f"{'with' if stage == 2 else 'without'} CM-MIR reconstruction, "
+                f"{'with' if stage == 2 and run.unwrapped_model.decoder is not None else 'without'} CM-MIR "
+                f"reconstruction, "
                 f"warm-up {run.training_args.warmup_epochs:g} epoch(s) then cosine to 0")
 
 

@@ -85,6 +85,13 @@ class ModelArguments:
     decoder_layers: Optional[int] = None
     decoder_heads: Optional[int] = None
     decoder_ffn_dim: Optional[int] = None
+    use_reconstruction: Optional[bool] = field(default=None, metadata={
+        "help": "false: no CM-MIR decoder; stage 2 then trains the stage-1 objective (ablation)"})
+    reconstruction_weight: Optional[float] = None
+    global_loss_weight: Optional[float] = None
+    local_image_loss_weight: Optional[float] = None
+    local_text_loss_weight: Optional[float] = None
+    bml_weight: Optional[float] = None
 
     def config_kwargs(self) -> Dict[str, Any]:
         """The CGNSConfig keyword arguments that were set."""
@@ -130,6 +137,8 @@ class PretrainingArguments:
     mixed_precision: str = field(default="no", metadata={
         "help": "no | fp16 | bf16 (forced to no without a GPU)"})
     gradient_checkpointing: bool = False
+    freeze_text_layers: int = field(default=0, metadata={
+        "help": "freeze the text tower's embeddings + first N layers (-1: all; 0: fine-tune everything, reference)"})
     max_steps: int = field(default=-1, metadata={
         "help": "stop after this many optimiser steps (the schedules still follow the epochs); -1 = off"})
     do_eval: bool = field(default=True, metadata={"help": "validate at every epoch end"})
@@ -379,6 +388,29 @@ def build_processor(model: CGNSModel, model_args: ModelArguments, data_args: Dat
 # prepare (+ resume)
 # --------------------------------------------------------------------------------------------------
 
+def uses_reconstruction(run: PretrainingRun) -> bool:
+    return run.progress.stage == 2 and run.unwrapped_model.decoder is not None
+
+
+def freeze_text_layers(model: CGNSModel, num_layers: int) -> None:
+    """Freeze the text tower's embeddings and its first ``num_layers`` layers (-1: the whole tower).
+
+    ConVIRT-style partial freezing of a pretrained BERT; 0 (the reference) fine-tunes everything.
+    Frozen parameters get no gradient, so they are left out of the optimisers (and of DDP's buckets).
+    """
+    if num_layers == 0:
+        return
+    text = model.text_model
+    layers = text.encoder.layer
+    count = len(layers) if num_layers < 0 else num_layers
+    if count > len(layers):
+        raise ValueError(f"freeze_text_layers={num_layers} but the text tower has {len(layers)} layers")
+    frozen = [text.embeddings] + list(layers[:count])
+    for module in frozen:
+        module.requires_grad_(False)
+    logger.info(f"text tower: embeddings and {count}/{len(layers)} layers frozen")
+
+
 def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNSModel,
                 processor: CGNSProcessor, train_loader: DataLoader,
                 eval_loader: DataLoader) -> PretrainingRun:
@@ -389,7 +421,9 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
     """
     training_args = config.training
     if config.training.stage2_epochs > 0 and model.decoder is None:
-        raise ValueError("stage2_epochs > 0 needs the CM-MIR decoder: set use_reconstruction=True")
+        logger.warning("use_reconstruction=False: stage 2 trains without CM-MIR (the stage-1 objective with "
+                       "a fresh optimiser and schedule)")
+    freeze_text_layers(model, training_args.freeze_text_layers)
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_sampler = train_loader.sampler
@@ -493,7 +527,7 @@ def evaluate(run: PretrainingRun) -> Dict[str, float]:
     totals: Dict[str, torch.Tensor] = {}
     batches = 0
     for batch in run.eval_dataloader:
-        out = model(**batch, reconstruct=run.progress.stage == 2)
+        out = model(**batch, reconstruct=uses_reconstruction(run))
         for name, value in {**out.named_losses(), **out.retrieval}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float()
         batches += 1
@@ -523,7 +557,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
         micro_batches = []
         for batch in epoch_batches(run):
             with accelerator.accumulate(model):
-                out = model(**batch, reconstruct=progress.stage == 2)
+                out = model(**batch, reconstruct=uses_reconstruction(run))
                 check_losses_finite(run, out)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:

@@ -394,6 +394,9 @@ class CGNSModel(CGNSPreTrainedModel):
         vision_state = {k: v.clone() for k, v in vision_model.state_dict().items()}
         text_state = {k: v.clone() for k, v in text_model.state_dict().items()}
         model = cls(config, vision_model=vision_model, text_model=text_model)
+        # The composite config's __init__ leaves the text sub-config without an attention backend.
+        if model.text_model.config._attn_implementation is None:
+            model.text_model.set_attn_implementation("sdpa")
         model.vision_model.load_state_dict(vision_state)
         model.text_model.load_state_dict(text_state, strict=False)
         return model
