@@ -401,6 +401,7 @@ class LoggingCallback(Callback):
     def __init__(self, logging_steps: int):
         self.logging_steps = max(1, logging_steps)
         self.window: Dict[str, torch.Tensor] = {}
+        self.window_counts: Dict[str, int] = {}       # steps that had the term (CM-MIR starts mid-window)
         self.window_steps = 0
         self.window_start = time.perf_counter()
         self.bar = None
@@ -419,6 +420,8 @@ class LoggingCallback(Callback):
         for record in micro_batches:
             for name, value in record["losses"].items():
                 self.window[name] = self.window.get(name, 0.0) + value / len(micro_batches)
+        for name in micro_batches[0]["losses"]:
+            self.window_counts[name] = self.window_counts.get(name, 0) + 1
         self.window_steps += 1
 
     # ---------------------------------------------------------------- events
@@ -444,14 +447,17 @@ class LoggingCallback(Callback):
             return
         names = sorted(self.window)
         means = torch.stack([torch.as_tensor(self.window[n], dtype=torch.float32).to(run.accelerator.device)
-                             for n in names]) / max(1, self.window_steps)
+                             for n in names])
+        means = means / torch.tensor([self.window_counts[n] for n in names], dtype=torch.float32,
+                                     device=means.device)
         means = run.accelerator.reduce(means, reduction="mean")
         elapsed = time.perf_counter() - self.window_start
         logs = {n: float(v) for n, v in zip(names, means.tolist())}
         logs["lr"] = float(run.scheduler.get_last_lr()[0])
         logs["samples_per_second"] = self.window_steps * run.global_batch_size / max(elapsed, 1e-9)
         logs.update(run.step_logs)
-        self.window, self.window_steps, self.window_start = {}, 0, time.perf_counter()
+        self.window, self.window_counts, self.window_steps = {}, {}, 0
+        self.window_start = time.perf_counter()
         run.last_train_logs = logs
         epoch = run.progress.epoch + run.progress.step_in_epoch / max(1, len(run.train_dataloader))
         self._write(run, {"split": "train", "step": step, "epoch": round(epoch, 4),

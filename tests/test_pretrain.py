@@ -362,3 +362,19 @@ def test_two_process_run_keeps_ranks_identical(assets, tmp_path):
     # a resumable checkpoint carries one RNG state per rank
     last = pretrain_callbacks.list_checkpoints(str(out))[-1][1]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(last))
+
+
+def test_logging_window_averages_each_term_over_the_steps_that_had_it():
+    """A window that straddles the stage switch must not dilute the CM-MIR loss with stage-1 steps."""
+    from pretrain_callbacks import LoggingCallback
+
+    callback = LoggingCallback(logging_steps=4)
+    stage1 = [{"losses": {"loss": torch.tensor(2.0)}}]
+    stage2 = [{"losses": {"loss": torch.tensor(4.0), "reconstruction_loss": torch.tensor(3.0)}},
+              {"losses": {"loss": torch.tensor(6.0), "reconstruction_loss": torch.tensor(5.0)}}]
+    callback._add_step(stage1)
+    callback._add_step(stage1)
+    callback._add_step(stage2)          # one optimiser step of two micro-batches
+    assert callback.window_counts == {"loss": 3, "reconstruction_loss": 1}
+    assert float(callback.window["reconstruction_loss"]) / callback.window_counts["reconstruction_loss"] == 4.0
+    assert float(callback.window["loss"]) / callback.window_counts["loss"] == pytest.approx((2 + 2 + 5) / 3)
