@@ -120,8 +120,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--save_model", action="store_true",
                    help="also save each seed's best probe (tower + head) with save_pretrained")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--standardize_features", action="store_true",
+                   help="z-score the cached features with the training split's mean/std (not part of E.1: "
+                        "a scale-free comparison of towers whose features differ in scale; folded into the "
+                        "saved head, so --save_model still works on raw features)")
     args = p.parse_args(argv)
     args.mode = "augment" if args.augment else "uncached" if args.no_cache else "cached"
+    if args.standardize_features and args.mode != "cached":
+        p.error("--standardize_features needs the cached-features mode (no --augment / --no_cache)")
     args.dataset_options = dict(args.dataset_options)
     return args
 
@@ -267,6 +273,23 @@ def extract_features(model: CGNSForImageClassification, images: ImageDataset, ba
         features.append(model.extract_features(batch["pixel_values"].to(device)).float().cpu())
         labels.append(batch["labels"])
     return FeatureDataset(torch.cat(features), torch.cat(labels))
+
+
+def standardize_features(datasets_by_split: Dict[str, "FeatureDataset"], eps: float = 1e-6):
+    """Z-score every split's cached features with the train split's per-dimension mean and std (in place)."""
+    train = datasets_by_split["train"].features
+    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp(min=eps)
+    for dataset in datasets_by_split.values():
+        dataset.features = (dataset.features - mean) / std
+    return mean, std
+
+
+@torch.no_grad()
+def fold_standardization(model: CGNSForImageClassification, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Rewrite the head so it takes raw features: W (f - mu) / sigma + b = (W / sigma) f + (b - (W / sigma) mu)."""
+    weight = model.classifier.weight / std.to(model.classifier.weight)
+    model.classifier.bias -= weight @ mean.to(weight)
+    model.classifier.weight.copy_(weight)
 
 
 def build_datasets(model: CGNSForImageClassification, dataset_dict, image_processor: CGNSImageProcessor,
@@ -505,6 +528,7 @@ def run_protocol(args: argparse.Namespace) -> Dict:
     image_processor = load_image_processor(args.model, model.config)
     datasets_by_split = build_datasets(model, dataset_dict, image_processor, spec.problem_type, args.mode,
                                        args.batch_size, args.num_workers, args.quiet)
+    standardization = standardize_features(datasets_by_split) if args.standardize_features else None
 
     per_seed = {}
     for seed in args.seeds:
@@ -514,6 +538,8 @@ def run_protocol(args: argparse.Namespace) -> Dict:
         with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
             json.dump(per_seed[seed], f, indent=2)
         if args.save_model:
+            if standardization is not None:
+                fold_standardization(model, *standardization)
             model.save_pretrained(os.path.join(seed_dir, "model"))
         # the checkpoints only served to restore the best head, which is evaluated now
         shutil.rmtree(os.path.join(seed_dir, "checkpoints"), ignore_errors=True)
@@ -525,6 +551,7 @@ def run_protocol(args: argparse.Namespace) -> Dict:
         "task": args.task, "dataset": args.dataset, "dataset_task": args.dataset_task,
         "problem_type": spec.problem_type, "metric": spec.metric, "label_names": list(spec.label_names),
         "model": args.model, "init": args.init, "mode": args.mode, "data_pct": args.data_pct,
+        "standardize_features": args.standardize_features,
         "data_seed": args.data_seed, "num_examples": {s: len(dataset_dict[s]) for s in SPLITS},
         "hyperparameters": {"max_epochs": args.max_epochs, "patience": args.patience,
                             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,

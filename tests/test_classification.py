@@ -357,3 +357,32 @@ def test_end_to_end_multiclass_reports_accuracy(export_dir, cache_dir, tmp_path)
 
 
 __all__ = []
+
+
+def test_standardized_features_fold_into_the_saved_head():
+    """--standardize_features: train split z-scored; the folded head gives the same logits on raw features."""
+    torch.manual_seed(0)
+    config = probe_config()
+    config.num_labels = 5
+    config.problem_type = "multi_label_classification"
+    model = CGNSForImageClassification(config)
+    width = model.classifier.in_features
+    features = {split: torch.randn(n, width) * 0.01 + 0.05 for split, n in (("train", 20), ("validation", 6),
+                                                                             ("test", 6))}
+    data = {split: td.FeatureDataset(f.clone(), torch.zeros(len(f), 5)) for split, f in features.items()}
+    mean, std = td.standardize_features(data)
+    torch.testing.assert_close(data["train"].features.mean(dim=0), torch.zeros(width), atol=1e-4, rtol=0)
+    torch.testing.assert_close(data["train"].features.std(dim=0, unbiased=False), torch.ones(width), atol=1e-3,
+                               rtol=0)
+    torch.nn.init.normal_(model.classifier.weight)
+    with torch.no_grad():
+        on_standardized = model(features=data["test"].features).logits
+        td.fold_standardization(model, mean, std)
+        on_raw = model(features=features["test"]).logits
+    torch.testing.assert_close(on_raw, on_standardized, atol=1e-4, rtol=1e-4)
+
+
+def test_standardize_features_needs_cached_mode():
+    with pytest.raises(SystemExit):
+        td.parse_args(["--dataset", "synthetic_cxr", "--model", "x", "--output_dir", "y", "--augment",
+                       "--standardize_features"])
