@@ -231,9 +231,9 @@ def main(argv=None) -> Dict:
     main_run = run_pipeline(args, "cgns", [], args.fractions, data_options, cache_dir)
     table = results_table(main_run["probes"], args.fractions, main_run["retrieval"])
     plot(main_run["pretrain_dir"], main_run["probes"], args.fractions, os.path.join(args.output_dir, "results.png"))
-    shutil.copy(os.path.join(main_run["pretrain_dir"], "loss_curves.png"),
-                os.path.join(args.output_dir, "loss_curves.png")) \
-        if os.path.exists(os.path.join(main_run["pretrain_dir"], "loss_curves.png")) else None
+    loss_curves = os.path.join(main_run["pretrain_dir"], "loss_curves.png")
+    if os.path.exists(loss_curves):
+        shutil.copy(loss_curves, os.path.join(args.output_dir, "loss_curves.png"))
     elapsed = time.time() - started
     summary = {"table": table, "seconds_total": elapsed, "seconds_pretrain": main_run["pretrain_seconds"],
                "export": main_run["export"],
@@ -248,10 +248,7 @@ def main(argv=None) -> Dict:
         rows = []
         random_probe = {f: main_run["probes"]["random"][f]} if f in main_run["probes"]["random"] else {}
         for name, extra in ABLATIONS.items():
-            if not extra:
-                result = main_run if f in main_run["probes"]["pretrained"] else None
-            else:
-                result = None
+            result = main_run if not extra and f in main_run["probes"]["pretrained"] else None
             if result is None:
                 result = run_pipeline(args, "ablation_" + name.replace(" ", "_").replace("(", "").replace(")", ""),
                                       extra, [f], data_options, cache_dir, random_probes=random_probe)

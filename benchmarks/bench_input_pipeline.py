@@ -11,7 +11,6 @@ DataLoader (2 workers, batch 32). The ``datasets`` side stores the images as ``I
 Prints images/s for both and the ratio datasets / PIL (target >= 0.8).
 """
 import argparse
-import io
 import os
 import statistics
 import tempfile
