@@ -8,10 +8,12 @@ from .collator import CGNSPretrainingCollator
 from .configuration_cgns import CGNSConfig
 from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
 from .modeling_classification import CGNSForImageClassification
+from .modeling_segmentation import CGNSForSemanticSegmentation
 from .processing_cgns import CGNSImageProcessor, CGNSProcessor
 
 AutoConfig.register("cgns", CGNSConfig, exist_ok=True)
 AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
 __all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
-           "CGNSPretrainingCollator", "CGNSForImageClassification"]
+           "CGNSPretrainingCollator", "CGNSForImageClassification",
+           "CGNSForSemanticSegmentation"]

@@ -6,6 +6,9 @@ and decoder) and adds one linear layer. The tower is frozen in every sense the p
 no gradient, no optimiser state, and BatchNorm statistics that never move because the tower stays
 in eval mode even while the Trainer calls ``model.train()``.
 
+The loading and freezing logic lives in :class:`FrozenVisionTowerMixin`, shared with the segmentation
+model (``modeling_segmentation.py``).
+
 Features (E.1): the mean of the last ResNet feature map (not the pretraining attention pool) or
 the ViT CLS token after the final LayerNorm.
 """
@@ -27,7 +30,86 @@ INITS = ("pretrained", "random", "imagenet")
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
-class CGNSForImageClassification(CGNSPreTrainedModel):
+class FrozenVisionTowerMixin:
+    """Shared by the downstream models that put a head on a frozen CGNS image tower ``vision_model``.
+
+    Gives them the freezing (no gradient, eval mode kept through ``train()``) and the construction from
+    a CGNS export with ``init`` = pretrained / random / imagenet. Mix it in before
+    :class:`CGNSPreTrainedModel`; the model must build ``self.vision_model`` in ``__init__``.
+    """
+
+    def freeze_vision_model(self) -> None:
+        """No gradient and eval mode for the tower; only the head is trainable."""
+        self.vision_model.requires_grad_(False)
+        self.vision_model.eval()
+
+    def train(self, mode: bool = True):
+        # The Trainer puts the model in train mode every step; the tower must stay in eval so that
+        # BatchNorm keeps its pretrained running statistics (E.1 calls backbone.eval() per batch; for
+        # segmentation this is the deliberate fix of G.26, where the reference leaves BN in train mode).
+        super().train(mode)
+        self.vision_model.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, init: str = "pretrained", **kwargs):
+        """Load from a CGNS export (local folder or hub id).
+
+        ``init``: ``"pretrained"`` (the export's image tower; an export without one is an error),
+        ``"random"`` (timm's random initialisation of the export's architecture) or ``"imagenet"``
+        (timm ImageNet weights; needs the network). Other keyword arguments (``num_labels``,
+        ``problem_type``, ``id2label``, ...) go to the config as with any ``from_pretrained``.
+        ``cls`` is the downstream model being built (classifier or segmenter).
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        check_cgns_export(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        if init == "pretrained":
+            return_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+            missing = sorted(k for k in info["missing_keys"] if k.startswith("vision_model."))
+            if missing:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!r} has no (complete) vision tower: {len(missing)} image "
+                    f"tower weight(s) are missing from its checkpoint (e.g. {missing[0]!r}). A frozen-tower "
+                    f"{cls.__name__} needs a CGNS export saved with CGNSModel.save_pretrained; use "
+                    f"init='random' or 'imagenet' for baselines.")
+            # Loading replaces the parameter objects, which drops the requires_grad=False set in __init__.
+            model.freeze_vision_model()
+            return (model, info) if return_info else model
+        config = CGNSConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = cls(config)
+        model.load_timm_weights(pretrained=init == "imagenet")
+        return model
+
+    def load_timm_weights(self, pretrained: bool) -> None:
+        """Replace the tower by timm's own initialisation (``pretrained=False``) or ImageNet weights.
+
+        timm's initialisation (not the generic ``_init_weights``) is what a "Random Init" baseline
+        means: the architecture as its authors initialise it.
+        """
+        import timm
+        from huggingface_hub import constants
+
+        vision_config = self.config.vision_config
+        model_args = dict(vision_config.model_args or {})
+        if pretrained and constants.HF_HUB_OFFLINE:
+            raise RuntimeError(
+                f"init='imagenet' downloads timm's ImageNet weights for {vision_config.architecture!r}, but "
+                f"the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1). Run once online (the weights "
+                f"are then cached) or use init='pretrained' / 'random'.")
+        try:
+            source = timm.create_model(vision_config.architecture, pretrained=pretrained, num_classes=0,
+                                       **model_args)
+        except Exception as err:  # network, no weights for this architecture, ...: say which step failed
+            raise RuntimeError(f"could not create timm model {vision_config.architecture!r} with "
+                               f"pretrained={pretrained}: {err}") from err
+        self.vision_model.timm_model.load_state_dict(source.state_dict())
+        self.freeze_vision_model()
+
+
+class CGNSForImageClassification(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     """Frozen CGNS image tower + a linear head.
 
     ``forward(pixel_values=(B, 3, S, S))`` or ``forward(features=(B, F))`` (precomputed with
@@ -56,12 +138,7 @@ class CGNSForImageClassification(CGNSPreTrainedModel):
         self.post_init()
         self.freeze_vision_model()
 
-    # ---------------------------------------------------------------- freezing
-    def freeze_vision_model(self) -> None:
-        """No gradient and eval mode for the tower; only ``classifier`` is trainable."""
-        self.vision_model.requires_grad_(False)
-        self.vision_model.eval()
-
+    # ---------------------------------------------------------------- head
     def reset_classifier(self) -> None:
         """A fresh head from the current torch RNG: N(0, initializer_range) weights, zero bias (as post_init).
 
@@ -69,13 +146,6 @@ class CGNSForImageClassification(CGNSPreTrainedModel):
         """
         nn.init.normal_(self.classifier.weight, mean=0.0, std=self.config.initializer_range)
         nn.init.zeros_(self.classifier.bias)
-
-    def train(self, mode: bool = True) -> "CGNSForImageClassification":
-        # The Trainer puts the model in train mode every step; the tower must stay in eval so that
-        # BatchNorm keeps its pretrained running statistics (E.1 calls backbone.eval() per batch).
-        super().train(mode)
-        self.vision_model.eval()
-        return self
 
     # ---------------------------------------------------------------- features
     @torch.no_grad()
@@ -113,63 +183,6 @@ class CGNSForImageClassification(CGNSPreTrainedModel):
         raise ValueError(f"problem_type {problem_type!r} is not supported; "
                          f"use {MULTI_LABEL!r} or {SINGLE_LABEL!r}")
 
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, init: str = "pretrained", **kwargs):
-        """Load from a CGNS export (local folder or hub id).
-
-        ``init``: ``"pretrained"`` (the export's image tower; an export without one is an error),
-        ``"random"`` (timm's random initialisation of the export's architecture) or ``"imagenet"``
-        (timm ImageNet weights; needs the network). Other keyword arguments (``num_labels``,
-        ``problem_type``, ``id2label``, ...) go to the config as with any ``from_pretrained``.
-        """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        check_cgns_export(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-        if init == "pretrained":
-            return_info = kwargs.pop("output_loading_info", False)
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                  output_loading_info=True, **kwargs)
-            missing = sorted(k for k in info["missing_keys"] if k.startswith("vision_model."))
-            if missing:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path!r} has no (complete) vision tower: {len(missing)} image "
-                    f"tower weight(s) are missing from its checkpoint (e.g. {missing[0]!r}). A linear probe "
-                    f"needs a CGNS export saved with CGNSModel.save_pretrained; use init='random' or "
-                    f"'imagenet' for baselines.")
-            # Loading replaces the parameter objects, which drops the requires_grad=False set in __init__.
-            model.freeze_vision_model()
-            return (model, info) if return_info else model
-        config = CGNSConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        model = cls(config)
-        model.load_timm_weights(pretrained=init == "imagenet")
-        return model
-
-    def load_timm_weights(self, pretrained: bool) -> None:
-        """Replace the tower by timm's own initialisation (``pretrained=False``) or ImageNet weights.
-
-        timm's initialisation (not the generic ``_init_weights``) is what a "Random Init" baseline
-        means: the architecture as its authors initialise it.
-        """
-        import timm
-        from huggingface_hub import constants
-
-        vision_config = self.config.vision_config
-        model_args = dict(vision_config.model_args or {})
-        if pretrained and constants.HF_HUB_OFFLINE:
-            raise RuntimeError(
-                f"init='imagenet' downloads timm's ImageNet weights for {vision_config.architecture!r}, but "
-                f"the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1). Run once online (the weights "
-                f"are then cached) or use init='pretrained' / 'random'.")
-        try:
-            source = timm.create_model(vision_config.architecture, pretrained=pretrained, num_classes=0,
-                                       **model_args)
-        except Exception as err:  # network, no weights for this architecture, ...: say which step failed
-            raise RuntimeError(f"could not create timm model {vision_config.architecture!r} with "
-                               f"pretrained={pretrained}: {err}") from err
-        self.vision_model.timm_model.load_state_dict(source.state_dict())
-        self.freeze_vision_model()
-
 
 def check_cgns_export(pretrained_model_name_or_path, **hub_kwargs) -> None:
     """Raise a clear error unless the folder / hub id holds a CGNS config (``model_type="cgns"``)."""
@@ -183,10 +196,10 @@ def check_cgns_export(pretrained_model_name_or_path, **hub_kwargs) -> None:
     if model_type != CGNSConfig.model_type:
         raise ValueError(
             f"{pretrained_model_name_or_path!r} is not a CGNS export: its config has model_type "
-            f"{model_type!r}, expected 'cgns'. A linear probe needs the CGNS image tower "
+            f"{model_type!r}, expected 'cgns'. A frozen-tower downstream model needs the CGNS image tower "
             f"(CGNSModel.save_pretrained).")
 
 
 AutoModelForImageClassification.register(CGNSConfig, CGNSForImageClassification, exist_ok=True)
 
-__all__ = ["CGNSForImageClassification", "check_cgns_export", "INITS"]
+__all__ = ["CGNSForImageClassification", "FrozenVisionTowerMixin", "check_cgns_export", "INITS"]

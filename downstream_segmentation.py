@@ -1,0 +1,289 @@
+"""Downstream semantic segmentation of a CGNS export with a frozen encoder (ALGORITHM.md E.3).
+
+Called by ``train_downstream.py --task segmentation`` as ``run_segmentation(args)``, with that script's
+argparse Namespace, e.g.
+
+    python train_downstream.py --task segmentation --dataset synthetic_cxr --dataset_task segmentation \
+        --model path/to/cgns_export --init pretrained --output_dir O --seeds 42 \
+        --lr 5e-4 --weight_decay 0.05 --max_epochs 50 --batch_size 16
+
+Recipe: load the dataset's segmentation task (``data_scripts``; ``data_pct`` subsamples train only)
+-> build :class:`CGNSForSemanticSegmentation` (frozen tower, U-Net or SETR-naive decoder) -> for each
+seed redraw the decoder and train it with the Hugging Face ``Trainer`` (AdamW, cosine, early stopping
+on validation loss, best checkpoint) -> mean per-image Dice on test -> ``results.json`` (per seed,
+mean and std) and ``results.md`` (one table row), written by train_downstream's own writers.
+
+Input pipeline (E.3): the image is resized to the model's ``image_size`` (no crop: the mask must keep
+covering the same pixels), normalised with the export's mean / std (0.5); the mask (0 / 255) is
+area-resized to the same size and kept soft, as the reference does for SIIM (the loss takes the soft
+values; the Dice binarises the ground truth at 0.5). Training adds E.3's ShiftScaleRotate (p 0.5,
+scale +-10 %, rotation +-10 degrees, no shift, black border) applied jointly to image and mask.
+
+Deviations from the reference, on purpose: the tower's BatchNorm stays in eval mode (G.26, see
+``modeling_segmentation``); the cosine schedule is stepped per optimiser step, not per epoch; the test
+Dice is the mean over images, not the mean of per-batch means (the two differ only by the weight of
+the last, smaller batch); several seeds share one tower (for ``--init random`` the one drawn with the
+first seed) and differ in the decoder's initialisation and the data order.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, TrainingArguments, set_seed
+
+import data_scripts
+from modeling_cgns import CGNSImageProcessor
+from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
+from modeling_cgns.processing_cgns import to_unit_range
+from train_downstream import (SPLITS, LinearProbeTrainer, load_image_processor, markdown_row, mean_std,
+                              training_arguments, write_results)
+
+logger = logging.getLogger("downstream_segmentation")
+
+SEGMENTATION = "segmentation"
+METRIC = "dice"
+# E.3's ShiftScaleRotate: shift 0, scale +-0.1, rotate +-10 degrees, p 0.5, constant (black) border
+AUGMENT_PROBABILITY = 0.5
+AUGMENT_DEGREES = 10.0
+AUGMENT_SCALE = (0.9, 1.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+def load_segmentation_data(args: argparse.Namespace, spec: data_scripts.TaskSpec):
+    """DatasetDict with train (subsampled to ``data_pct``), validation and test, checked against ``spec``."""
+    dataset_dict = data_scripts.load_cgns_dataset(
+        args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=args.data_pct,
+        seed=getattr(args, "data_seed", 42), cache_dir=args.cache_dir, **(args.dataset_options or {}))
+    check_segmentation_data(dataset_dict, spec, f"{args.dataset}/{args.dataset_task}")
+    return dataset_dict
+
+
+def check_segmentation_data(dataset_dict, spec: data_scripts.TaskSpec, name: str) -> None:
+    """Raise ``ValueError`` unless every split exists, is non-empty and has ``image`` and ``mask`` columns."""
+    if spec.problem_type != SEGMENTATION:
+        raise ValueError(f"{name} is a {spec.problem_type!r} task, not a segmentation task "
+                         f"(pass the dataset's segmentation task with --dataset_task)")
+    missing = [s for s in SPLITS if s not in dataset_dict]
+    if missing:
+        raise ValueError(f"{name} lacks the split(s) {missing}; segmentation needs {list(SPLITS)}")
+    for split in SPLITS:
+        columns = sorted(dataset_dict[split].features)
+        for column in ("image", "mask"):
+            if column not in columns:
+                raise ValueError(f"{name} split {split!r} has no {column!r} column (columns {columns})")
+        if len(dataset_dict[split]) == 0:
+            raise ValueError(f"{name} split {split!r} is empty")
+
+
+def mask_to_unit_range(mask) -> torch.Tensor:
+    """A contract mask (PIL "L", 0 / 255) or array -> float32 (H, W) in [0, 1]."""
+    array = np.asarray(mask.convert("L") if hasattr(mask, "convert") else mask, dtype=np.float32)
+    return torch.from_numpy(array / 255.0 if array.max(initial=0.0) > 1.0 else array)
+
+
+def joint_augmentation():
+    """E.3's train-time ShiftScaleRotate as one random affine map shared by image and mask channels."""
+    from torchvision.transforms import v2
+
+    return v2.RandomApply([v2.RandomAffine(degrees=AUGMENT_DEGREES, scale=AUGMENT_SCALE,
+                                           interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)],
+                          p=AUGMENT_PROBABILITY)
+
+
+class SegmentationDataset(Dataset):
+    """Rows of a segmentation split -> ``{"pixel_values": (C, S, S), "labels": (1, S, S) in [0, 1]}``.
+
+    Image: gray in [0, 1] -> resize to S x S (bilinear, antialiased) -> ``(x - mean) / std`` -> C channels.
+    Mask: area-resized to S x S, soft. ``train=True`` adds the joint random affine of E.3.
+    """
+
+    def __init__(self, split, image_processor: CGNSImageProcessor, train: bool = False):
+        self.split = split
+        self.image_size = image_processor.image_size
+        self.image_mean = image_processor.image_mean
+        self.image_std = image_processor.image_std
+        self.num_channels = image_processor.num_channels
+        self.augmentation = joint_augmentation() if train else None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        row = self.split[index]
+        size = (self.image_size, self.image_size)
+        gray = F.interpolate(to_unit_range(row["image"])[None, None], size=size, mode="bilinear",
+                             align_corners=False, antialias=True)[0].clamp_(0.0, 1.0)
+        mask = F.interpolate(mask_to_unit_range(row["mask"])[None, None], size=size, mode="area")[0]
+        if self.augmentation is not None:
+            gray, mask = self.augmentation(torch.cat([gray, mask])).split(1)
+        pixel_values = ((gray - self.image_mean) / self.image_std).expand(self.num_channels, -1, -1)
+        return {"pixel_values": pixel_values.contiguous(), "labels": mask.clamp(0.0, 1.0).contiguous()}
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------------
+
+def build_segmentation_model(args: argparse.Namespace,
+                             spec: data_scripts.TaskSpec) -> CGNSForSemanticSegmentation:
+    label_names = list(spec.label_names)
+    return CGNSForSemanticSegmentation.from_pretrained(
+        args.model, init=args.init, num_labels=1, id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)})
+
+
+# --------------------------------------------------------------------------------------------------
+# training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+class SegmentationTrainer(LinearProbeTrainer):
+    """Trainer whose checkpoints hold the decoder and head, buffers included, and never the frozen tower.
+
+    Unlike the linear head, the decoder has BatchNorm running statistics (buffers, not trainable
+    parameters) that the best checkpoint must restore with its weights.
+    """
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if state_dict is None:
+            state_dict = {name: tensor.detach() for name, tensor in self.model.state_dict().items()
+                          if not name.startswith("vision_model.")}
+        super()._save(output_dir, state_dict=state_dict)
+
+
+class DiceAccumulator:
+    """``compute_metrics`` for ``batch_eval_metrics``: collects per-image Dice batch by batch.
+
+    Keeping only one number per image (not every (S, S) logit map) bounds evaluation memory. On the
+    last batch it returns ``{"dice": mean over images}`` and starts over.
+    """
+
+    def __init__(self):
+        self.scores: List[torch.Tensor] = []
+
+    def __call__(self, prediction: EvalPrediction, compute_result: bool) -> Dict[str, float]:
+        probs = torch.sigmoid(torch.as_tensor(prediction.predictions).float())
+        self.scores.append(dice_per_image(probs, torch.as_tensor(prediction.label_ids)).cpu())
+        if not compute_result:
+            return {}
+        scores, self.scores = torch.cat(self.scores), []
+        return {METRIC: float(scores.mean())}
+
+
+def segmentation_training_arguments(args: argparse.Namespace, output_dir: str,
+                                    seed: int) -> TrainingArguments:
+    """train_downstream's TrainingArguments (AdamW, cosine, epoch-wise eval, best eval_loss) on images."""
+    image_args = argparse.Namespace(**{**vars(args), "mode": "uncached",
+                                       "num_workers": getattr(args, "num_workers", 0)})
+    training_args = training_arguments(image_args, output_dir, seed)
+    training_args.batch_eval_metrics = True
+    return training_args
+
+
+def train_segmenter(model: CGNSForSemanticSegmentation, datasets_by_split: Dict[str, Dataset],
+                    args: argparse.Namespace, seed: int, output_dir: str) -> SegmentationTrainer:
+    """Fresh decoder for ``seed``, trained with early stopping; the trainer then holds the best decoder."""
+    set_seed(seed)
+    model.reset_decoder()
+    trainer = SegmentationTrainer(
+        model=model,
+        args=segmentation_training_arguments(args, os.path.join(output_dir, "checkpoints"), seed),
+        train_dataset=datasets_by_split["train"],
+        eval_dataset=datasets_by_split["validation"],
+        compute_metrics=DiceAccumulator(),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
+    )
+    if args.quiet:
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
+
+
+def evaluate_segmenter(trainer: SegmentationTrainer, test_dataset: Dataset) -> Dict:
+    """Test Dice and loss of the trainer's (best) model plus the training summary."""
+    # training is over: early stopping would only complain that a test evaluation has no eval_loss
+    trainer.remove_callback(EarlyStoppingCallback)
+    metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    history = [log for log in trainer.state.log_history if "eval_loss" in log]
+    best = min(history, key=lambda log: log["eval_loss"]) if history else {}
+    return {
+        "test": {METRIC: metrics[f"test_{METRIC}"]},
+        "test_loss": float(metrics["test_loss"]),
+        "best_epoch": best.get("epoch"),
+        "best_validation_loss": best.get("eval_loss"),
+        "epochs_trained": trainer.state.epoch,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# protocol
+# --------------------------------------------------------------------------------------------------
+
+def run_segmentation(args: argparse.Namespace) -> Dict:
+    """data -> segmenter -> one Trainer run per seed -> test Dice -> results files; returns the results dict.
+
+    ``args`` is train_downstream's Namespace; read here: dataset, dataset_task, data_dir, cache_dir,
+    dataset_options, data_pct, data_seed (default 42), model, init, output_dir, seeds, max_epochs,
+    patience, batch_size, lr, weight_decay, num_workers (default 0), save_model (default False), quiet.
+    """
+    spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
+    dataset_dict = load_segmentation_data(args, spec)
+    num_examples = {s: len(dataset_dict[s]) for s in SPLITS}
+    logger.info("%s/%s: %s rows (train at %g %% of the labels)", args.dataset, args.dataset_task,
+                num_examples, 100 * args.data_pct)
+
+    set_seed(args.seeds[0])
+    model = build_segmentation_model(args, spec)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    image_processor = load_image_processor(args.model, model.config)
+    datasets_by_split = {split: SegmentationDataset(dataset_dict[split], image_processor,
+                                                    train=split == "train")
+                         for split in SPLITS}
+
+    per_seed = {}
+    for seed in args.seeds:
+        seed_dir = os.path.join(args.output_dir, f"seed_{seed}")
+        trainer = train_segmenter(model, datasets_by_split, args, seed, seed_dir)
+        per_seed[seed] = evaluate_segmenter(trainer, datasets_by_split["test"])
+        with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
+            json.dump(per_seed[seed], f, indent=2)
+        if getattr(args, "save_model", False):
+            model.save_pretrained(os.path.join(seed_dir, "model"))
+        # the checkpoints only served to restore the best decoder, which is evaluated now
+        shutil.rmtree(os.path.join(seed_dir, "checkpoints"), ignore_errors=True)
+        logger.info("seed %d: test dice = %.4f (best epoch %s)", seed, per_seed[seed]["test"][METRIC],
+                    per_seed[seed]["best_epoch"])
+
+    results = {
+        "task": SEGMENTATION, "dataset": args.dataset, "dataset_task": args.dataset_task,
+        "problem_type": spec.problem_type, "metric": METRIC, "label_names": list(spec.label_names),
+        "model": args.model, "init": args.init, "mode": f"frozen {model.config.vision_kind} tower",
+        "decoder": "unet" if model.config.vision_kind == "grid" else "setr_naive",
+        "data_pct": args.data_pct, "data_seed": getattr(args, "data_seed", 42),
+        "image_size": image_processor.image_size, "num_examples": num_examples,
+        "hyperparameters": {"max_epochs": args.max_epochs, "patience": args.patience,
+                            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                            "scheduler": "cosine", "loss": "10 * focal(gamma=2) - log(soft dice, smooth 1)"},
+        "seeds": {str(seed): result for seed, result in per_seed.items()},
+        "summary": {METRIC: mean_std([r["test"][METRIC] for r in per_seed.values()])},
+    }
+    write_results(results, args.output_dir)
+    logger.info("results: %s", markdown_row(results))
+    return results
+
+
+__all__ = [
+    "run_segmentation", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
+    "joint_augmentation", "build_segmentation_model", "SegmentationTrainer", "DiceAccumulator",
+    "segmentation_training_arguments", "train_segmenter", "evaluate_segmenter",
+]
