@@ -51,7 +51,14 @@ from modeling_cgns.modeling_classification import INITS
 logger = logging.getLogger("train_downstream")
 
 TASKS = ("classification", "detection", "segmentation")
-DATASETS = ("chexpert", "rsna", "covidx", "synthetic_cxr")
+DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr")
+# Protocol defaults per task (ALGORITHM.md E.1-E.3); an explicit command-line value wins.
+TASK_DEFAULTS = {
+    "classification": {"max_epochs": 100, "batch_size": 48, "lr": 5e-4, "weight_decay": 1e-6},
+    "detection": {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6},
+    "segmentation": {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05},
+}
+IMPLEMENTED_TASKS = ("classification", "segmentation")
 SPLITS = ("train", "validation", "test")
 MODES = ("cached", "augment", "uncached")
 # The reference resizes the longest side to 256 before cropping 224 (E.1); other sizes keep the ratio.
@@ -90,11 +97,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="classification",
-                   help="downstream protocol (detection and segmentation: not in this release)")
+                   help="downstream protocol: linear probe (E.1), YOLOv3 detection (E.2), U-Net/SETR segmentation (E.3)")
     p.add_argument("--dataset", choices=DATASETS, required=True)
-    p.add_argument("--dataset_task", default="classification",
-                   help="the dataset's task name (synthetic_cxr also has classification_binary and "
-                        "classification_multiclass)")
+    p.add_argument("--dataset_task", default=None,
+                   help="the dataset's task name; default: the --task name (synthetic_cxr also has "
+                        "classification_binary, classification_multiclass and segmentation_opacity)")
     p.add_argument("--data_dir", default=None, help="raw dataset folder (not needed for synthetic_cxr)")
     p.add_argument("--cache_dir", default=None, help="where prepared datasets are cached")
     p.add_argument("--dataset_options", nargs="*", type=parse_option, default=[], metavar="KEY=VALUE",
@@ -111,11 +118,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="recompute training features every step with random crop + MoCo-v2 augmentation")
     cache.add_argument("--no_cache", action="store_true",
                        help="run the tower every step without augmentation (reference for the cached mode)")
-    p.add_argument("--max_epochs", type=int, default=100)
+    p.add_argument("--max_epochs", type=int, default=None, help="default per task: 100 / 50 / 50")
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
-    p.add_argument("--batch_size", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-6)
+    p.add_argument("--batch_size", type=int, default=None, help="default per task: 48 / 16 / 16")
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4 (AdamW)")
+    p.add_argument("--weight_decay", type=float, default=None,
+                   help="default per task: 1e-6 / 1e-6 / 0.05")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for image decoding")
     p.add_argument("--save_model", action="store_true",
                    help="also save each seed's best probe (tower + head) with save_pretrained")
@@ -129,16 +137,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.standardize_features and args.mode != "cached":
         p.error("--standardize_features needs the cached-features mode (no --augment / --no_cache)")
     args.dataset_options = dict(args.dataset_options)
+    if args.dataset_task is None:
+        args.dataset_task = args.task
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
 def check_task(args: argparse.Namespace) -> None:
-    if args.task != "classification":
+    if args.task not in IMPLEMENTED_TASKS:
         raise NotImplementedError(
-            f"--task {args.task} is not implemented in this release; only --task classification "
-            f"(the frozen-encoder linear probe) is available.")
-    if not args.dataset_task.startswith("classification"):
-        raise ValueError(f"--dataset_task {args.dataset_task!r} is not a classification task")
+            f"--task {args.task} is not implemented in this release; available: {', '.join(IMPLEMENTED_TASKS)}.")
+    if not args.dataset_task.startswith(args.task):
+        raise ValueError(f"--dataset_task {args.dataset_task!r} is not a {args.task} task")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,6 +520,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quiet:
         hf_logging.disable_progress_bar()
     try:
+        if args.task == "segmentation":
+            from downstream_segmentation import run_segmentation
+
+            return run_segmentation(args)
         return run_protocol(args)
     finally:
         if bars_enabled:

@@ -277,10 +277,21 @@ def test_data_pct_outside_unit_interval_is_refused(pct, capsys):
     assert "--data_pct" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["detection", "segmentation"])
-def test_detection_and_segmentation_are_not_in_this_release(task, tmp_path):
+def test_detection_is_not_in_this_release(tmp_path):
     with pytest.raises(NotImplementedError, match="not implemented in this release"):
-        td.main(["--task", task, "--dataset", "rsna", "--model", "m", "--output_dir", str(tmp_path)])
+        td.main(["--task", "detection", "--dataset", "rsna", "--model", "m", "--output_dir", str(tmp_path)])
+
+
+def test_task_defaults_follow_the_protocol():
+    args = td.parse_args(["--dataset", "chexpert", "--model", "m", "--output_dir", "o"])
+    assert (args.dataset_task, args.max_epochs, args.batch_size, args.lr, args.weight_decay) == \
+        ("classification", 100, 48, 5e-4, 1e-6)
+    args = td.parse_args(["--task", "segmentation", "--dataset", "siim", "--model", "m", "--output_dir", "o",
+                          "--weight_decay", "0.01"])
+    assert (args.dataset_task, args.max_epochs, args.batch_size, args.weight_decay) == ("segmentation", 50, 16, 0.01)
+    with pytest.raises(ValueError, match="not a classification task"):
+        td.check_task(td.parse_args(["--dataset", "rsna", "--dataset_task", "detection", "--model", "m",
+                                     "--output_dir", "o"]))
 
 
 # --------------------------------------------------------------------------------------------------

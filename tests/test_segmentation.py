@@ -197,15 +197,18 @@ def test_checkpoints_hold_decoder_buffers_not_the_tower(tmp_path):
 
 def test_run_segmentation_end_to_end(export_dir, tmp_path):
     output_dir = tmp_path / "out"
-    args = td.parse_args([
-        "--task", "segmentation", "--dataset", "synthetic_cxr", "--dataset_task", "segmentation",
-        "--cache_dir", str(tmp_path / "data"), "--model", export_dir, "--output_dir", str(output_dir),
-        "--dataset_options", "num_images=60", f"image_size={IMAGE_SIZE}", "--max_epochs", "2",
-        "--batch_size", "16", "--lr", "5e-4", "--weight_decay", "0.05", "--seeds", "0", "--quiet"])
-    results = run_segmentation(args)
+    argv = ["--task", "segmentation", "--dataset", "synthetic_cxr",
+            "--cache_dir", str(tmp_path / "data"), "--model", export_dir, "--output_dir", str(output_dir),
+            "--dataset_options", "num_images=60", f"image_size={IMAGE_SIZE}", "--max_epochs", "2",
+            "--seeds", "0", "--quiet"]
+    args = td.parse_args(argv)
+    # the E.3 protocol defaults come with --task segmentation
+    assert (args.dataset_task, args.batch_size, args.lr, args.weight_decay) == ("segmentation", 16, 5e-4, 0.05)
+    results = td.main(argv)         # train_downstream.py --task segmentation dispatches to run_segmentation
     with open(output_dir / "results.json") as f:
         written = json.load(f)
     assert written == json.loads(json.dumps(results))
+    assert written["hyperparameters"]["weight_decay"] == 0.05
     dice = written["seeds"]["0"]["test"]["dice"]
     assert 0.0 <= dice <= 1.0
     assert written["summary"]["dice"] == {"mean": dice, "std": 0.0, "n": 1}
