@@ -8,6 +8,7 @@ from .collator import CGNSPretrainingCollator
 from .configuration_cgns import CGNSConfig
 from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
 from .modeling_classification import CGNSForImageClassification
+from .modeling_detection import CGNSForObjectDetection
 from .modeling_segmentation import CGNSForSemanticSegmentation
 from .processing_cgns import CGNSImageProcessor, CGNSProcessor
 
@@ -16,4 +17,4 @@ AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
 __all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
            "CGNSPretrainingCollator", "CGNSForImageClassification",
-           "CGNSForSemanticSegmentation"]
+           "CGNSForSemanticSegmentation", "CGNSForObjectDetection"]
