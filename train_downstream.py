@@ -58,7 +58,7 @@ TASK_DEFAULTS = {
     "detection": {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6},
     "segmentation": {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05},
 }
-IMPLEMENTED_TASKS = ("classification", "segmentation")
+IMPLEMENTED_TASKS = TASKS
 SPLITS = ("train", "validation", "test")
 MODES = ("cached", "augment", "uncached")
 # The reference resizes the longest side to 256 before cropping 224 (E.1); other sizes keep the ratio.
@@ -524,6 +524,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             from downstream_segmentation import run_segmentation
 
             return run_segmentation(args)
+        if args.task == "detection":
+            from downstream_detection import run_detection
+
+            return run_detection(args)
         return run_protocol(args)
     finally:
         if bars_enabled:

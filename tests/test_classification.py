@@ -277,11 +277,6 @@ def test_data_pct_outside_unit_interval_is_refused(pct, capsys):
     assert "--data_pct" in capsys.readouterr().err
 
 
-def test_detection_is_not_in_this_release(tmp_path):
-    with pytest.raises(NotImplementedError, match="not implemented in this release"):
-        td.main(["--task", "detection", "--dataset", "rsna", "--model", "m", "--output_dir", str(tmp_path)])
-
-
 def test_task_defaults_follow_the_protocol():
     args = td.parse_args(["--dataset", "chexpert", "--model", "m", "--output_dir", "o"])
     assert (args.dataset_task, args.max_epochs, args.batch_size, args.lr, args.weight_decay) == \

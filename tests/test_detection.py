@@ -17,7 +17,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import train_downstream as td  # noqa: E402
-from downstream_detection import run_detection  # noqa: E402
 from modeling_cgns import CGNSForObjectDetection, CGNSModel  # noqa: E402
 from modeling_cgns.detection_metrics import (  # noqa: E402
     average_precision_per_threshold,
@@ -315,12 +314,13 @@ def test_map_matches_loop_oracle_on_random_data(seed):
 
 def test_run_detection_end_to_end_on_synthetic(export_dir, tmp_path):
     output_dir = tmp_path / "detection"
-    args = td.parse_args([
-        "--task", "detection", "--dataset", "synthetic_cxr", "--dataset_task", "detection",
-        "--cache_dir", str(tmp_path / "cache"), "--model", export_dir, "--output_dir", str(output_dir),
-        "--dataset_options", "num_images=60", f"image_size={IMAGE_SIZE}", "--max_epochs", "2", "--seeds", "0",
-        "--batch_size", "16", "--lr", "1e-3", "--quiet"])
-    results = run_detection(args)
+    argv = ["--task", "detection", "--dataset", "synthetic_cxr",
+            "--cache_dir", str(tmp_path / "cache"), "--model", export_dir, "--output_dir", str(output_dir),
+            "--dataset_options", "num_images=60", f"image_size={IMAGE_SIZE}", "--max_epochs", "2", "--seeds", "0",
+            "--lr", "1e-3", "--quiet"]
+    args = td.parse_args(argv)
+    assert (args.dataset_task, args.batch_size, args.weight_decay) == ("detection", 16, 1e-6)   # E.2 defaults
+    results = td.main(argv)          # train_downstream.py --task detection dispatches to run_detection
     with open(output_dir / "results.json") as f:
         saved = json.load(f)
     assert saved["summary"] == results["summary"]

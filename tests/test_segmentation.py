@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSemanticSegmentation  # noqa: E402
 
 import train_downstream as td  # noqa: E402
-from downstream_segmentation import SegmentationTrainer, run_segmentation  # noqa: E402
+from downstream_segmentation import SegmentationTrainer  # noqa: E402
 from modeling_cgns import CGNSForSemanticSegmentation, CGNSModel  # noqa: E402
 from modeling_cgns.modeling_segmentation import (  # noqa: E402
     dice_per_image,
