@@ -269,13 +269,14 @@ def main(argv=None) -> Dict:
                  f"mean ± std over seeds {args.seeds}.\n\n{table}\n\n")
         if ablation_table:
             fh.write(f"## Ablation\n\n{ablation_table}\n\n")
-        fh.write(f"Total time {elapsed / 60:.1f} min (pretraining {main_run['pretrain_seconds'] / 60:.1f} min). "
+        fh.write(f"Main pipeline {elapsed / 60:.1f} min (pretraining {main_run['pretrain_seconds'] / 60:.1f} min). "
                  f"Plots: results.png, loss_curves.png. Export: {main_run['export']}\n")
     banner("Results")
     print(table)
     if ablation_table:
         print("\nAblation\n" + ablation_table)
-    print(f"\ntotal {elapsed / 60:.1f} min; written {os.path.join(args.output_dir, 'results.md')} and results.png")
+    print(f"\ntotal {(time.time() - started) / 60:.1f} min; written {os.path.join(args.output_dir, 'results.md')} "
+          f"and results.png")
     return summary
 
 
