@@ -133,9 +133,9 @@ def auroc(result: Dict) -> Dict:
 # --------------------------------------------------------------------------------------------------
 
 def fmt(stat: Dict) -> str:
-    if stat["mean"] is None:
-        return "undefined"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    from train_downstream import format_mean_std
+
+    return format_mean_std(stat)
 
 
 def results_table(probes: Dict, fractions: List[float], retrieval: Dict) -> str:

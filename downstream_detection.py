@@ -195,25 +195,23 @@ def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader]
 # results
 # --------------------------------------------------------------------------------------------------
 
+RESULTS_HEADER = ("| model | init | dataset | task | labels | test mAP (mean ± std, %) | "
+                  "test mAP, MGCA quirks (%) | seeds |\n|---|---|---|---|---|---|---|---|\n")
+
+
 def markdown_row(results: Dict) -> str:
-    def score(key):
-        value = results["summary"][key]
-        if value["mean"] is None:
-            return "undefined"
-        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    from train_downstream import format_mean_std  # lazy: train_downstream imports this module
+
+    summary = results["summary"]
     return (f"| {results['model']} | {results['init']} | {results['dataset']} | {results['dataset_task']} | "
-            f"{100 * results['data_pct']:g} % | {score('map')} | {score('map_mgca')} | "
-            f"{len(results['seeds'])} |")
+            f"{100 * results['data_pct']:g} % | {format_mean_std(summary['map'])} | "
+            f"{format_mean_std(summary['map_mgca'])} | {len(results['seeds'])} |")
 
 
 def write_results(results: Dict, output_dir: str) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    header = ("| model | init | dataset | task | labels | test mAP (mean ± std, %) | "
-              "test mAP, MGCA quirks (%) | seeds |\n|---|---|---|---|---|---|---|---|\n")
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(header + markdown_row(results) + "\n")
+    from train_downstream import write_results as write_results_files
+
+    write_results_files(results, output_dir, header=RESULTS_HEADER, row=markdown_row(results))
 
 
 # --------------------------------------------------------------------------------------------------

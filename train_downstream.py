@@ -489,22 +489,29 @@ def summarise(per_seed: Dict[int, Dict], spec) -> Dict:
     return summary
 
 
+def format_mean_std(stat: Dict) -> str:
+    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"`` (percent); ``"undefined"`` when there is no mean."""
+    return "undefined" if stat["mean"] is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+RESULTS_HEADER = ("| model | init | dataset | task | labels | mode | metric | test (mean ± std, %) | seeds |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n")
+
+
 def markdown_row(results: Dict) -> str:
-    main = results["summary"][results["metric"]]
-    score = "undefined" if main["mean"] is None else f"{100 * main['mean']:.1f} ± {100 * main['std']:.1f}"
+    score = format_mean_std(results["summary"][results["metric"]])
     return (f"| {results['model']} | {results['init']} | {results['dataset']} | {results['dataset_task']} | "
             f"{100 * results['data_pct']:g} % | {results['mode']} | {results['metric']} | {score} | "
             f"{len(results['seeds'])} |")
 
 
-def write_results(results: Dict, output_dir: str) -> None:
+def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, row: Optional[str] = None) -> None:
+    """``results.json`` and a one-row ``results.md`` table (``row`` defaults to :func:`markdown_row`)."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    header = ("| model | init | dataset | task | labels | mode | metric | test (mean ± std, %) | seeds |\n"
-              "|---|---|---|---|---|---|---|---|---|\n")
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(header + markdown_row(results) + "\n")
+        f.write(header + (row if row is not None else markdown_row(results)) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +595,7 @@ if __name__ == "__main__":
     main()
 
 __all__ = [
-    "main", "run_protocol", "parse_args", "check_task", "load_data", "check_classification_data", "build_model",
+    "main", "run_protocol", "parse_args", "format_mean_std", "check_task", "load_data", "check_classification_data", "build_model",
     "load_image_processor", "build_datasets", "extract_features", "ImageDataset", "FeatureDataset",
     "moco_augmentation", "LinearProbeTrainer", "train_probe", "evaluate_probe", "summarise", "write_results",
 ]
