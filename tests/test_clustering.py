@@ -1,15 +1,12 @@
 """Cross-modal online k-means (ALGORITHM.md B.3 a-c, ARCHITECTURE.md section 4): known answers on
 constructed inputs, the state holder's life cycle (deferred initialisation, checkpoint round trip,
 eval mode, no gradient, dead clusters, diagnostics) and two real gloo processes."""
-import datetime
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_ranks
 
 from modeling_cgns.clustering import (
     CrossModalKMeans,
@@ -391,38 +388,13 @@ def _run_kmeans(module, stream, rank=0, world=1):
     return history
 
 
-START_METHOD = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _kmeans_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    # a short collective timeout turns a rank that skips a collective into an error instead of a hang
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        history = _run_kmeans(_kmeans_module(), _kmeans_stream(), rank, world)
-        torch.save(history, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _kmeans_on_rank(rank, world):
+    return _run_kmeans(_kmeans_module(), _kmeans_stream(), rank, world)
 
 
 @pytest.mark.distributed
 def test_two_process_kmeans_matches_single_process():
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        # fork: the children inherit the imported library instead of re-importing transformers (~10 s each)
-        mp.start_processes(_kmeans_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True,
-                           start_method=START_METHOD)
-        ranks = [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(2)]
+    ranks = run_on_ranks(_kmeans_on_rank, 2)
     single = _run_kmeans(_kmeans_module(), _kmeans_stream())
     assert [s["initialized"] for _, s in single] == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert sum(s["reassigned"] for _, s in single) > 0                     # the re-seeding path ran too

@@ -1,14 +1,11 @@
 """Cluster-guided local text loss L_lt (ALGORITHM.md B.3 b-f, ARCHITECTURE.md section 4) and the global
 InfoNCE across two gloo processes (B.1): hand-computed known answers, parity of the vectorised loss
 with a per-anchor loop oracle in value and gradient, and the DDP gradient convention."""
-import datetime
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import run_on_ranks
 
 from modeling_cgns.losses import (
     bidirectional_margin_loss,
@@ -236,28 +233,10 @@ def _global_loss_and_grads(image, text, scale):
     return (loss.detach(), *torch.autograd.grad(loss, (image, text, scale)), labels)
 
 
-START_METHOD = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _global_loss_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    # a short collective timeout turns a rank that skips a collective into an error instead of a hang
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        image, text = _global_inputs()
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        torch.save(_global_loss_and_grads(image[rows], text[rows], 10.0), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _global_loss_on_rank(rank, world):
+    image, text = _global_inputs()
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return _global_loss_and_grads(image[rows], text[rows], 10.0)
 
 
 @pytest.mark.distributed
@@ -272,13 +251,7 @@ def test_two_process_global_loss_matches_full_batch():
     d L / d s. Parameters upstream of the embeddings are likewise averaged by DDP, which turns the
     per-rank W * dL/dx_r into exactly the full-batch parameter gradient.
     """
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        # fork: the children inherit the imported library instead of re-importing transformers (~10 s each)
-        mp.start_processes(_global_loss_worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=True,
-                           start_method=START_METHOD)
-        ranks = [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(WORLD)]
+    ranks = run_on_ranks(_global_loss_on_rank, WORLD)
     image, text = _global_inputs()
     full_loss, full_image_grad, full_text_grad, full_scale_grad, full_labels = _global_loss_and_grads(
         image, text, 10.0)
