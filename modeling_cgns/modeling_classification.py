@@ -38,6 +38,12 @@ class FrozenVisionTowerMixin:
     :class:`CGNSPreTrainedModel`; the model must build ``self.vision_model`` in ``__init__``.
     """
 
+    # Everything of a CGNS export except the image tower (text tower, projections, decoder, k-means
+    # state) is expected to be left behind; only a missing tower is an error (see from_pretrained).
+    _keys_to_ignore_on_load_unexpected = [r"^(?!vision_model\.)"]
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+
     def freeze_vision_model(self) -> None:
         """No gradient and eval mode for the tower; only the head is trainable."""
         self.vision_model.requires_grad_(False)
@@ -123,12 +129,6 @@ class CGNSForImageClassification(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     the export's architecture, ``"imagenet"`` timm's ImageNet weights (needs the network).
     ``CGNSForImageClassification(config)`` builds a random tower from a :class:`CGNSConfig`.
     """
-
-    # Everything of a CGNS export except the image tower (text tower, projections, decoder, k-means
-    # state) is expected to be left behind; only a missing tower is an error (see from_pretrained).
-    _keys_to_ignore_on_load_unexpected = [r"^(?!vision_model\.)"]
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = False
 
     def __init__(self, config: CGNSConfig):
         super().__init__(config)

@@ -277,10 +277,6 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     branch 512 / 1024), scaled by C5 / 2048 otherwise (resnet18: 128 / 256).
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"^(?!vision_model\.)"]
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = False
-
     def __init__(self, config: CGNSConfig):
         super().__init__(config)
         if config.vision_kind != "grid":

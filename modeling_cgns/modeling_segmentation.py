@@ -178,11 +178,6 @@ class CGNSForSemanticSegmentation(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     ``CGNSForSemanticSegmentation(config)`` for a random tower. Only ``decoder`` and ``head`` train.
     """
 
-    # Everything of a CGNS export except the image tower is left behind (see FrozenVisionTowerMixin).
-    _keys_to_ignore_on_load_unexpected = [r"^(?!vision_model\.)"]
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = False
-
     def __init__(self, config: CGNSConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)
