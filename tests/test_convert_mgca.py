@@ -450,3 +450,108 @@ def test_tiny_linear_probe_runs_on_the_export(resnet18_export, tmp_path):
                        "image_size=64", "--batch_size", "16", "--quiet", "--seeds", "0", "--max_epochs", "2"])
     assert results["model"] == str(out) and results["summary"]["auroc"]["n"] == 1
     assert os.path.isfile(tmp_path / "probe" / "results.md")
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline sweep (downstream/baselines.py)
+# --------------------------------------------------------------------------------------------------
+
+def fake_results(command):
+    """What train_downstream writes, for the argument list of one baseline command."""
+    arg = {command[i]: command[i + 1] for i in range(2, len(command) - 1) if command[i].startswith("--")}
+    pct = float(arg["--data_pct"])
+    stat = {"mean": pct / 2 + 0.3, "std": 0.01, "n": 3}
+    if arg["--task"] == "detection":
+        return {"task": "detection", "metric": "map", "summary": {"map": {**stat, "mean": pct / 10},
+                                                                  "map_mgca": stat}}
+    metric = "accuracy" if arg["--dataset"] == "covidx" else "dice" if arg["--task"] == "segmentation" else "auroc"
+    return {"task": arg["--task"], "metric": metric, "summary": {metric: stat}}
+
+
+@pytest.fixture
+def fake_runner(monkeypatch):
+    from downstream import baselines
+
+    calls = []
+
+    def run_command(command, log_path):
+        calls.append(command)
+        out = command[command.index("--output_dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        if "--dataset" in command and command[command.index("--dataset") + 1] == "siim":
+            return 3  # a failing protocol: no results.json
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(fake_results(command), f)
+        return 0
+
+    monkeypatch.setattr(baselines, "run_command", run_command)
+    return calls
+
+
+def test_baseline_sweep_runs_every_cell_and_writes_one_row_per_table(fake_runner, resnet18_export, tmp_path):
+    from downstream import baselines
+
+    table = tmp_path / "baselines.md"
+    table.write_text(open(os.path.join(os.path.dirname(__file__), "..", "docs", "baselines.md")).read())
+    published = [line for line in table.read_text().splitlines() if "| published" in line]
+    export = str(resnet18_export[-1])
+    argv = ["--model", export, "--name", "converted", "--output_dir", str(tmp_path / "runs"), "--table", str(table),
+            "--seeds", "0", "1", "--data_dir", f"chexpert={tmp_path}", f"rsna={tmp_path}", f"siim={tmp_path}",
+            f"object_cxr={tmp_path}", "--train_args", "--num_workers 2"]
+    rows = baselines.main(argv)
+    assert len(fake_runner) == 3 * 6  # chexpert, rsna x3 protocols, siim, object_cxr; covidx has no data_dir
+    detection = next(c for c in fake_runner if "detection" in c and "object_cxr" in c and "0.01" in c)
+    assert detection[1:] == [baselines.TRAIN_SCRIPT, "--task", "detection", "--dataset", "object_cxr",
+                             "--dataset_task", "detection", "--data_dir", str(tmp_path), "--data_pct", "0.01",
+                             "--model", export, "--output_dir", str(tmp_path / "runs" / "detection-object_cxr-1pct"),
+                             "--seeds", "0", "1", "--quiet", "--num_workers", "2"]
+    classification = [c.strip() for c in rows["classification"].split("|")[1:-1]]
+    assert classification[0] == "converted" and classification[1].startswith("measured here")
+    assert classification[2:] == ["30.5 ± 1.0", "35.0 ± 1.0", "80.0 ± 1.0"] * 2 + ["not run"] * 3
+    dense = [c.strip() for c in rows["dense"].split("|")[1:-1]][2:]
+    assert all(c.startswith("failed (exit 3") for c in dense[:3])
+    assert dense[3:6] == ["30.5 ± 1.0", "35.0 ± 1.0", "80.0 ± 1.0"]
+    assert dense[6:9] == ["30.5 ± 1.0 [0.1 ± 1.0]", "35.0 ± 1.0 [1.0 ± 1.0]", "80.0 ± 1.0 [10.0 ± 1.0]"]
+    lines = table.read_text().splitlines()
+    for name, row in rows.items():
+        assert lines[lines.index(baselines.marker(name)) - 1] == row
+    assert [line for line in lines if "| published" in line] == published
+
+    # a second sweep reuses finished runs (only the failed ones rerun) and replaces the row
+    fake_runner.clear()
+    baselines.main(argv)
+    assert len(fake_runner) == 3 and all("siim" in c for c in fake_runner)
+    assert sum(line.startswith("| converted |") for line in table.read_text().splitlines()) == 2
+
+
+def test_baseline_sweep_marks_detection_na_for_vit_and_matches_train_downstream_format(fake_runner, vit_export,
+                                                                                        tmp_path):
+    import train_downstream as td
+    from downstream import baselines
+
+    rows = baselines.main(["--model", str(vit_export[-1]), "--output_dir", str(tmp_path / "runs"), "--table",
+                           str(tmp_path / "new.md"), "--data_dir", f"rsna={tmp_path}", "--tables", "dense"])
+    cells = [c.strip() for c in rows["dense"].split("|")[1:-1]]
+    assert cells[0] == "mgca-vit" and cells[8:14] == ["n/a (ResNet only)"] * 6
+    assert not any("detection" in c for c in fake_runner)
+    text = (tmp_path / "new.md").read_text()
+    assert baselines.table_header("dense") in text and baselines.marker("dense") in text
+    for stat in ({"mean": 0.8765, "std": 0.0123}, {"mean": None, "std": None}):
+        assert baselines.format_mean_std(stat) == td.format_mean_std(stat)
+
+
+@pytest.mark.slow
+def test_baseline_sweep_runs_train_downstream_as_a_subprocess(resnet18_export, tmp_path, monkeypatch):
+    """The real subprocess path, on the synthetic dataset instead of the seven clinical columns."""
+    from downstream import baselines
+
+    monkeypatch.setattr(baselines, "COLUMNS", (
+        baselines.Column("Synthetic", "classification", "synthetic_cxr", "classification", "classification"),))
+    monkeypatch.setattr(baselines, "PCTS", (1.0,))
+    rows = baselines.main(["--model", str(resnet18_export[-1]), "--output_dir", str(tmp_path / "runs"),
+                           "--table", str(tmp_path / "t.md"), "--tables", "classification", "--seeds", "0",
+                           "--data_dir", f"synthetic_cxr={tmp_path / 'raw'}", "--train_args",
+                           f"--cache_dir {tmp_path / 'cache'} --dataset_options num_images=40 image_size=64 "
+                           f"--max_epochs 1 --batch_size 16"])
+    results = json.loads((tmp_path / "runs" / "classification-synthetic_cxr-100pct" / "results.json").read_text())
+    assert rows["classification"].split("|")[3].strip() == baselines.format_cell(results)
