@@ -426,9 +426,9 @@ The MGCA repository ships no licence file: ask its authors before redistributing
 | image encoder | `img_encoder_q.model.*` | `vision_model` (timm `{arch}`{model_args}) | {vision_tensors} |
 | text encoder | `text_encoder_q.model.*` (self-attention stack) | `text_model` (BERT, {text_layers} layers) | {text_tensors} |
 
-Every image-encoder tensor was mapped and shape-checked; the converted image tower reproduces MGCA's
-feature map (tested to 1e-5). Image size {image_size} px, pixels normalised to [-1, 1] (mean = std = 0.5,
-as MGCA).
+Every image-encoder tensor was mapped and shape-checked (the converter is tested to reproduce the source
+tower's feature map to 1e-5 on checkpoints with MGCA's layout, `tests/test_convert_mgca.py`).
+Image size {image_size} px, pixels normalised to [-1, 1] (mean = std = 0.5, as MGCA).
 
 ## What was not converted
 
@@ -535,7 +535,8 @@ def convert_mgca_checkpoint(checkpoint_path: str, output_dir: str, text_config_p
         "unmapped_groups": group_unmapped(mapping["unmapped"], state_dict),
         "notes": notes,
         "mapped": mapping["mapped"],
-        "unmapped": {k: {"shape": list(state_dict[k].shape), "reason": r} for k, r in sorted(mapping["unmapped"].items())},
+        "unmapped": {k: {"shape": list(state_dict[k].shape), "reason": r}
+                     for k, r in sorted(mapping["unmapped"].items())},
     }
     with open(os.path.join(output_dir, "conversion_report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -571,7 +572,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="local BERT config / model folder (e.g. Bio_ClinicalBERT) for what shapes cannot tell "
                         "(heads, activation); default: inferred from the weights")
     p.add_argument("--tokenizer", default=None, help="local tokenizer folder to save with the export (a CGNSProcessor)")
-    p.add_argument("--image_size", type=int, default=None, help="ResNet input size (default 224; ViT: from the weights)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="ResNet input size (default 224; ViT: from the weights)")
     p.add_argument("--no_unmapped_weights", action="store_true",
                    help="do not save the unconverted MGCA tensors in unmapped_weights.safetensors (they stay listed)")
     return p.parse_args(argv)
