@@ -87,10 +87,14 @@ LIGHTNING_ATTRIBUTE_DICT_PATHS = (
     "lightning_fabric.utilities.data.AttributeDict",
     "lightning.fabric.utilities.data.AttributeDict",
 )
-# Beyond torch's own weights-only allowlist (tensors, storages, OrderedDict, plain Python values), a
-# Lightning checkpoint may pickle its hyper-parameters as an argparse Namespace or as Lightning's
-# AttributeDict (a dict with attribute access). Both are plain containers whose construction runs no user
-# code; the AttributeDict is rebuilt as a plain dict, so Lightning need not be installed.
+# A Lightning 1.5 checkpoint (MGCA pins pytorch-lightning 1.5.10) holds epoch, global_step,
+# pytorch-lightning_version, state_dict, loops, callbacks (keyed by state-key strings), optimizer_states,
+# lr_schedulers, hparams_name and hyper_parameters (dict(model.hparams)): tensors and plain values, all
+# within torch's own weights-only allowlist. Beyond it, hyper-parameters may be pickled as an argparse
+# Namespace or as Lightning's AttributeDict (a dict with attribute access), e.g. by other Lightning
+# versions. Both are plain containers whose construction runs no user code; the AttributeDict is rebuilt
+# as a plain dict, so Lightning need not be installed. Everything else is refused, including the callback
+# classes that Lightning < 1.5 used as dictionary keys (re-save such a checkpoint with Lightning first).
 SAFE_GLOBALS = [argparse.Namespace] + [(dict, path) for path in LIGHTNING_ATTRIBUTE_DICT_PATHS]
 
 
