@@ -38,7 +38,6 @@ import os
 import pickle
 import re
 import sys
-from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
