@@ -473,8 +473,8 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     [--seed S] [--force_prepare] [--option KEY=VALUE ...]`` plus the module's ``flags``. Prepares
     each task (default: all) with ``O`` as the cache dir, prints ``format_summary`` per task and
     writes the manifest to ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task
-    manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last. Returns an exit code
-    (2 when the folder is not the named dataset or an option is wrong).
+    manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last.
+    Returns an exit code (2 when the folder is not the named dataset or an option is wrong).
     """
     import argparse
     import sys
@@ -627,7 +627,8 @@ def _walk_stats(top: str, exclude: set) -> Iterable[Tuple[str, int, int]]:
             if (st.st_dev, st.st_ino) in seen_dirs:
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
-            entries = list(os.scandir(folder))
+            # sorted: which alias of a folder reachable twice is walked must not depend on disk order
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             yield folder, -1, -1  # unreadable folder: its state is part of the key as well
             continue
