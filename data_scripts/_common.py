@@ -11,15 +11,21 @@ One way to do each thing, used by every dataset module:
 * ``format_summary``: the one on-screen summary (rows per split, label balance, skipped / repaired);
 * ``run_cli``: the one CLI (``--data_dir --output_dir --task --data_pct --seed --option KEY=VALUE``
   plus dataset flags that map to load options);
+* input integrity, shared by every builder: ``input_fingerprint`` (what the Arrow cache is keyed
+  on), ``resolve_listed_path`` (paths read from list files never leave the data folder),
+  ``drop_cross_split_duplicates`` (an image in train and test stays in test only) and
+  ``decode_text`` (UTF-8, then the documented fallbacks, counted as repairs);
 * helpers: deterministic sampling, image validation and storage, CSV tables, sklearn-compatible and
   grouped hold-outs.
 """
+import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -73,6 +79,10 @@ class Manifest:
     repaired: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
     rows: Dict[str, int] = field(default_factory=dict)
     label_balance: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    # input units read (e.g. {"train.csv rows": 8000}): with ``rows`` and ``skipped`` every input is
+    # accounted for (docs/data_contract.md gives the identity per dataset)
+    inputs: Dict[str, int] = field(default_factory=dict)
+    fingerprint: Optional[str] = None
 
     def skip(self, reason: str, item: str) -> None:
         self.skipped[reason].append(str(item))
@@ -94,6 +104,8 @@ class Manifest:
             "skipped": {k: sorted(v) for k, v in sorted(self.skipped.items())},
             "repaired": {k: sorted(v) for k, v in sorted(self.repaired.items())},
             "label_balance": {k: dict(v) for k, v in self.label_balance.items()},
+            "inputs": dict(self.inputs),
+            "inputs_fingerprint": self.fingerprint,
         }
 
 
@@ -126,7 +138,8 @@ def read_manifest(directory: str) -> Optional[dict]:
 def merge_manifests(name: str, manifests: Dict[str, dict], task: str = "all") -> dict:
     """One manifest dict for several tasks: every per-split / per-reason key becomes ``task/key``."""
     out = {"dataset": name, "task": task}
-    for key in ("rows", "skipped_counts", "repaired_counts", "skipped", "repaired", "label_balance"):
+    for key in ("rows", "skipped_counts", "repaired_counts", "skipped", "repaired", "label_balance",
+                "inputs"):
         out[key] = {f"{t}/{k}": v for t, m in manifests.items() for k, v in m.get(key, {}).items()}
     return out
 
@@ -287,6 +300,8 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
     NEEDS_DATA_DIR = True
     EXTRA_FEATURES: Dict[str, object] = {}
     EXAMPLE_KEY = "image_id"
+    # options naming a file or folder that may lie outside data_dir: part of the input fingerprint
+    PATH_OPTIONS: Tuple[str, ...] = ()
     DEFAULT_WRITER_BATCH_SIZE = 64
     verbose = True
 
@@ -314,6 +329,7 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
     def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
         self.manifest = Manifest(self.NAME, self.config.name)
         super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        self.manifest.fingerprint = self.hash
         if "://" not in str(self._output_dir):
             write_manifest(self.manifest, self._output_dir)
         if self.verbose:
@@ -337,37 +353,85 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
                                           **{c: rec[c] for c in columns}}
 
 
+# BuilderConfig fields that are not user options (set by prepare_and_load itself)
+_RESERVED_CONFIG_FIELDS = ("name", "version", "data_dir", "data_files", "description")
+
+
+def config_options(builder_cls) -> List[str]:
+    """The option names a builder's config accepts (its dataclass fields and ``__init__`` keywords)."""
+    import dataclasses
+    import inspect
+
+    cfg = builder_cls.BUILDER_CONFIG_CLASS
+    names = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
+    names |= {p for p in inspect.signature(cfg.__init__).parameters if p not in ("self", "kwargs")}
+    return sorted(names - set(_RESERVED_CONFIG_FIELDS))
+
+
+def check_options(name: str, builder_cls, options: dict) -> None:
+    """``ValueError`` naming every unknown option and the known ones (a mistyped option is never ignored)."""
+    known = config_options(builder_cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; this dataset takes {known} "
+                         f"(and force_prepare, download_mode, verbose)")
+
+
 def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.0, seed: int = 0,
-                     cache_dir=None, download_mode=None, verbose: bool = True, **options):
+                     cache_dir=None, download_mode=None, verbose: bool = True, force_prepare: bool = False,
+                     config_id: Optional[str] = None, **options):
     """Instantiate ``builder_cls`` for ``task``, prepare it once (Arrow-cached), return a DatasetDict.
 
     ``options`` become attributes of the task's BuilderConfig (``None`` means "the default" and is
-    dropped; an unknown option is an error). The manifest the builder wrote beside its Arrow files
-    is copied to ``<cache_dir>/<name>/<task>/manifest.json`` on every call, cache hits included.
-    ``data_pct`` subsamples the train split only (``subsample_train``); ``verbose`` prints the
-    summary when the data is actually prepared.
+    dropped; an unknown option is a ``ValueError``). The cache is keyed on the options *and* on
+    ``input_fingerprint`` of ``data_dir`` (plus any folder or file a path option such as
+    ``reports_path`` names outside it): after files are repaired, added or removed the data is
+    prepared again. A reused preparation is announced on screen; ``force_prepare=True`` rebuilds
+    it regardless. The manifest the builder wrote beside its Arrow files is copied to
+    ``<cache_dir>/<name>/<task>/manifest.json`` on every call, cache hits included. ``data_pct``
+    subsamples the train split only (``subsample_train``); ``verbose`` prints the summary when the
+    data is actually prepared.
     """
     name = builder_cls.NAME
     if task not in builder_cls.TASKS:
         raise ValueError(f"{name} has no task {task!r}; it provides: {', '.join(builder_cls.TASKS)}")
     check_data_pct(data_pct)
+    options = {k: v for k, v in options.items() if v is not None}
+    check_options(name, builder_cls, options)
+    fingerprint = None
     if builder_cls.NEEDS_DATA_DIR:
         if data_dir is None:
             raise DatasetFormatError(f"{name}: data_dir is required (the folder with the published files)")
         data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
         if not os.path.isdir(data_dir):
             raise DatasetFormatError(f"{name}: data_dir {data_dir!r} is not a folder")
-    options = {k: v for k, v in options.items() if v is not None}
+        inputs = [data_dir] + [_option_path(data_dir, options[k]) for k in builder_cls.PATH_OPTIONS
+                               if isinstance(options.get(k), str)]
+        exclude = [cache_dir or datasets.config.HF_DATASETS_CACHE]
+        fingerprint = input_fingerprint(inputs, exclude=exclude)
     # dataset_name: datasets would otherwise name the cache folder after the builder's module, which
-    # is "__main__" under ``python -m data_scripts.<name>`` (the CLI's cache would never be reused)
+    # is "__main__" under ``python -m data_scripts.<name>`` (the CLI's cache would never be reused);
+    # hash: datasets puts it in the cache path, so changed inputs get a fresh preparation
     builder = builder_cls(config_name=task, data_dir=data_dir, cache_dir=cache_dir, dataset_name=name,
-                          **options)
+                          hash=fingerprint, config_id=config_id, **options)
     builder.verbose = verbose
+    if force_prepare:
+        download_mode = datasets.DownloadMode.FORCE_REDOWNLOAD
+    reused = os.path.isfile(os.path.join(builder.cache_dir, datasets.config.DATASET_INFO_FILENAME))
+    if reused and datasets.DownloadMode(download_mode or "reuse_dataset_if_exists") \
+            == datasets.DownloadMode.REUSE_DATASET_IF_EXISTS:
+        print(f"{name}/{task}: using the cached preparation in {builder.cache_dir} "
+              + ("(inputs unchanged since it was prepared; " if fingerprint else "(")
+              + "force_prepare=True or --force_prepare rebuilds it)", flush=True)
     builder.download_and_prepare(download_mode=download_mode)
     manifest = read_manifest(builder.cache_dir)
     if manifest is not None and "://" not in str(builder._cache_dir_root):
         write_manifest(manifest, manifest_dir(cache_dir or builder._cache_dir_root, name, task))
     return subsample_train(builder.as_dataset(), data_pct, seed)
+
+
+def _option_path(data_dir: str, value: str) -> str:
+    return os.path.abspath(value if os.path.isabs(value) else os.path.join(data_dir, value))
 
 
 def parse_option(text: str) -> Tuple[str, object]:
@@ -406,11 +470,11 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     """The CLI of every dataset module.
 
     ``python -m data_scripts.<name> --data_dir D --output_dir O [--task T ...] [--data_pct P]
-    [--seed S] [--option KEY=VALUE ...]`` plus the module's ``flags``. Prepares each task (default:
-    all) with ``O`` as the cache dir, prints ``format_summary`` per task and writes the manifest to
-    ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task manifests stay at
-    ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last. Returns an exit code
-    (2 when the folder is not the named dataset).
+    [--seed S] [--force_prepare] [--option KEY=VALUE ...]`` plus the module's ``flags``. Prepares
+    each task (default: all) with ``O`` as the cache dir, prints ``format_summary`` per task and
+    writes the manifest to ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task
+    manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last.
+    Returns an exit code (2 when the folder is not the named dataset or an option is wrong).
     """
     import argparse
     import sys
@@ -424,6 +488,8 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
                         help="task to prepare (repeatable); default: every task")
     parser.add_argument("--data_pct", type=float, default=1.0, help="fraction of train loaded (summary)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data_pct subsample")
+    parser.add_argument("--force_prepare", action="store_true",
+                        help="prepare again even when a cached preparation of the same inputs exists")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="builder option (value parsed as JSON when possible); repeatable")
     for f in flags:
@@ -439,8 +505,9 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     for task in selected:
         try:
             ds = load_fn(data_dir=args.data_dir, task=task, data_pct=args.data_pct, seed=args.seed,
-                         cache_dir=args.output_dir, verbose=False, **options)
-        except DatasetFormatError as exc:
+                         cache_dir=args.output_dir, verbose=False, force_prepare=args.force_prepare,
+                         **options)
+        except (DatasetFormatError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         manifests[task] = read_manifest(manifest_dir(args.output_dir, name, task)) or {}
@@ -542,6 +609,138 @@ def grouped_holdout(groups: Sequence[str], target: int, seed: int) -> set:
     if not chosen:
         chosen.add(names[order[0]])
     return chosen
+
+
+# ------------------------------------------------------------------------------------------------
+# Input integrity: cache fingerprint, listed paths, cross-split duplicates, text decoding
+# ------------------------------------------------------------------------------------------------
+
+def _walk_stats(top: str, exclude: set) -> Iterable[Tuple[str, int, int]]:
+    """``(path, size, mtime_ns)`` of every file under ``top`` (links followed, each folder once;
+    folders in ``exclude`` skipped)."""
+    seen_dirs = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            # sorted: which alias of a folder reachable twice is walked must not depend on disk order
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            yield folder, -1, -1  # unreadable folder: its state is part of the key as well
+            continue
+        for entry in entries:
+            path = entry.path
+            try:
+                if entry.is_dir():
+                    if path not in exclude:
+                        stack.append(path)
+                    continue
+                st = entry.stat()
+                yield path, st.st_size, st.st_mtime_ns
+            except OSError:  # a dangling link: counts as a listed name without content
+                yield path, -1, -1
+
+
+def input_fingerprint(paths: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """A short hash of the names, sizes and modification times of every file under ``paths``.
+
+    ``paths`` are files or folders (searched recursively; symbolic links are followed, so a data
+    folder assembled from links is fingerprinted by what the links point to). Subtrees in
+    ``exclude`` (the cache folder, when it lies inside the data folder) are left out. File
+    contents are never read: the cost is one ``stat`` per file. Any repaired, added, removed or
+    renamed file changes the result, which is what the Arrow cache is keyed on.
+    """
+    exclude = {os.path.abspath(e) for e in exclude if e}
+    digest = hashlib.sha256()
+    for top in paths:
+        top = os.path.abspath(top)
+        digest.update(f"root\0{top}\n".encode("utf-8", "surrogateescape"))
+        if os.path.isfile(top):
+            st = os.stat(top)
+            items = [(top, st.st_size, st.st_mtime_ns)]
+        else:
+            items = sorted(_walk_stats(top, exclude))
+        start = len(top) + 1  # paths below ``top`` are keyed relative to it
+        digest.update("".join(f"{path[start:]}\0{size}\0{mtime}\n" for path, size, mtime in items)
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+REASON_ABSOLUTE_PATH = "absolute path in list file"
+REASON_OUTSIDE_DATA_DIR = "path outside the data folder"
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def is_within(folder: str, path: str) -> bool:
+    """Whether ``path`` lies in ``folder`` after lexical normalisation (``..`` resolved, links not)."""
+    folder = os.path.normpath(os.path.abspath(folder))
+    path = os.path.normpath(os.path.abspath(path))
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def resolve_listed_path(data_dir: str, entry: str,
+                        candidates: Sequence[str]) -> Tuple[Optional[str], Optional[str]]:
+    """Where a path read from a CSV or list file may be opened, never outside ``data_dir``.
+
+    ``entry`` is the text of the list file; ``candidates`` are the locations the builder would try
+    for it (``entry`` joined to its possible base folders). An absolute ``entry`` (``/x``, ``~/x``,
+    ``C:\\x``, ``\\\\server\\x``) is refused with ``REASON_ABSOLUTE_PATH``; candidates that leave
+    ``data_dir`` (``../../elsewhere/scan.png``) are dropped, and when none is left the entry is
+    refused with ``REASON_OUTSIDE_DATA_DIR``. The check is lexical on purpose: links *inside*
+    the data folder are followed (a folder assembled from links is a normal setup), what a list
+    file names outside it is not. Returns ``(path, None)`` -- the first remaining candidate that
+    is a file, else the first remaining one -- or ``(None, reason)``.
+    """
+    text = entry.strip().replace("\\", "/")
+    if text.startswith(("/", "~")) or _DRIVE.match(text):
+        return None, REASON_ABSOLUTE_PATH
+    inside = [os.path.normpath(c) for c in candidates if is_within(data_dir, c)]
+    if not inside:
+        return None, REASON_OUTSIDE_DATA_DIR
+    return next((c for c in inside if os.path.isfile(c)), inside[0]), None
+
+
+REASON_CROSS_SPLIT = "cross-split duplicate (kept in test)"
+
+
+def drop_cross_split_duplicates(train: List[dict], test: List[dict], manifest: Manifest,
+                                keys: Callable[[dict], Iterable[str]],
+                                id_key: str = "image_id") -> List[dict]:
+    """``train`` without the records that are also in ``test``; each removal is skipped by reason.
+
+    ``keys(record)`` gives the identities of a record (e.g. its resolved real path and its listed
+    file name); a train record sharing any of them with a test record is the same image, which
+    would be scored on data it was trained on. Test lists are official and stay complete.
+    """
+    in_test = {k for r in test for k in keys(r)}
+    kept = []
+    for r in train:
+        if any(k in in_test for k in keys(r)):
+            manifest.skip(REASON_CROSS_SPLIT, r[id_key])
+        else:
+            kept.append(r)
+    return kept
+
+
+# Tried in order; latin-1 maps every byte, so decoding never fails and never drops a character.
+TEXT_ENCODINGS = ("utf-8", "cp1252", "latin-1")
+
+
+def decode_text(raw: bytes) -> Tuple[str, Optional[str]]:
+    """``(text, None)`` for UTF-8 bytes (a BOM is dropped), else ``(text, encoding)`` with the first
+    of ``TEXT_ENCODINGS`` that decodes them: Windows-1252, then Latin-1. The caller counts the
+    second case as a repair, so a report is never silently stripped of its accented words."""
+    for encoding in TEXT_ENCODINGS:
+        try:
+            text = raw.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+        except UnicodeDecodeError:
+            continue
+        return text, (None if encoding == "utf-8" else encoding)
+    raise AssertionError("latin-1 decodes any bytes")  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,6 +878,17 @@ __all__ = [
     "contract_features",
     "CGNSBuilder",
     "prepare_and_load",
+    "config_options",
+    "check_options",
+    "input_fingerprint",
+    "REASON_ABSOLUTE_PATH",
+    "REASON_OUTSIDE_DATA_DIR",
+    "is_within",
+    "resolve_listed_path",
+    "REASON_CROSS_SPLIT",
+    "drop_cross_split_duplicates",
+    "TEXT_ENCODINGS",
+    "decode_text",
     "parse_option",
     "CliFlag",
     "MAX_SIZE_FLAG",

@@ -18,7 +18,14 @@ Protocol:
 * a validation split of ``val_size`` images (default ``min(5000, 10 %)``) is taken from the rest
   by whole patients, so no patient is in both train and validation; membership is decided on
   patient ids / paths, never on positional labels (fixes G.2 item 21);
-* test = the official ``valid.csv`` (frontal), complete.
+* test = the official ``valid.csv`` (frontal), complete; an image listed in both ``train.csv`` and
+  ``valid.csv`` (same file, links resolved) is removed from train (``cross-split duplicate (kept in
+  test)``).
+
+A ``Path`` that is absolute or leads out of ``data_dir`` (``../../elsewhere/scan.png``) is never
+opened: ``absolute path in list file`` / ``path outside the data folder``. Accounting:
+``inputs["train.csv rows"]`` = train + validation rows + the skips of train rows, and
+``inputs["valid.csv rows"]`` = test rows + the skips of valid rows (``docs/data_contract.md``).
 """
 import os
 import re
@@ -34,10 +41,12 @@ from ._common import (
     DatasetFormatError,
     Manifest,
     TaskSpec,
+    drop_cross_split_duplicates,
     grouped_holdout,
     keep_valid_images,
     prepare_and_load,
     read_csv_table,
+    resolve_listed_path,
     run_cli,
     validate_image_files,
 )
@@ -134,15 +143,14 @@ def _read_list(path: str) -> pd.DataFrame:
     return read_csv_table(path, REQUIRED_COLUMNS, "CheXpert list", hint=" (+ other observations)")
 
 
-def _resolve(dataset_dir: str, rel: str) -> str:
+def _candidates(dataset_dir: str, rel: str) -> List[str]:
+    """Where a listed ``Path`` may be: beside the dataset folder (the published form, Path starting
+    with the folder's name), inside it, and inside it without the leading folder name."""
     parts = [p for p in rel.replace("\\", "/").split("/") if p]
     candidates = [os.path.join(os.path.dirname(dataset_dir), *parts), os.path.join(dataset_dir, *parts)]
-    if len(parts) > 1:
+    if len(parts) > 1 and parts[0] not in (".", ".."):  # only a folder name may be dropped
         candidates.append(os.path.join(dataset_dir, *parts[1:]))
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    return candidates[0]
+    return candidates
 
 
 def patient_id(path: str) -> str:
@@ -155,8 +163,10 @@ def patient_id(path: str) -> str:
 
 
 def _rows(df: pd.DataFrame, dataset_dir: str, policy: Dict[str, float], manifest: Manifest,
-          split: str) -> List[dict]:
-    """Frontal rows with parsed labels; bad rows go to the manifest."""
+          split: str, data_dir: Optional[str] = None) -> List[dict]:
+    """Frontal rows with parsed labels; bad rows (and Paths leading out of ``data_dir``) go to the
+    manifest."""
+    data_dir = data_dir or dataset_dir
     out, seen = [], set()
     cols = list(df.columns)
     idx = {c: cols.index(c) for c in REQUIRED_COLUMNS}
@@ -176,10 +186,19 @@ def _rows(df: pd.DataFrame, dataset_dir: str, policy: Dict[str, float], manifest
         if any(v is None for v in raw):
             manifest.skip(R_BAD_LABEL, rel)
             continue
+        path, refused = resolve_listed_path(data_dir, rel, _candidates(dataset_dir, rel))
+        if refused:
+            manifest.skip(refused, rel)
+            continue
         labels = [policy[t] if v == -1.0 else v for t, v in zip(COMPETITION_TASKS, raw)]
-        out.append({"image_id": rel, "image_path": _resolve(dataset_dir, rel), "raw": raw,
+        out.append({"image_id": rel, "image_path": path, "raw": raw,
                     "labels": labels, "patient": patient_id(rel)})
     return out
+
+
+def _identity(record: dict) -> Tuple[str]:
+    """The file a record reads, links resolved (the same image under two listed Paths matches)."""
+    return (os.path.normcase(os.path.realpath(record["image_path"])),)
 
 
 def select_5x200(rows: List[dict], per_task: int, seed: int) -> set:
@@ -217,12 +236,16 @@ def scan(data_dir: str, uncertainty_policy=None, val_size=None,
     dataset_dir = find_dataset_dir(data_dir)
     train_df = _read_list(os.path.join(dataset_dir, "train.csv"))
     test_df = _read_list(os.path.join(dataset_dir, "valid.csv"))
-    train_rows = _rows(train_df, dataset_dir, policy, manifest, "train")
-    test_rows = _rows(test_df, dataset_dir, policy, manifest, "valid")
+    manifest.inputs.update({"train.csv rows": len(train_df), "valid.csv rows": len(test_df)})
+    data_dir = os.path.abspath(data_dir)
+    train_rows = _rows(train_df, dataset_dir, policy, manifest, "train", data_dir)
+    test_rows = _rows(test_df, dataset_dir, policy, manifest, "valid", data_dir)
 
     checked = validate_image_files([r["image_path"] for r in train_rows + test_rows], num_workers)
     train_rows = keep_valid_images(train_rows, checked, manifest)
     test_rows = keep_valid_images(test_rows, checked, manifest)
+    # an image listed in both lists would be scored on data it was trained on: test keeps it
+    train_rows = drop_cross_split_duplicates(train_rows, test_rows, manifest, _identity)
     if not train_rows or not test_rows:
         raise DatasetFormatError(
             f"nothing usable remains in {dataset_dir}: {len(train_rows)} train / {len(test_rows)} valid rows "

@@ -9,7 +9,11 @@ are in ``train/`` and ``test/``.
 The later binary versions (``positive`` / ``negative``) are a different task: they raise
 ``DatasetFormatError`` instead of being guessed into three classes. The official train list is
 split 80/20 into train/validation by whole patients (seeded with ``split_seed``, deterministic);
-test is the official test list, complete.
+test is the official test list, complete. A file listed in both lists (same file name, or the same
+file) is removed from train (``cross-split duplicate (kept in test)``); a listed file name that is
+absolute or leads out of ``data_dir`` is never opened (``absolute path in list file`` / ``path outside
+the data folder``). Accounting: ``inputs["train list lines"]`` = train + validation rows + the skips
+of train lines; ``inputs["test list lines"]`` = test rows + the skips of test lines.
 """
 import glob
 import os
@@ -24,9 +28,11 @@ from ._common import (
     DatasetFormatError,
     Manifest,
     TaskSpec,
+    drop_cross_split_duplicates,
     grouped_holdout,
     keep_valid_images,
     prepare_and_load,
+    resolve_listed_path,
     run_cli,
     validate_image_files,
 )
@@ -63,14 +69,17 @@ def _is_binary(line: str) -> bool:
     return (len(tokens) >= 4 and tokens[-2] in _BINARY) or (len(tokens) >= 3 and tokens[-1] in _BINARY)
 
 
-def read_list(path: str, manifest: Manifest) -> List[Tuple[str, str, str]]:
-    """Parse one COVIDx list; raise ``DatasetFormatError`` for a binary or unknown layout."""
+def read_list(path: str, manifest: Manifest, split: Optional[str] = None) -> List[Tuple[str, str, str]]:
+    """Parse one COVIDx list; raise ``DatasetFormatError`` for a binary or unknown layout.
+
+    ``manifest.inputs["<split> list lines"]`` counts the non-empty lines read."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             lines = [ln.strip() for ln in f if ln.strip()]
     except OSError as exc:
         raise DatasetFormatError(f"cannot read COVIDx list {path}: {exc}") from exc
     name = os.path.basename(path)
+    manifest.inputs[f"{split or name} list lines"] = len(lines)
     if not lines:
         raise DatasetFormatError(f"COVIDx list {name} is empty")
     parsed = [parse_line(ln) for ln in lines]
@@ -128,11 +137,16 @@ def find_list(data_dir: str, split: str, explicit: Optional[str]) -> str:
     )
 
 
-def _image_path(data_dir: str, split: str, filename: str) -> str:
-    for candidate in (os.path.join(data_dir, split, filename), os.path.join(data_dir, filename)):
-        if os.path.isfile(candidate):
-            return candidate
-    return os.path.join(data_dir, split, filename)
+def _image_path(data_dir: str, split: str, filename: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(path, None)``: ``<split>/<filename>`` or ``<filename>`` in data_dir; ``(None, reason)``
+    when the listed name leads out of data_dir (``resolve_listed_path``)."""
+    return resolve_listed_path(data_dir, filename, [os.path.join(data_dir, split, filename),
+                                                    os.path.join(data_dir, filename)])
+
+
+def _identity(record: dict) -> Tuple[str, str]:
+    """A record's listed file name and its file (links resolved): either shared means the same image."""
+    return ("name:" + record["filename"], "file:" + os.path.normcase(os.path.realpath(record["image_path"])))
 
 
 def scan(data_dir: str, train_list: Optional[str] = None, test_list: Optional[str] = None,
@@ -148,9 +162,14 @@ def scan(data_dir: str, train_list: Optional[str] = None, test_list: Optional[st
              "test": find_list(data_dir, "test", test_list)}
     rows: Dict[str, List[dict]] = {}
     for split, path in lists.items():
-        rows[split] = [{"patient": pid, "image_id": f"{split}/{fn}",
-                        "image_path": _image_path(data_dir, split, fn), "labels": CLASS_NAMES.index(cls)}
-                       for pid, fn, cls in read_list(path, manifest)]
+        rows[split] = []
+        for pid, fn, cls in read_list(path, manifest, split):
+            image_path, refused = _image_path(data_dir, split, fn)
+            if refused:
+                manifest.skip(refused, f"{os.path.basename(path)}: {fn}")
+                continue
+            rows[split].append({"patient": pid, "image_id": f"{split}/{fn}", "filename": fn,
+                                "image_path": image_path, "labels": CLASS_NAMES.index(cls)})
     if not any(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "test")):
         raise DatasetFormatError(
             f"{data_dir} has no train/ or test/ image folder (COVIDx keeps images there)")
@@ -158,6 +177,8 @@ def scan(data_dir: str, train_list: Optional[str] = None, test_list: Optional[st
     checked = validate_image_files([r["image_path"] for rs in rows.values() for r in rs], num_workers)
     for split in rows:
         rows[split] = keep_valid_images(rows[split], checked, manifest)
+    # a file name in both lists is one image, which test would score after training on it
+    rows["train"] = drop_cross_split_duplicates(rows["train"], rows["test"], manifest, _identity)
     if len(rows["train"]) < 2 or not rows["test"]:
         raise DatasetFormatError(
             f"nothing usable remains in {data_dir}: {len(rows['train'])} train / "
@@ -198,6 +219,7 @@ class Covidx(CGNSBuilder):
     NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = CovidxConfig
+    PATH_OPTIONS = ("train_list", "test_list")
     BUILDER_CONFIGS = [CovidxConfig(name="classification", version=VERSION,
                                     description="normal / pneumonia / COVID-19")]
     DEFAULT_CONFIG_NAME = "classification"

@@ -13,12 +13,21 @@ Each report is cut into sections (D.1, ``extract_sections``); the text used is
 paragraph when it has neither section. Only frontal images (PA/AP) are kept; the official
 ``validate`` and ``test`` splits are merged into ``validation``. Unlike the reference, nothing
 depends on absolute paths (G.2 item 29): images are stored as bytes and the ids are kept as strings.
+Image paths are built from the digit-checked ids, never read from a file, so none can leave the
+data folder.
+
+Report bytes that are not UTF-8 are decoded as Windows-1252, else Latin-1 (``decode_text``; never
+a replacement character) and counted as repaired (``report not UTF-8 (decoded with fallback)``). An
+archive member that cannot be read (bad CRC, corrupt data) skips its study's images with
+``unreadable report (bad archive member)`` and the member's name and error. Accounting:
+``inputs["metadata rows"]`` = train + validation rows + skips.
 """
 import csv
 import gzip
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +40,7 @@ from ._common import (
     DatasetFormatError,
     Manifest,
     TaskSpec,
+    decode_text,
     keep_valid_images,
     prepare_and_load,
     run_cli,
@@ -57,6 +67,9 @@ R_MISSING_REPORT = "missing report"
 R_EMPTY_REPORT = "empty report"
 R_SECTIONLESS = "section-less report"
 R_NO_SENTENCES = "no usable sentences"
+R_UNREADABLE_REPORT = "unreadable report (bad archive member)"
+# A repair, once per report file: not UTF-8, decoded with the cp1252 / latin-1 fallback (decode_text).
+R_DECODED_REPORT = "report not UTF-8 (decoded with fallback)"
 
 # ------------------------------------------------------------------------------------------------
 # Report sectioning (D.1)
@@ -213,6 +226,7 @@ class _ReportSource:
         self._zip: Optional[zipfile.ZipFile] = None
         self.members: Dict[str, str] = {}
         self.duplicates: List[str] = []
+        self.decoded: List[str] = []  # members that were not UTF-8 (decoded with a fallback)
         if os.path.isfile(path):
             try:
                 self._zip = zipfile.ZipFile(path)
@@ -235,16 +249,25 @@ class _ReportSource:
                 continue
             self.members[study] = name
 
-    def read(self, study_id: str) -> Optional[str]:
+    def read(self, study_id: str) -> Tuple[Optional[str], Optional[str]]:
+        """``(text, None)``; ``(None, None)`` when there is no report; ``(None, why)`` when its
+        member or file cannot be read (bad CRC, corrupt compressed data, I/O error). Bytes that
+        are not UTF-8 are decoded with ``decode_text``'s fallbacks, counted in ``self.decoded``."""
         name = self.members.get(study_id)
         if name is None:
-            return None
-        if self._zip is not None:
-            raw = self._zip.read(name)
-        else:
-            with open(os.path.join(self.path, name), "rb") as f:
-                raw = f.read()
-        return raw.decode("utf-8", errors="replace")
+            return None, None
+        try:
+            if self._zip is not None:
+                raw = self._zip.read(name)
+            else:
+                with open(os.path.join(self.path, name), "rb") as f:
+                    raw = f.read()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+            return None, f"{name}: {type(exc).__name__}: {exc}"
+        text, encoding = decode_text(raw)
+        if encoding is not None:
+            self.decoded.append(f"{name} ({encoding})")
+        return text, None
 
     def close(self):
         if self._zip is not None:
@@ -323,9 +346,10 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
     if not reports.members:
         raise DatasetFormatError(f"no s<study_id>.txt reports found in {reports.path}")
 
+    manifest.inputs["metadata rows"] = len(meta)
     seen = set()
     candidates: List[dict] = []
-    report_cache: Dict[str, Tuple[Optional[str], Optional[List[str]], Optional[str]]] = {}
+    report_cache: Dict[str, Tuple[Optional[str], Optional[List[str]], Optional[str], Optional[str]]] = {}
     try:
         for row in meta:
             dicom = row["dicom_id"]
@@ -351,14 +375,15 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
                 manifest.skip(R_UNKNOWN_SPLIT, f"{dicom} ({split_of[dicom]})")
                 continue
             if study not in report_cache:
-                used, reason = report_to_text(reports.read(study))
+                text, unreadable = reports.read(study)
+                used, reason = (None, R_UNREADABLE_REPORT) if unreadable else report_to_text(text)
                 sentences = split_sentences(used) if used else []
                 if used and not is_usable_report(sentences):
                     used, reason = None, R_NO_SENTENCES
-                report_cache[study] = (used, sentences, reason)
-            used, sentences, reason = report_cache[study]
+                report_cache[study] = (used, sentences, reason, unreadable)
+            used, sentences, reason, detail = report_cache[study]
             if reason is not None:
-                manifest.skip(reason, dicom)
+                manifest.skip(reason, f"{dicom} ({detail})" if detail else dicom)
                 continue
             rel = _image_relpath(subject, study, dicom)
             candidates.append({"split": split, "image_path": os.path.join(data_dir, *rel.split("/")),
@@ -366,6 +391,8 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
                                "subject_id": subject, "dicom_id": dicom})
     finally:
         reports.close()
+    for name in reports.decoded:
+        manifest.repair(R_DECODED_REPORT, name)
 
     checked = validate_image_files([c["image_path"] for c in candidates], num_workers)
     splits: Dict[str, List[dict]] = {"train": [], "validation": []}
@@ -401,6 +428,7 @@ class MimicCxr(CGNSBuilder):
     NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = MimicCxrConfig
+    PATH_OPTIONS = ("reports_path",)
     BUILDER_CONFIGS = [MimicCxrConfig(name="pretraining", version=VERSION,
                                       description="frontal image + impression/findings sentences")]
     DEFAULT_CONFIG_NAME = "pretraining"

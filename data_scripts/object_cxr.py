@@ -23,11 +23,15 @@ test = ``dev.csv``. Images are stored as 8-bit grayscale PNG, downsized to ``max
 
 Bad input in ``manifest.json``: skipped images ``malformed_annotation:odd_coordinate_count``,
 ``...:unknown_type``, ``...:non_numeric``, ``...:too_few_points`` (an image with any malformed object
-is skipped whole, because keeping it would teach missing boxes as background), ``missing_image``,
-``unreadable_image``, ``duplicate_row`` (identical repeat), ``conflicting_duplicate`` (one name,
-different annotations: all its rows skipped), ``missing_image_name``; skipped boxes
-``box_outside_image``, ``box_nonpositive_size``; repaired ``box_clipped``, ``empty_object``
-(a stray ``;``).
+is skipped whole, because keeping it would teach missing boxes as background),
+``positive_without_usable_box`` (objects listed, none usable: every box outside the image or of
+non-positive size -- kept, it would be a positive stored as a negative), ``missing_image``,
+``unreadable_image``, ``absolute path in list file`` / ``path outside the data folder`` (an
+``image_name`` that names a file outside ``data_dir``; never opened); skipped rows ``duplicate_row``
+(identical repeat), ``conflicting_duplicate`` (one name, different annotations: every row of it),
+``missing_image_name``; skipped boxes ``box_outside_image``, ``box_nonpositive_size``; repaired
+``box_clipped``, ``empty_object`` (a stray ``;``). Accounting: for each CSV,
+``inputs["<csv> rows"]`` = its images in the splits + its row- and image-level skips.
 
 Polygon boxes need ``shapely`` (``shapely.ops.polylabel``), imported only when a polygon occurs.
 """
@@ -50,6 +54,7 @@ from ._common import (
     png_image,
     prepare_and_load,
     read_csv_table,
+    resolve_listed_path,
     run_cli,
     sklearn_holdout_split,
 )
@@ -156,33 +161,49 @@ class Item:
 
 
 def read_csv_rows(path: str, manifest: Manifest) -> "OrderedDict[str, str]":
-    """``train.csv``/``dev.csv`` -> image_name -> annotation (duplicates resolved and counted)."""
+    """``train.csv``/``dev.csv`` -> image_name -> annotation; every other row is skipped by reason.
+
+    One manifest entry per row left out: ``missing_image_name``, ``duplicate_row`` (an identical
+    repeat; the first row is used) and ``conflicting_duplicate`` (one name, different annotations:
+    every row of that name, since none can be trusted). ``manifest.inputs["<csv> rows"]`` counts
+    the rows read.
+    """
     df = read_csv_table(path, COLUMNS, "Object-CXR")
-    rows: "OrderedDict[str, str]" = OrderedDict()
-    conflicting = set()
+    csv_name = os.path.basename(path)
+    manifest.inputs[f"{csv_name} rows"] = len(df)
+    by_name: "OrderedDict[str, List[Tuple[int, str]]]" = OrderedDict()
     for i, (name, ann) in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
         name, ann = str(name).strip(), str(ann).strip()
         if not name:
-            manifest.skip("missing_image_name", f"{os.path.basename(path)} row {i + 2}")
-        elif name in rows and rows[name] == ann:
-            manifest.skip("duplicate_row", f"{os.path.basename(path)}: {name}")
-        elif name in rows:
-            conflicting.add(name)
+            manifest.skip("missing_image_name", f"{csv_name} row {i + 2}")
         else:
-            rows[name] = ann
-    for name in sorted(conflicting):
-        manifest.skip("conflicting_duplicate", f"{os.path.basename(path)}: {name}")
-        del rows[name]
+            by_name.setdefault(name, []).append((i + 2, ann))  # +2: header line, 1-based numbering
+    rows: "OrderedDict[str, str]" = OrderedDict()
+    for name, entries in by_name.items():
+        if len({ann for _, ann in entries}) > 1:
+            for line, _ in entries:
+                manifest.skip("conflicting_duplicate", f"{csv_name} row {line}: {name}")
+            continue
+        for line, _ in entries[1:]:
+            manifest.skip("duplicate_row", f"{csv_name} row {line}: {name}")
+        rows[name] = entries[0][1]
     return rows
 
 
-def collect_items(csv_path: str, image_dir: str, manifest: Manifest, polygon_mode: str = "square") -> List[Item]:
-    """Validate one CSV's images (present, readable header) and annotations; normalise the boxes."""
+def collect_items(csv_path: str, image_dir: str, manifest: Manifest, polygon_mode: str = "square",
+                  data_dir: Optional[str] = None) -> List[Item]:
+    """Validate one CSV's images (inside ``data_dir``, present, readable header) and annotations;
+    normalise the boxes. An image whose annotation lists objects none of which is usable is
+    skipped (``positive_without_usable_box``): kept, it would be a positive stored as a negative."""
     from PIL import Image
 
+    data_dir = data_dir or os.path.dirname(os.path.abspath(csv_path))
     items = []
     for name, ann in read_csv_rows(csv_path, manifest).items():
-        path = os.path.join(image_dir, name)
+        path, refused = resolve_listed_path(data_dir, name, [os.path.join(image_dir, name)])
+        if refused:
+            manifest.skip(refused, name)
+            continue
         if not os.path.isfile(path):
             manifest.skip("missing_image", name)
             continue
@@ -208,6 +229,9 @@ def collect_items(csv_path: str, image_dir: str, manifest: Manifest, polygon_mod
                 manifest.skip(status, f"{name} {tuple(round(v, 2) for v in b)}")
             if nb is not None:
                 boxes.append(nb)
+        if pixel_boxes and not boxes:
+            manifest.skip("positive_without_usable_box", name)
+            continue
         items.append(Item(name, path, boxes))
     return items
 
@@ -246,7 +270,7 @@ class ObjectCXR(CGNSBuilder):
             if not os.path.isdir(image_dir) or not os.listdir(image_dir):
                 raise DatasetFormatError(f"Object-CXR: expected images in {folder}/ under {data_dir!r}; "
                                          f"found: {found}")
-            sources[folder] = collect_items(csv_path, image_dir, self.manifest, cfg.polygon_box)
+            sources[folder] = collect_items(csv_path, image_dir, self.manifest, cfg.polygon_box, data_dir)
         if len(sources["train"]) < 2 or not sources["dev"]:
             raise DatasetFormatError(f"Object-CXR: too few usable images in {data_dir!r}: "
                                      f"{len(sources['train'])} from train.csv, {len(sources['dev'])} from dev.csv")

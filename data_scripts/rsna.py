@@ -33,8 +33,16 @@ Bad input is counted in ``manifest.json`` (never dropped silently):
   one -- the ground truth is ambiguous, so the patient is left out of every task),
   ``missing_image`` (no DICOM; checked before splitting), ``unreadable_dicom`` (found while
   generating; the patient drops out of its split);
+* skipped patients (detection/segmentation): ``positive_without_usable_box`` (Target 1, but every box
+  lies outside the image or has non-positive size: kept, it would be a positive stored as a
+  negative; classification keeps the patient, its label is sound);
+* skipped patients: ``absolute path in list file`` / ``path outside the data folder`` (a patientId that
+  is a path; DICOMs are only opened by name from the folder listing, so nothing outside is read);
 * skipped boxes (detection/segmentation): ``box_nonpositive_size``, ``box_outside_image``;
 * repaired boxes: ``box_clipped`` (partly outside the image, clipped to it).
+
+Accounting: ``inputs["rows"]`` = row-level skips + the rows of ``inputs["patients"]`` patients, and
+``inputs["patients"]`` = patients in the splits + patient-level skips.
 """
 import math
 import os
@@ -56,6 +64,7 @@ from ._common import (
     prepare_and_load,
     read_csv_table,
     resize_longest,
+    resolve_listed_path,
     run_cli,
     sklearn_holdout_split,
     sklearn_test_count,
@@ -144,6 +153,7 @@ def read_labels(data_dir: str, manifest: Manifest) -> "OrderedDict[str, Patient]
         found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
         raise DatasetFormatError(f"RSNA: expected {LABELS_CSV} in {data_dir!r}; found: {found}")
     df = read_csv_table(path, COLUMNS, "RSNA")
+    manifest.inputs["rows"] = len(df)
     rows: Dict[str, Dict] = OrderedDict()
     seen = set()
     for i, rec in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
@@ -176,6 +186,7 @@ def read_labels(data_dir: str, manifest: Manifest) -> "OrderedDict[str, Patient]
         if (t == 1.0) != (box is not None):
             p["mismatch"] = True
 
+    manifest.inputs["patients"] = len(rows)
     patients: "OrderedDict[str, Patient]" = OrderedDict()
     for pid, p in rows.items():
         if p["mismatch"]:
@@ -245,7 +256,10 @@ class RSNA(CGNSBuilder):
                                      f"found none")
         usable = []
         for pid in patients:
-            if pid in present:
+            _, refused = resolve_listed_path(data_dir, pid, [os.path.join(image_dir, pid + ".dcm")])
+            if refused:  # only names in the folder listing are ever opened; say why this one is not
+                self.manifest.skip(refused, pid)
+            elif pid in present:
                 usable.append(pid)
             else:
                 self.manifest.skip("missing_image", pid)
@@ -278,6 +292,9 @@ class RSNA(CGNSBuilder):
                         self.manifest.skip(status, f"{p.patient_id} {b}")
                     if nb is not None:
                         boxes.append(nb)
+                if p.boxes and not boxes:  # a positive stored as a negative would teach background
+                    self.manifest.skip("positive_without_usable_box", p.patient_id)
+                    continue
                 if task == "detection":
                     example["boxes"] = boxes
                 else:  # a PIL image: datasets stores it as PNG

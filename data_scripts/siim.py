@@ -23,7 +23,11 @@ Bad input in ``manifest.json``: skipped rows ``duplicate_row``, ``missing_image_
 images ``malformed_rle`` (odd count, non-integers, negative numbers, runs past the image end, empty
 value), ``missing_image``, ``unreadable_dicom``, ``train_negative_not_sampled`` (balancing);
 repaired ``negative_row_with_rle_rows`` (a ``-1`` row next to RLE rows: the RLE wins),
-``duplicate_dicom`` (several files with one ImageId: the first by path is used).
+``duplicate_dicom`` (several files with one ImageId: the first by path is used); skipped images
+``absolute path in list file`` / ``path outside the data folder`` (an ImageId that is a path: DICOMs are
+found by walking the folder, so nothing outside it is read). Accounting: ``inputs["rows"]`` =
+row-level skips + the rows of ``inputs["images"]`` ImageIds, and ``inputs["images"]`` = images in the
+splits + image-level skips.
 """
 import os
 from collections import OrderedDict
@@ -44,6 +48,7 @@ from ._common import (
     prepare_and_load,
     read_csv_table,
     resize_longest,
+    resolve_listed_path,
     run_cli,
     sklearn_holdout_split,
 )
@@ -119,6 +124,7 @@ def read_rle_csv(data_dir: str, manifest: Manifest) -> "OrderedDict[str, List[st
         found = sorted(os.listdir(data_dir))[:20] if os.path.isdir(data_dir) else "no such folder"
         raise DatasetFormatError(f"SIIM: expected {RLE_CSV} in {data_dir!r}; found: {found}")
     df = read_csv_table(path, COLUMNS, "SIIM", hint=" (header 'ImageId, EncodedPixels')")
+    manifest.inputs["rows"] = len(df)
     out: "OrderedDict[str, List[str]]" = OrderedDict()
     seen = set()
     for i, (image_id, rle) in enumerate(df[list(COLUMNS)].itertuples(index=False, name=None)):
@@ -175,8 +181,14 @@ def collect_items(data_dir: str, manifest: Manifest) -> List[Item]:
     paths = find_dicoms(data_dir, manifest)
     if not paths:
         raise DatasetFormatError(f"SIIM: expected DICOMs <ImageId>.dcm under {IMAGES_DIR}/ in {data_dir!r}; found none")
+    manifest.inputs["images"] = len(rows)
     items = []
     for image_id, values in rows.items():
+        listed = os.path.join(data_dir, IMAGES_DIR, image_id + ".dcm")
+        _, refused = resolve_listed_path(data_dir, image_id, [listed])
+        if refused:  # DICOMs are only found by walking the folder; say why this id is not used
+            manifest.skip(refused, image_id)
+            continue
         if image_id not in paths:
             manifest.skip("missing_image", image_id)
             continue

@@ -58,7 +58,7 @@ import numpy as np
 
 from modeling_cgns.sentences import report_text, split_sentences
 
-from ._common import CGNSBuilder, CliFlag, TaskSpec, prepare_and_load, run_cli
+from ._common import CGNSBuilder, CliFlag, TaskSpec, check_options, prepare_and_load, run_cli
 
 DATASET_NAME = "synthetic_cxr"
 
@@ -955,18 +955,22 @@ def _cache_root(cache_dir: Optional[str]) -> str:
 
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
          cache_dir: Optional[str] = None, num_images: int = 2000, image_size: int = 224,
-         generator_seed: int = 0, download_mode=None, verbose: bool = True, **_) -> "datasets.DatasetDict":
+         generator_seed: int = 0, download_mode=None, verbose: bool = True, force_prepare: bool = False,
+         **options) -> "datasets.DatasetDict":
     """Build (or reuse) the synthetic dataset for ``task`` and return its DatasetDict.
 
-    ``data_dir`` and unknown options are ignored (nothing is read). Data is cached under
-    ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes num_images /
-    image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
-    ``data_pct`` subsamples the train split only (``subsample_train(dd, data_pct, seed)``).
+    ``data_dir`` is ignored (nothing is read); any other option is an error, as for the real
+    builders (a mistyped ``num_image=50`` would otherwise silently give 2000 studies). Data is
+    cached under ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes
+    num_images / image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
+    ``force_prepare`` regenerates it. ``data_pct`` subsamples the train split only
+    (``subsample_train(dd, data_pct, seed)``).
     """
+    check_options(DATASET_NAME, SyntheticCXR, options)
     if task in TASKS and int(num_images) < 10:
         raise ValueError(f"num_images must be >= 10 (80/10/10 splits), got {num_images}")
     return prepare_and_load(SyntheticCXR, task, None, data_pct, seed, _cache_root(cache_dir),
-                            download_mode=download_mode, verbose=verbose,
+                            download_mode=download_mode, verbose=verbose, force_prepare=force_prepare,
                             config_id=_config_id(task, num_images, image_size, generator_seed),
                             num_images=int(num_images), image_size=int(image_size),
                             generator_seed=int(generator_seed))

@@ -218,4 +218,57 @@ def test_cli(built, tmp_path, capsys):
     assert "test: 4 rows" in text and "Pleural Effusion=" in text and "non-frontal view: 44" in text
     assert (out / "manifest.json").is_file()
 
+
+# ------------------------------------------------------------------------------------------------
+# Faults of issue 13: an image in both lists, Paths out of the data folder, every row accounted
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    """The miniature layout plus train rows that list a valid.csv image (directly and through a
+    link) and Paths naming a readable image outside the data folder."""
+    base = tmp_path_factory.mktemp("chexpert_faults")
+    parent = str(base / "data")
+    ds_dir, _ = make_chexpert(parent)
+    _jpg(str(base / "elsewhere" / "scan.jpg"))
+    valid_image = f"{FOLDER}/valid/patient64541/study1/view1_frontal.jpg"
+    link = f"{FOLDER}/train/patient00031/study1/view1_frontal.jpg"
+    os.makedirs(os.path.dirname(os.path.join(parent, link)))
+    os.symlink(os.path.join(parent, valid_image), os.path.join(parent, link))
+    with open(os.path.join(ds_dir, "train.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    extra = [_row(valid_image, MIXED), _row(link, MIXED), _row(f"{FOLDER}/../../elsewhere/scan.jpg", MIXED),
+             _row("../elsewhere/scan.jpg", MIXED), _row(str(base / "elsewhere" / "scan.jpg"), MIXED)]
+    _write(os.path.join(ds_dir, "train.csv"), rows + extra)
+    cache = str(base / "cache")
+    ds = chexpert.load(ds_dir, cache_dir=cache, holdout_per_task=1, val_size=8, verbose=False)
+    with open(os.path.join(cache, "chexpert", "classification", "manifest.json")) as f:
+        manifest = json.load(f)
+    return ds, manifest, valid_image, link
+
+
+def test_image_in_train_and_valid_lists_stays_in_test_only(faulty):
+    ds, manifest, valid_image, link = faulty
+    assert valid_image in ds["test"]["image_id"]
+    train_side = set(ds["train"]["image_id"]) | set(ds["validation"]["image_id"])
+    assert valid_image not in train_side and link not in train_side
+    assert sorted(manifest["skipped"]["cross-split duplicate (kept in test)"]) == sorted([valid_image, link])
+
+
+def test_paths_outside_data_folder_refused(faulty):
+    ds, manifest, _, _ = faulty
+    assert not any("elsewhere" in i for s in ds for i in ds[s]["image_id"])
+    assert sorted(manifest["skipped"]["path outside the data folder"]) == sorted(
+        [f"{FOLDER}/../../elsewhere/scan.jpg", "../elsewhere/scan.jpg"])
+    assert len(manifest["skipped"]["absolute path in list file"]) == 1
+
+
+def test_every_row_accounted(faulty):
+    ds, manifest, _, _ = faulty
+    # every CheXpert skip is one list row (held out: 5x200 included)
+    rows_in = manifest["inputs"]["train.csv rows"] + manifest["inputs"]["valid.csv rows"]
+    assert manifest["inputs"]["valid.csv rows"] == 8
+    assert rows_in == sum(len(ds[s]) for s in ds) + sum(manifest["skipped_counts"].values())
+
+
 __all__ = []

@@ -206,4 +206,52 @@ def test_grouped_holdout():
     assert 1 <= sum(g in chosen for g in groups) <= 4
     assert grouped_holdout(groups, 0, seed=0) == set()
 
+
+# ------------------------------------------------------------------------------------------------
+# Faults of issue 13: a file in both lists, names out of the data folder, every line accounted
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    base = tmp_path_factory.mktemp("covidx_faults")
+    root = str(base / "COVIDx")
+    make_covidx(root)
+    _png(str(base / "elsewhere" / "scan.png"), value=99)                 # readable, outside the folder
+    _png(os.path.join(root, "train", "t0.png"), value=0)                 # test image t0 copied into train/
+    extra = ["PAT500 t0.png normal sirm", "PAT501 ../../elsewhere/scan.png normal sirm",
+             f"PAT502 {base / 'elsewhere' / 'scan.png'} pneumonia sirm",
+             "PAT503 ../test/t1.png pneumonia sirm"]
+    with open(os.path.join(root, "train_COVIDx9A.txt"), "a") as f:
+        f.write("\n".join(extra) + "\n")
+    cache = str(base / "cache")
+    ds = covidx.load(root, cache_dir=cache, verbose=False)
+    with open(os.path.join(cache, "covidx", "classification", "manifest.json")) as f:
+        manifest = json.load(f)
+    return ds, manifest
+
+
+def test_file_in_both_lists_stays_in_test_only(faulty):
+    ds, manifest = faulty
+    train_side = set(ds["train"]["image_id"]) | set(ds["validation"]["image_id"])
+    assert "test/t0.png" in ds["test"]["image_id"] and "train/t0.png" not in train_side
+    # by name (t0.png) and by file (../test/t1.png is test/t1.png itself)
+    assert sorted(manifest["skipped"]["cross-split duplicate (kept in test)"]) == [
+        "train/../test/t1.png", "train/t0.png"]
+
+
+def test_listed_names_outside_data_folder_refused(faulty):
+    ds, manifest = faulty
+    assert not any("elsewhere" in i for s in ds for i in ds[s]["image_id"])
+    assert manifest["skipped"]["path outside the data folder"] == [
+        "train_COVIDx9A.txt: ../../elsewhere/scan.png"]
+    assert len(manifest["skipped"]["absolute path in list file"]) == 1
+
+
+def test_every_line_accounted(faulty):
+    ds, manifest = faulty
+    lines_in = manifest["inputs"]["train list lines"] + manifest["inputs"]["test list lines"]
+    assert manifest["inputs"] == {"train list lines": 33, "test list lines": 6}
+    assert lines_in == sum(len(ds[s]) for s in ds) + sum(manifest["skipped_counts"].values())
+
+
 __all__ = []

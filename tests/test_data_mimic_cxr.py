@@ -379,4 +379,82 @@ def test_cli(built, tmp_path, capsys):
     assert "missing report: 1" in text and "non-frontal view: 2" in text
     assert json.loads((out / "manifest.json").read_text())["skipped_counts"] == EXPECTED_SKIPS
 
+
+# ------------------------------------------------------------------------------------------------
+# Report bytes: non-UTF-8 text and a damaged archive member (issue 13)
+# ------------------------------------------------------------------------------------------------
+
+CP1252_REPORT = " FINDINGS: Café au lait spot over the left clavicle.\n \n IMPRESSION: No pneumothorax.\n"
+CRC_TEXT = " IMPRESSION: Stable right effusion. No new consolidation.\n"
+# (dicom, subject, study): d21 has a Windows-1252 report, d22 and d23 share a member with a bad CRC
+EXTRA_ROWS = [("d21", "10000012", "50000012"), ("d22", "10000013", "50000013"),
+              ("d23", "10000013", "50000013")]
+
+
+def make_faulty_mimic(root, bad_crc=True):
+    """The miniature tree plus a cp1252 report and (``bad_crc``) a stored zip member whose bytes no
+    longer match its CRC."""
+    make_mimic(root)
+    with open(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"), "a", newline="") as f:
+        for dicom, subject, study in EXTRA_ROWS:
+            csv.writer(f).writerow([dicom, subject, study, "CHEST", "PA", 1, 1, 1, 1, "", "", ""])
+    with open(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), "a", newline="") as f:
+        for dicom, subject, study in EXTRA_ROWS:
+            csv.writer(f).writerow([dicom, study, subject, "train"])
+    for k, (dicom, subject, study) in enumerate(EXTRA_ROWS):
+        path = os.path.join(root, "files", f"p{subject[:2]}", f"p{subject}", f"s{study}", f"{dicom}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("L", (28, 32), 30 + k).save(path, format="JPEG")
+    zpath = os.path.join(root, "mimic-cxr-reports.zip")
+    with zipfile.ZipFile(zpath, "a", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("mimic-cxr-reports/files/p10/p10000012/s50000012.txt", CP1252_REPORT.encode("cp1252"))
+        z.writestr("mimic-cxr-reports/files/p10/p10000013/s50000013.txt", CRC_TEXT.encode())
+    data = open(zpath, "rb").read()
+    assert data.count(b"Stable right") == 1
+    if bad_crc:
+        with open(zpath, "wb") as f:  # same length, different bytes: the stored CRC-32 no longer matches
+            f.write(data.replace(b"Stable right", b"Stable_right"))
+
+
+def _load_faulty(tmp_path_factory, bad_crc):
+    root = str(tmp_path_factory.mktemp("mimic_faults") / "mimic-cxr-jpg")
+    make_faulty_mimic(root, bad_crc)
+    cache = str(tmp_path_factory.mktemp("cache_faults"))
+    ds = mimic_cxr.load(root, cache_dir=cache, verbose=False)
+    with open(os.path.join(cache, "mimic_cxr", "pretraining", "manifest.json")) as f:
+        manifest = json.load(f)
+    return root, ds, manifest
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    return _load_faulty(tmp_path_factory, bad_crc=True)
+
+
+def test_non_utf8_report_decoded_with_fallback_and_counted(tmp_path_factory):
+    _, ds, manifest = _load_faulty(tmp_path_factory, bad_crc=False)
+    row = {r["dicom_id"]: r for r in ds["train"]}["d21"]
+    assert "Café au lait spot" in row["report"] and "\ufffd" not in row["report"]
+    # D.2 drops non-ASCII from the *sentences* on purpose; the stored report keeps every character
+    assert row["sentences"][-1] == "caf au lait spot over the left clavicle"
+    assert manifest["repaired_counts"]["report not UTF-8 (decoded with fallback)"] == 1
+    assert manifest["repaired"]["report not UTF-8 (decoded with fallback)"] == [
+        "mimic-cxr-reports/files/p10/p10000012/s50000012.txt (cp1252)"]
+
+
+def test_bad_crc_member_is_counted_not_raised(faulty):
+    _, ds, manifest = faulty
+    ids = set(ds["train"]["dicom_id"]) | set(ds["validation"]["dicom_id"])
+    assert {"d22", "d23"}.isdisjoint(ids) and "d21" in ids
+    bad = manifest["skipped"]["unreadable report (bad archive member)"]
+    assert len(bad) == 2 and all("s50000013.txt: BadZipFile" in b and "CRC" in b for b in bad)
+
+
+def test_every_metadata_row_accounted(faulty):
+    _, ds, manifest = faulty
+    rows_in = manifest["inputs"]["metadata rows"]
+    assert rows_in == len(ROWS) + len(EXTRA_ROWS)
+    assert rows_in == sum(len(ds[s]) for s in ds) + sum(manifest["skipped_counts"].values())
+
+
 __all__ = []

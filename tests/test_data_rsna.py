@@ -21,7 +21,7 @@ ROWS = [HEADER,
         "p01,8,12,16,24,1",                       # [0.125, 0.25, 0.375, 0.75]
         "p02,0,0,32,24,1", "p02,32,24,32,24,1",   # two boxes: two quarters
         "p03,48,36,32,24,1",                      # partly outside: clipped to [.75, .75, 1, 1]
-        "p04,100,10,10,10,1",                     # entirely outside: box skipped, label stays 1
+        "p04,100,10,10,10,1",                     # only box outside: label stays 1, no detection row
         "p05,4,4,0,8,1", "p05,4,4,8,8,1",         # non-positive width: that box skipped
         "p06,,,,,1",                              # Target 1 without a box -> patient skipped
         "p07,8,8,8,8,0",                          # Target 0 with a box -> patient skipped
@@ -114,11 +114,11 @@ def test_detection_boxes_and_repairs(rsna_dir, tmp_path):
     cache = str(tmp_path / "cache")
     dd = rsna.load(rsna_dir, "detection", cache_dir=cache)
     rows = {r["image_id"]: r for s in dd for r in dd[s]}
-    assert len(rows) == USABLE - 1
+    assert len(rows) == USABLE - 2  # p11 (truncated) and p04 (a positive without a usable box)
     np.testing.assert_allclose(rows["p01"]["boxes"], [[0.125, 0.25, 0.375, 0.75]])
     np.testing.assert_allclose(sorted(rows["p02"]["boxes"]), [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]])
     np.testing.assert_allclose(rows["p03"]["boxes"], [[0.75, 0.75, 1.0, 1.0]])
-    assert rows["p04"]["boxes"] == []
+    assert "p04" not in rows
     np.testing.assert_allclose(rows["p05"]["boxes"], [[4 / 64, 4 / 48, 12 / 64, 12 / 48]])
     np.testing.assert_allclose(rows["p12"]["boxes"], [[0.25, 0.25, 0.5, 0.5]])  # its own 32x32 size
     assert rows["p13"]["boxes"] == []
@@ -129,9 +129,10 @@ def test_detection_boxes_and_repairs(rsna_dir, tmp_path):
     m = _manifest(cache, "detection")
     assert m["skipped_counts"]["box_outside_image"] == 1
     assert m["skipped_counts"]["box_nonpositive_size"] == 1
+    assert m["skipped"]["positive_without_usable_box"] == ["p04"]
     assert m["repaired_counts"] == {"box_clipped": 1}
     assert [len(dd[s]) for s in ("train", "validation", "test")] == [
-        n - ("p11" in ids) for n, ids in zip((12, 5, 4), rsna.split_patients(
+        n - ("p11" in ids) - ("p04" in ids) for n, ids in zip((12, 5, 4), rsna.split_patients(
             [p for p in (f"p{i:02d}" for i in range(1, 25)) if p not in ("p06", "p07", "p10")],
             "detection").values())]
 
@@ -189,6 +190,58 @@ def test_cli_prints_summary(rsna_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "rsna/classification" in text and "target_box_mismatch: 2" in text and "positive=" in text
     assert (out / "rsna" / "classification" / "manifest.json").exists()
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults of issue 13: patient ids that are paths, every row and patient accounted
+# ------------------------------------------------------------------------------------------------
+
+ROW_REASONS = {"duplicate_row", "missing_patient_id", "bad_target", "malformed_box"}
+PATIENT_REASONS = {"target_box_mismatch", "missing_image", "unreadable_dicom", "positive_without_usable_box",
+                   "absolute path in list file", "path outside the data folder"}
+BOX_REASONS = {"box_nonpositive_size", "box_outside_image"}
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory, rsna_dir):
+    """The miniature layout plus patient ids naming DICOMs outside the data folder."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("rsna_faults")
+    root = base / "data"
+    shutil.copytree(rsna_dir, root)
+    (base / "elsewhere").mkdir()
+    pixels = np.full((H, W), 9, dtype=np.uint8)
+    write_dicom(base / "elsewhere" / "scan.dcm", pixels, "MONOCHROME2", 8)
+    extra = ["../../elsewhere/scan,,,,,0", f"{base / 'elsewhere' / 'scan'},8,8,8,8,1", ",,,,,0"]
+    (root / "stage_2_train_labels.csv").write_text("\n".join(ROWS + extra) + "\n")
+    return str(root), len(ROWS) - 1 + len(extra)
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_patient_ids_that_leave_the_folder_are_refused(faulty_dir, tmp_path, task):
+    root, _ = faulty_dir
+    cache = str(tmp_path / "c")
+    dd = rsna.load(root, task, cache_dir=cache, verbose=False)
+    assert not any("elsewhere" in i for s in dd for i in dd[s]["image_id"])
+    m = _manifest(cache, task)
+    assert m["skipped"]["path outside the data folder"] == ["../../elsewhere/scan"]
+    assert len(m["skipped"]["absolute path in list file"]) == 1
+
+
+@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
+def test_every_row_and_patient_accounted(faulty_dir, tmp_path, task):
+    root, n_rows = faulty_dir
+    cache = str(tmp_path / "c")
+    dd = rsna.load(root, task, cache_dir=cache, verbose=False)
+    m = _manifest(cache, task)
+    assert set(m["skipped_counts"]) <= ROW_REASONS | PATIENT_REASONS | BOX_REASONS
+    row_skips = sum(v for k, v in m["skipped_counts"].items() if k in ROW_REASONS)
+    # two kept rows are second boxes of a patient (p02, p05): rows = row skips + patients + 2
+    assert m["inputs"]["rows"] == n_rows == row_skips + m["inputs"]["patients"] + 2
+    patient_skips = sum(v for k, v in m["skipped_counts"].items() if k in PATIENT_REASONS)
+    assert m["inputs"]["patients"] == sum(len(dd[s]) for s in dd) + patient_skips
 
 
 __all__ = []

@@ -180,4 +180,53 @@ def test_cli(siim_dir, tmp_path, capsys):
     assert "siim/segmentation" in out and "malformed_rle: 3" in out and "positive=" in out
 
 
+
+# ------------------------------------------------------------------------------------------------
+# Faults of issue 13: ImageIds that are paths, every row and image accounted
+# ------------------------------------------------------------------------------------------------
+
+ROW_REASONS = {"duplicate_row", "missing_image_id"}
+IMAGE_REASONS = {"missing_image", "unreadable_dicom", "malformed_rle", "train_negative_not_sampled",
+                 "absolute path in list file", "path outside the data folder"}
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory, siim_dir):
+    import shutil
+
+    base = tmp_path_factory.mktemp("siim_faults")
+    root = base / "data"
+    shutil.copytree(siim_dir, root)
+    (base / "elsewhere").mkdir()
+    write_dicom(base / "elsewhere" / "scan.dcm", np.zeros((S, S), np.uint16), "MONOCHROME2", 12)
+    extra = ["../../elsewhere/scan, -1", f"{base / 'elsewhere' / 'scan'}, 1 2", ", -1"]
+    with open(root / "train-rle.csv", "a") as f:
+        f.write("\n".join(extra) + "\n")
+    n_rows = len((root / "train-rle.csv").read_text().strip().splitlines()) - 1
+    return str(root), n_rows
+
+
+def test_image_ids_that_leave_the_folder_are_refused(faulty_dir, tmp_path):
+    root, _ = faulty_dir
+    cache = str(tmp_path / "c")
+    dd = siim.load(root, cache_dir=cache, verbose=False)
+    assert not any("elsewhere" in i for s in dd for i in dd[s]["image_id"])
+    m = _manifest(cache)
+    assert m["skipped"]["path outside the data folder"] == ["../../elsewhere/scan"]
+    assert len(m["skipped"]["absolute path in list file"]) == 1
+
+
+def test_every_row_and_image_accounted(faulty_dir, tmp_path):
+    root, n_rows = faulty_dir
+    cache = str(tmp_path / "c")
+    dd = siim.load(root, cache_dir=cache, verbose=False)
+    m = _manifest(cache)
+    assert set(m["skipped_counts"]) <= ROW_REASONS | IMAGE_REASONS
+    row_skips = sum(v for k, v in m["skipped_counts"].items() if k in ROW_REASONS)
+    # pos_two has two RLE rows: rows = row skips + images + 1
+    assert m["inputs"]["rows"] == n_rows == row_skips + m["inputs"]["images"] + 1
+    image_skips = sum(v for k, v in m["skipped_counts"].items() if k in IMAGE_REASONS)
+    assert m["inputs"]["images"] == sum(len(dd[s]) for s in dd) + image_skips
+
+
 __all__ = []

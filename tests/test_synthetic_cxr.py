@@ -287,4 +287,13 @@ def test_cli(tmp_path, capsys):
     assert len(pngs) == 3
 
 
+def test_mistyped_option_is_rejected(tmp_path, capsys):
+    # like the real builders: a typo must not silently give the default 2000 studies
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_image'\].*num_images"):
+        load_cgns_dataset("synthetic_cxr", task="classification", cache_dir=str(tmp_path), num_image=20)
+    assert not os.path.exists(tmp_path / "synthetic_cxr")  # nothing was generated
+    rc = sc.main(["--output_dir", str(tmp_path / "out"), "--num_images", "20", "--option", "imagesize=64"])
+    assert rc == 2 and "unknown option(s) ['imagesize']" in capsys.readouterr().err
+
+
 __all__ = []
