@@ -98,6 +98,9 @@ class ModelArguments:
     head_init: Optional[str] = field(default=None, metadata={"help": "pytorch | normal"})
     logit_scale_max: Optional[float] = field(default=None, metadata={
         "help": "cap of exp(logit_scale); Infinity = no cap (reference)"})
+    logit_scale_init_value: Optional[float] = None
+    bml_alpha: Optional[float] = None
+    bml_beta: Optional[float] = None
 
     def config_kwargs(self) -> Dict[str, Any]:
         """The CGNSConfig keyword arguments that were set."""
