@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gloo import run_on_ranks
+
 from modeling_cgns import CGNSConfig, CGNSModel, losses
 from modeling_cgns.clustering import CrossModalKMeans, greedy_chain_init
 from modeling_cgns.configuration_cgns import REFERENCE_SETTINGS
@@ -120,6 +122,33 @@ def test_non_finite_features_skip_the_update_and_are_counted():
     stats = module.update(bad, bad)
     assert stats["skipped_nonfinite"] == 1.0 and torch.equal(module.centroid_vectors, before)
     assert int(module.num_updates) == 1
+
+
+def _before_loss_on_rank(rank, world):
+    """Two training forwards of the same tiny model on this rank's half of each batch: the first
+    initialises the centroids from the global batch, the second updates them (all inside forward)."""
+    torch.manual_seed(0)
+    model = CGNSModel(tiny_config(cluster_init_threshold=1.0, cluster_momentum=0.3)).train()
+    history = []
+    for seed in (0, 1):
+        batch = tiny_batch(batch=4, seed=seed)
+        mine = {k: v[2 * rank: 2 * rank + 2] for k, v in batch.items()}
+        out = model(**mine)
+        history.append({"text": out.text_sentence_features.detach(), "cross": out.cross_sentence_features.detach(),
+                        "centroids": model.clustering.centroid_vectors.clone()})
+    return history
+
+
+@pytest.mark.distributed
+def test_two_process_update_inside_forward_matches_one_process_on_the_global_batch():
+    ranks = run_on_ranks(_before_loss_on_rank, 2)
+    oracle = CrossModalKMeans(4, 32, init_threshold=1.0, momentum=0.3)
+    for step in range(2):
+        assert torch.equal(ranks[0][step]["centroids"], ranks[1][step]["centroids"]), step
+        text = torch.cat([r[step]["text"] for r in ranks])
+        cross = torch.cat([r[step]["cross"] for r in ranks])
+        oracle.update(text, cross)
+        torch.testing.assert_close(ranks[0][step]["centroids"], oracle.centroid_vectors, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
