@@ -332,11 +332,13 @@ class StageSwitchCallback(Callback):
 
 
 class ClusterReassignmentCallback(Callback):
-    """Online cross-modal k-means after each optimiser step (B.3, ARCHITECTURE 4).
+    """After each optimiser step: ``model.after_optimizer_step`` (B.3, ARCHITECTURE 4).
 
-    Feeds every micro-batch's (text, cross-modal) sentence features to ``model.clustering.update``
-    (which all-reduces so every rank holds the same centroids) and every ``reassign_every`` steps
-    re-seeds dead centroids. Publishes the clustering diagnostics to ``run.step_logs``.
+    That clamps the logit scale in place, applies the k-means updates of the step's micro-batches when
+    ``cluster_update_timing="after_step"`` (with the default "before_loss" the forward already did them,
+    one per micro-batch) and, every ``reassign_every`` steps, re-seeds dead centroids. Every rank runs
+    it (the updates all-reduce, so all ranks hold the same centroids). Publishes the clustering
+    diagnostics to ``run.step_logs``.
     """
 
     def __init__(self, reassign_every: int):
@@ -345,17 +347,14 @@ class ClusterReassignmentCallback(Callback):
 
     def on_step_end(self, run: PretrainingRun, micro_batches: List[Dict[str, torch.Tensor]]) -> None:
         model = run.unwrapped_model
+        reassign = self.reassign_every > 0 and run.progress.global_step % self.reassign_every == 0
+        stats = model.after_optimizer_step(reassign_dead=reassign)
         if not model.config.use_clustering:
             return
-        stats: Dict[str, float] = {}
-        for features in micro_batches:
-            stats = model.clustering.update(features["text_sentence_features"],
-                                            features["cross_sentence_features"])
-        if self.reassign_every > 0 and run.progress.global_step % self.reassign_every == 0:
-            reassigned = model.clustering.reassign_dead()
-            self.reassigned_total += reassigned
-            if reassigned:
-                logger.info(f"step {run.progress.global_step}: re-seeded {reassigned} dead cluster(s)")
+        reassigned = int(stats.pop("reassigned", 0))
+        self.reassigned_total += reassigned
+        if reassigned:
+            logger.info(f"step {run.progress.global_step}: re-seeded {reassigned} dead cluster(s)")
         stats["reassigned_total"] = float(self.reassigned_total)
         run.step_logs.update({f"cluster/{name}": float(value) for name, value in stats.items()})
 

@@ -92,6 +92,15 @@ class ModelArguments:
     local_image_loss_weight: Optional[float] = None
     local_text_loss_weight: Optional[float] = None
     bml_weight: Optional[float] = None
+    cluster_update_timing: Optional[str] = field(default=None, metadata={"help": "before_loss | after_step"})
+    cluster_init_source: Optional[str] = field(default=None, metadata={"help": "batch | queue"})
+    decoder_align_corners: Optional[bool] = None
+    head_init: Optional[str] = field(default=None, metadata={"help": "pytorch | normal"})
+    logit_scale_max: Optional[float] = field(default=None, metadata={
+        "help": "cap of exp(logit_scale); Infinity = no cap (reference)"})
+    logit_scale_init_value: Optional[float] = None
+    bml_alpha: Optional[float] = None
+    bml_beta: Optional[float] = None
 
     def config_kwargs(self) -> Dict[str, Any]:
         """The CGNSConfig keyword arguments that were set."""

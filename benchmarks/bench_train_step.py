@@ -5,7 +5,8 @@ BERT-base-sized ``BertConfig()`` (12 layers, hidden 768, 256 word pieces). Varia
 
 * ``cgns_stage1``: CGNSModel forward (global InfoNCE + local SimSiam + cluster-guided text loss, with
   initialised k-means so the hard-negative path runs), backward, Adam step over the stage-1
-  parameters, then the k-means update — everything ``train_pretrain.py`` does per step;
+  parameters, then ``after_optimizer_step`` — everything ``train_pretrain.py`` does per step (the
+  k-means update runs inside the forward, before the loss, as in the reference);
 * ``cgns_stage2``: the same plus the CM-MIR masking, decoder and reconstruction loss, Adam over all;
 * ``clip``: the global-only peer on the same two towers — the same attention-pooled image vector
   and the report's [CLS] vector, one linear projection each, ``open_clip.loss.ClipLoss``, Adam.
@@ -131,7 +132,7 @@ def run_variant(variant: str, device_name: str, batch_size: int, warmup: int, re
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if variant != "clip":
-            model.clustering.update(out.text_sentence_features, out.cross_sentence_features)
+            model.after_optimizer_step()       # the k-means update itself ran inside forward (before_loss)
         if cuda:
             torch.cuda.synchronize()
         return float(loss.detach())

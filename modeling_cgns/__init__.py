@@ -11,10 +11,11 @@ from .modeling_classification import CGNSForImageClassification
 from .modeling_detection import CGNSForObjectDetection
 from .modeling_segmentation import CGNSForSemanticSegmentation
 from .processing_cgns import CGNSImageProcessor, CGNSProcessor
+from .trainer_callbacks import CGNSClusterCallback
 
 AutoConfig.register("cgns", CGNSConfig, exist_ok=True)
 AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
 __all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
            "CGNSPretrainingCollator", "CGNSForImageClassification",
-           "CGNSForSemanticSegmentation", "CGNSForObjectDetection"]
+           "CGNSForSemanticSegmentation", "CGNSForObjectDetection", "CGNSClusterCallback"]

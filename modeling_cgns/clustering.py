@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import distributed
 
+INIT_SOURCES = ("batch", "queue")
 
 # --------------------------------------------------------------------------------------------------
 # pure steps
@@ -97,21 +98,30 @@ def assignment_entropy(counts: torch.Tensor) -> float:
 class CrossModalKMeans(nn.Module):
     """Online k-means state over cross-modal sentence features, kept in buffers.
 
-    * ``update(text_features, cross_features)`` — call after each optimiser step in training. Before
-      initialisation it feeds a queue of recent cross-modal features and initialises the
-      centroids once the mean text/cross-modal cosine is at most ``init_threshold`` *and* at least
-      K features are queued (so small batches never crash, G.5). Afterwards it assigns the
-      features and applies the momentum update from per-cluster sums and counts all-reduced over
-      processes, so every rank holds identical centroids. No-op (returns stats only) in eval mode.
+    * ``update(text_features, cross_features)`` — one online k-means step in training (the model calls it
+      inside its forward, before the loss, or the training loop after the optimiser step; see
+      ``CGNSConfig.cluster_update_timing``). Every call feeds a queue of recent cross-modal features.
+      Before initialisation it initialises the centroids once the mean text/cross-modal cosine is at
+      most ``init_threshold``: from exactly this call's (global) batch when it holds at least K
+      features (``init_source="batch"``, the reference), otherwise — or always with
+      ``init_source="queue"`` — from the queue once it holds K (so small batches never crash, G.5).
+      Afterwards it assigns the features and applies the momentum update from per-cluster sums and
+      counts all-reduced over processes, so every rank holds identical centroids. No-op (returns stats
+      only) in eval mode, and for a batch with a non-finite feature (counted in ``skipped_nonfinite``).
     * ``reassign_dead()`` — re-seeds centroids without members for ``dead_patience`` updates from
       queued features (``dead_patience = 0`` disables it, the reference behaviour).
     * ``centroids`` is read by the cluster-guided text loss; ``None`` until initialised.
     """
 
     def __init__(self, num_clusters: int, dim: int, init_threshold: float = 0.4, momentum: float = 0.001,
-                 queue_size: Optional[int] = None, dead_patience: int = 0, seed: int = 0):
+                 queue_size: Optional[int] = None, dead_patience: int = 0, seed: int = 0, init_source: str = "batch"):
         super().__init__()
+        if init_source not in INIT_SOURCES:
+            raise ValueError(f"init_source must be one of {INIT_SOURCES}, got {init_source!r}")
         self.num_clusters = num_clusters
+        self.init_source = init_source
+        self.skipped_nonfinite = 0           # batches left out because a feature was NaN/inf (not saved)
+        self.last_stats: Dict[str, float] = {}   # diagnostics of the latest update (read by the callbacks)
         self.init_threshold = init_threshold
         self.momentum = momentum
         self.dead_patience = dead_patience
@@ -158,11 +168,20 @@ class CrossModalKMeans(nn.Module):
         # B.3 step 1 trigger: mean of cos(z1_i, z2_j) over all N^2 pairs of the global batch (every rank's
         # rows, cross-rank pairs included). For unit rows sum_ij z1_i.z2_j = (sum_i z1_i).(sum_j z2_j), so
         # all-reducing the two column sums gives the exact global mean, as on one process, in O(N D).
+        # The last entry counts non-finite rows on every rank, so all ranks skip a bad batch together.
+        nonfinite = (~torch.isfinite(text_features).all(dim=1)) | (~torch.isfinite(cross_features).all(dim=1))
         sim_stats = torch.cat([text_features.sum(dim=0), cross_features.sum(dim=0),
-                               text_features.new_tensor([float(text_features.shape[0])])])
+                               text_features.new_tensor([float(text_features.shape[0]), float(nonfinite.sum())])])
         distributed.all_reduce_sum(sim_stats)
+        if float(sim_stats[-1]) > 0 or not bool(torch.isfinite(sim_stats).all()):
+            # A NaN batch must not poison the centroids; the training loop stops on the NaN loss anyway.
+            self.skipped_nonfinite += 1
+            stats = {"initialized": float(bool(self.initialized)), "num_updates": float(self.num_updates),
+                     "skipped_nonfinite": float(self.skipped_nonfinite)}
+            self.last_stats = stats
+            return stats
         dim = text_features.shape[1]
-        total = float(sim_stats[-1])
+        total = float(sim_stats[-2])
         mean_similarity = (float(sim_stats[:dim] @ sim_stats[dim:2 * dim]) / total ** 2) if total > 0 else math.inf
 
         everyone = distributed.all_gather_variable(cross_features)
@@ -177,17 +196,27 @@ class CrossModalKMeans(nn.Module):
             self.last_member_update[counts > 0] = int(self.num_updates) + 1
         if everyone.shape[0]:
             self._enqueue(everyone)
-        if not bool(self.initialized) and mean_similarity <= self.init_threshold \
-                and int(self.queue_count) >= self.num_clusters:
-            queued = self._queued()
-            first = int(torch.randint(queued.shape[0], (1,), generator=self._generator()))
-            self.centroid_vectors.copy_(greedy_chain_init(queued, self.num_clusters, first))
-            distributed.broadcast(self.centroid_vectors, src=0)
-            self.initialized.fill_(True)
-            self.last_member_update.fill_(int(self.num_updates) + 1)
+        if not bool(self.initialized) and mean_similarity <= self.init_threshold:
+            # B.3 step 1: the reference chains over the triggering batch itself; a batch with fewer than
+            # K features (an assertion in the reference, G.5) falls back to the queue, which ends with it.
+            if self.init_source == "batch" and everyone.shape[0] >= self.num_clusters:
+                pool = everyone
+            elif int(self.queue_count) >= self.num_clusters:
+                pool = self._queued()
+            else:
+                pool = None
+            if pool is not None:
+                first = int(torch.randint(pool.shape[0], (1,), generator=self._generator()))
+                self.centroid_vectors.copy_(greedy_chain_init(pool, self.num_clusters, first))
+                distributed.broadcast(self.centroid_vectors, src=0)
+                self.initialized.fill_(True)
+                self.last_member_update.fill_(int(self.num_updates) + 1)
         self.num_updates += 1
         stats = self.diagnostics(text_features, cross_features)
         stats["mean_text_cross_similarity"] = mean_similarity
+        if self.skipped_nonfinite:
+            stats["skipped_nonfinite"] = float(self.skipped_nonfinite)
+        self.last_stats = stats
         return stats
 
     @torch.no_grad()
@@ -251,6 +280,7 @@ class CrossModalKMeans(nn.Module):
 
 __all__ = [
     "CrossModalKMeans",
+    "INIT_SOURCES",
     "cosine_similarity_matrix",
     "greedy_chain_init",
     "assign_to_centroids",

@@ -165,10 +165,12 @@ def _upsampling_stages(grid: int, image_size: int) -> int:
     return int(math.log2(factor))
 
 
-def _conv_upsampling_head(in_channels: int, widths, stages: int, out_channels: int) -> nn.Sequential:
+def _conv_upsampling_head(in_channels: int, widths, stages: int, out_channels: int,
+                          align_corners: bool = True) -> nn.Sequential:
     """``stages`` x {Conv3x3 -> ReLU -> bilinear x2}, the last block without ReLU, then Tanh.
 
     No ReLU before the Tanh: the target spans [-1, 1] (fixes the reference's [0, 1) output, G.10).
+    ``align_corners=True`` is the reference's upsampling (B.4).
     """
     widths = list(widths)[: stages - 1]
     if len(widths) < stages - 1:
@@ -177,9 +179,9 @@ def _conv_upsampling_head(in_channels: int, widths, stages: int, out_channels: i
     channels = [in_channels] + widths
     for c_in, c_out in zip(channels[:-1], channels[1:]):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
-                   nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+                   nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners)]
     layers += [nn.Conv2d(channels[-1], out_channels, 3, padding=1),
-               nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Tanh()]
+               nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
@@ -187,10 +189,12 @@ class CGNSGridDecoder(nn.Module):
     """CM-MIR decoder for grid towers (ResNet, B.4): masked image tokens ++ text-to-image features on the
     h x w grid -> convolutional upsampling to the input size."""
 
-    def __init__(self, dim: int, grid: int, image_size: int, widths, out_channels: int = 3):
+    def __init__(self, dim: int, grid: int, image_size: int, widths, out_channels: int = 3,
+                 align_corners: bool = True):
         super().__init__()
         self.grid = grid
-        self.head = _conv_upsampling_head(2 * dim, widths, _upsampling_stages(grid, image_size), out_channels)
+        self.head = _conv_upsampling_head(2 * dim, widths, _upsampling_stages(grid, image_size), out_channels,
+                                          align_corners)
 
     def forward(self, masked_image_tokens: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
         b, p, d = masked_image_tokens.shape
@@ -205,14 +209,15 @@ class CGNSTokenDecoder(nn.Module):
     no attention across the batch), then convolutional upsampling."""
 
     def __init__(self, dim: int, grid: int, image_size: int, widths, num_layers: int, num_heads: int,
-                 ffn_dim: int, out_channels: int = 3):
+                 ffn_dim: int, out_channels: int = 3, align_corners: bool = True):
         super().__init__()
         self.grid = grid
         self.fusion = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.position_embedding = nn.Parameter(torch.zeros(grid * grid, dim))
         layer = nn.TransformerDecoderLayer(dim, num_heads, ffn_dim, dropout=0.1, batch_first=True)
         self.transformer = nn.TransformerDecoder(layer, num_layers)   # deep-copies: layers do not share weights
-        self.head = _conv_upsampling_head(dim, widths, _upsampling_stages(grid, image_size), out_channels)
+        self.head = _conv_upsampling_head(dim, widths, _upsampling_stages(grid, image_size), out_channels,
+                                          align_corners)
 
     def forward(self, masked_image_tokens: torch.Tensor, text_to_image: torch.Tensor) -> torch.Tensor:
         b, p, d = masked_image_tokens.shape
@@ -281,12 +286,19 @@ class CGNSPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
-        super()._init_weights(module)
+        # Only the heads reach this method (each tower is a PreTrainedModel with its own _init_weights).
+        if (isinstance(self, CGNSModel) and self.config.head_init == "pytorch"
+                and isinstance(module, (nn.Linear, nn.Conv2d))):
+            _pytorch_default_init(module)
+        else:
+            super()._init_weights(module)
         if isinstance(module, CGNSModel):
-            # A.3: projection weights ~ N(0, in_dim^-1/2); logit scale at ln(1/tau_0).
+            # A.3: projection weights ~ N(0, in_dim^-1/2) (biases: PyTorch default, or 0 with head_init "normal");
+            # logit scale at ln(1/tau_0).
             for proj in (module.global_image_projection, module.local_image_projection, module.local_text_projection):
                 init.normal_(proj.weight, mean=0.0, std=proj.in_features ** -0.5)
-                init.zeros_(proj.bias)
+                if module.config.head_init == "normal":
+                    init.zeros_(proj.bias)
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
             if module.image_mask_token is not None:
                 init.normal_(module.image_mask_token, mean=0.0, std=module.config.initializer_range)
@@ -294,6 +306,17 @@ class CGNSPreTrainedModel(PreTrainedModel):
             init.normal_(module.positional_embedding, mean=0.0, std=module.positional_embedding.shape[1] ** -0.5)
         elif isinstance(module, CGNSTokenDecoder):
             init.zeros_(module.position_embedding)
+
+
+def _pytorch_default_init(module: nn.Module) -> None:
+    """What ``nn.Linear`` / ``nn.Conv2d.reset_parameters`` draw — weights kaiming-uniform(a=sqrt 5), i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) — through transformers'
+    loading-aware init functions, so weights loaded by ``from_pretrained`` are never overwritten."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in = math.prod(module.weight.shape[1:])
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        init.uniform_(module.bias, -bound, bound)
 
 
 def build_text_tower(text_config) -> nn.Module:
@@ -321,14 +344,19 @@ def vision_grid_size(config: CGNSConfig, vision_model: nn.Module) -> int:
 # CGNSModel
 # --------------------------------------------------------------------------------------------------
 
+# after_step timing: training forwards allowed between two after_optimizer_step calls (a loop that never
+# calls it would otherwise keep every batch's features forever).
+_MAX_PENDING_UPDATES = 1024
+
 class CGNSModel(CGNSPreTrainedModel):
     """Image-report dual encoder trained with CM-CGNS.
 
     ``forward(pixel_values, input_ids, attention_mask, sentence_index, return_loss=True, reconstruct=False)``
     computes the global InfoNCE, the local SimSiam image loss, the cluster-guided local text loss and,
-    with ``reconstruct=True`` (stage 2), the CM-MIR loss. The k-means state is ``self.clustering``;
-    the training loop calls ``model.clustering.update(out.text_sentence_features,
-    out.cross_sentence_features)`` after each optimiser step.
+    with ``reconstruct=True`` (stage 2), the CM-MIR loss. The k-means state is ``self.clustering``; with
+    the default ``cluster_update_timing="before_loss"`` a training forward updates it before the loss
+    (the reference). The training loop calls ``model.after_optimizer_step()`` after each optimiser step
+    (logit-scale clamp, the "after_step" k-means updates, dead-cluster re-seeding).
     """
 
     def __init__(self, config: CGNSConfig, vision_model: Optional[nn.Module] = None,
@@ -353,17 +381,21 @@ class CGNSModel(CGNSPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.clustering = CrossModalKMeans(
             config.num_clusters, dim, init_threshold=config.cluster_init_threshold, momentum=config.cluster_momentum,
-            queue_size=config.cluster_queue_size, dead_patience=config.dead_cluster_patience)
+            queue_size=config.cluster_queue_size, dead_patience=config.dead_cluster_patience,
+            init_source=config.cluster_init_source)
+        # after_step timing: detached (text, cross-modal) sentence features of the training forwards since the
+        # last optimiser step, consumed by after_optimizer_step (not saved: empty at every step boundary).
+        self._pending_cluster_features = []
         if config.use_reconstruction:
             self.image_mask_token = nn.Parameter(torch.zeros(dim))
             num_channels = 3
             if config.vision_kind == "grid":
                 self.decoder = CGNSGridDecoder(dim, self.grid_size, config.image_size, config.decoder_channels,
-                                               num_channels)
+                                               num_channels, align_corners=config.decoder_align_corners)
             else:
                 self.decoder = CGNSTokenDecoder(dim, self.grid_size, config.image_size, config.decoder_channels,
                                                 config.decoder_layers, config.decoder_heads, config.decoder_ffn_dim,
-                                                num_channels)
+                                                num_channels, align_corners=config.decoder_align_corners)
         else:
             self.image_mask_token = None
             self.decoder = None
@@ -454,7 +486,65 @@ class CGNSModel(CGNSPreTrainedModel):
         return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[1:]
 
     def scaled_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        """``min(exp(logit_scale), logit_scale_max)`` in value, with the gradient of ``exp(logit_scale)``
+        everywhere: a plain ``clamp`` has zero gradient above the cap, so a parameter that passed ln(max)
+        could never come back. ``clamp_logit_scale_`` keeps the parameter itself at or below ln(max)."""
+        scale = self.logit_scale.exp()
+        excess = (scale - self.config.logit_scale_max).clamp(min=0.0)
+        return scale - excess.detach()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the parameter in place at ln(logit_scale_max), as CLIP training does after each optimiser step."""
+        if math.isfinite(self.config.logit_scale_max):
+            self.logit_scale.clamp_(max=math.log(self.config.logit_scale_max))
+
+    # ---------------------------------------------------------------- training-loop hooks
+    @torch.no_grad()
+    def after_optimizer_step(self, reassign_dead: bool = False) -> Dict[str, float]:
+        """Call once after every optimiser step (``train_pretrain.py`` and the Trainer callback
+        ``CGNSClusterCallback`` do). Clamps the logit scale; with ``cluster_update_timing="after_step"``
+        applies one k-means update per training forward since the previous call (so a step of G
+        accumulated micro-batches makes G updates, in order); with ``reassign_dead`` re-seeds dead
+        centroids (``dead_cluster_patience``). Every process must call it (the updates all-reduce).
+
+        Returns the clustering diagnostics of the latest update (``{}`` with clustering off) plus
+        ``reassigned`` when ``reassign_dead``.
+        """
+        self.clamp_logit_scale_()
+        pending, self._pending_cluster_features = self._pending_cluster_features, []
+        if not self.config.use_clustering:
+            return {}
+        for text_features, cross_features in pending:
+            self.clustering.update(text_features, cross_features)
+        stats = dict(self.clustering.last_stats)
+        if reassign_dead:
+            stats["reassigned"] = float(self.clustering.reassign_dead())
+        return stats
+
+    def _cluster_centroids_for_loss(self, text_sentence_features: torch.Tensor,
+                                    cross_sentence_features: torch.Tensor) -> Optional[torch.Tensor]:
+        """The centroids the local text loss uses in this (loss-computing) forward, after the k-means
+        update of this batch when the timing is "before_loss" and the model is training (B.3 a then b).
+
+        As in the reference, the forward that initialises the centroids still uses the plain loss.
+        """
+        cfg = self.config
+        if not cfg.use_clustering:
+            return None
+        if self.training and cfg.cluster_update_timing == "before_loss":
+            was_initialized = bool(self.clustering.initialized)
+            self.clustering.update(text_sentence_features, cross_sentence_features)
+            return self.clustering.centroids if was_initialized else None
+        if self.training:
+            if len(self._pending_cluster_features) >= _MAX_PENDING_UPDATES:
+                raise RuntimeError(
+                    f"cluster_update_timing='after_step' but after_optimizer_step() was not called for "
+                    f"{_MAX_PENDING_UPDATES} training forwards: call it after every optimiser step (the "
+                    f"Trainer callback modeling_cgns.CGNSClusterCallback does), or use 'before_loss'")
+            self._pending_cluster_features.append((text_sentence_features.detach(),
+                                                   cross_sentence_features.detach()))
+        return self.clustering.centroids
 
     # ---------------------------------------------------------------- CM-MIR
     def reconstruct_image(self, local_image: torch.Tensor, text_to_image: torch.Tensor
@@ -516,7 +606,7 @@ class CGNSModel(CGNSPreTrainedModel):
         has_sentences = sentence_mask.any(dim=1)
         local_image_loss = losses.local_image_loss(self.predictor(local_image), text_to_image,
                                                    self.predictor(text_to_image), local_image, has_sentences)
-        centroids = self.clustering.centroids if cfg.use_clustering else None
+        centroids = self._cluster_centroids_for_loss(text_sentence_features, cross_sentence_features)
         local_text_loss, text_parts = losses.cluster_guided_text_loss(
             text_sentence_features, cross_sentence_features, centroids, temperature=cfg.local_text_temperature,
             hard_negative_mode=cfg.hard_negative_mode, hard_negative_weight=cfg.hard_negative_weight,
