@@ -3,12 +3,13 @@
 * ``init``: at step 0 (fresh model, eval mode, no update), for ``head_init="pytorch"`` (reference) and
   ``"normal"`` (N(0, 0.02), zero bias): the mean pairwise cosine between the cross-modal sentence
   features z2 (off-diagonal pairs), and the k-means trigger, the mean cos(z1_i, z2_j) over all pairs.
-  Paper-sized towers: timm ResNet-50 at 224 px and a BERT-base-sized ``BertConfig()`` (D 768).
+  Paper-sized towers: timm ResNet-50 at 224 px and a BERT-base-sized ``BertConfig()`` (D 768), random
+  inputs; or (``--setting demo``) configs/demo.json's towers on synthetic_cxr image-report pairs.
 * ``timing``: the same seeded short run (tiny towers, Adam, same batches, dropout seeded) with
   ``cluster_update_timing="before_loss"`` (reference) and ``"after_step"``; prints the largest
   absolute difference of the total and local-text losses over the steps.
 
-    python benchmarks/bench_reference_fidelity.py init [--batch_size 8]
+    python benchmarks/bench_reference_fidelity.py init [--batch_size 8] [--setting paper|demo]
     python benchmarks/bench_reference_fidelity.py timing [--steps 50]
 """
 import argparse
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, TimmWrapperConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # run from a checkout
 from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
 
 
@@ -44,17 +46,34 @@ def mean_offdiagonal_cosine(features: torch.Tensor) -> float:
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
+def demo_model_and_batch(head_init: str, batch_size: int):
+    """configs/demo.json: random-init resnet18 at 128 px + the pretrained MiniLM, synthetic_cxr reports."""
+    import train_pretrain
+
+    config = train_pretrain.parse_args(["--config", os.path.join(ROOT, "configs", "demo.json"), "--num_images", "64",
+                                        "--head_init", head_init, "--per_device_eval_batch_size", str(batch_size),
+                                        "--output_dir", "/tmp/bench_reference_fidelity"])
+    model = train_pretrain.build_model(config.model)
+    processor = train_pretrain.build_processor(model, config.model, config.data)
+    _, eval_loader = train_pretrain.get_dataloaders(config, processor)
+    return model, next(iter(eval_loader))
+
+
 @torch.no_grad()
-def step0_statistics(head_init: str, batch_size: int, seed: int) -> dict:
+def step0_statistics(head_init: str, batch_size: int, seed: int, setting: str = "paper") -> dict:
     torch.manual_seed(seed)
-    config = CGNSConfig(vision_config=TimmWrapperConfig(architecture="resnet50"), text_config=BertConfig(),
-                        projection_dim=768, image_size=224, max_text_length=128, head_init=head_init)
-    model = CGNSModel(config).eval()
-    batch = synthetic_batch(batch_size, 224, 128, config.text_config.vocab_size)
+    if setting == "demo":
+        model, batch = demo_model_and_batch(head_init, batch_size)
+    else:
+        config = CGNSConfig(vision_config=TimmWrapperConfig(architecture="resnet50"), text_config=BertConfig(),
+                            projection_dim=768, image_size=224, max_text_length=128, head_init=head_init)
+        model = CGNSModel(config)
+        batch = synthetic_batch(batch_size, 224, 128, config.text_config.vocab_size)
+    model.eval()
     out = model(**batch, return_loss=False)
     z1, z2 = out.text_sentence_features, out.cross_sentence_features
     trigger = float((F.normalize(z1, dim=-1) @ F.normalize(z2, dim=-1).t()).mean())
-    return {"head_init": head_init, "seed": seed, "sentences": int(z2.shape[0]),
+    return {"setting": setting, "head_init": head_init, "seed": seed, "sentences": int(z2.shape[0]),
             "cross_modal_pairwise_cosine": round(mean_offdiagonal_cosine(z2), 4),
             "text_pairwise_cosine": round(mean_offdiagonal_cosine(z1), 4),
             "trigger_mean_text_cross_cosine": round(trigger, 4)}
@@ -91,12 +110,15 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--setting", choices=["paper", "demo"], default="paper",
+                        help="init: paper-sized random towers on random inputs, or configs/demo.json (random "
+                             "resnet18 + pretrained MiniLM) on synthetic_cxr")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     if args.what == "init":
         for seed in args.seeds:
             for head_init in ("pytorch", "normal"):
-                print(json.dumps(step0_statistics(head_init, args.batch_size, seed)), flush=True)
+                print(json.dumps(step0_statistics(head_init, args.batch_size, seed, args.setting)), flush=True)
         return
     runs = {timing: short_run(timing, args.steps, args.batch_size, args.seeds[0])
             for timing in ("before_loss", "after_step")}
