@@ -19,6 +19,9 @@ Protocol:
   by whole patients, so no patient is in both train and validation; membership is decided on
   patient ids / paths, never on positional labels (fixes G.2 item 21);
 * test = the official ``valid.csv`` (frontal), complete.
+
+Task ``5x200`` returns only that hold-out, as a ``test`` split (labels: one positive task per image),
+for zero-shot evaluation (``train_downstream.py --task zero_shot``).
 """
 import os
 import re
@@ -44,7 +47,9 @@ from ._common import (
 
 NAME = "chexpert"
 COMPETITION_TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-TASKS = {"classification": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc")}
+TASKS = {"classification": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc"),
+         # the held-out 5x200 set itself, as a test split only (zero-shot classification)
+         "5x200": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc")}
 OBSERVATIONS = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -230,6 +235,13 @@ def scan(data_dir: str, uncertainty_policy=None, val_size=None,
         )
 
     held_out = select_5x200(train_rows, int(holdout_per_task), split_seed)
+    if task == "5x200":
+        splits = {"test": sorted((r for r in train_rows if r["image_id"] in held_out), key=lambda r: r["image_id"])}
+        if not splits["test"]:
+            raise DatasetFormatError(f"no frontal train image in {dataset_dir} is positive for exactly one "
+                                     f"competition task: the 5x200 set is empty")
+        manifest.rows = {"test": len(splits["test"])}
+        return splits, manifest
     for path in sorted(held_out):
         manifest.skip(R_HOLDOUT, path)
     train_rows = [r for r in train_rows if r["image_id"] not in held_out]
@@ -266,13 +278,15 @@ class ChexpertConfig(datasets.BuilderConfig):
 
 
 class Chexpert(CGNSBuilder):
-    """CheXpert five competition tasks; one config, ``classification``."""
+    """CheXpert five competition tasks; configs ``classification`` and ``5x200``."""
 
     NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = ChexpertConfig
     BUILDER_CONFIGS = [ChexpertConfig(name="classification", version=VERSION,
-                                      description="5 competition tasks, frontal, multi-label")]
+                                      description="5 competition tasks, frontal, multi-label"),
+                       ChexpertConfig(name="5x200", version=VERSION,
+                                      description="the CheXpert 5x200 hold-out as a test split")]
     DEFAULT_CONFIG_NAME = "classification"
 
     def _split_generators(self, dl_manager):
