@@ -5,7 +5,9 @@
 
 This script only parses the arguments and dispatches: ``--task NAME`` runs
 ``downstream.PROTOCOLS[NAME]`` (``downstream/classification.py``: linear probe, ALGORITHM.md E.1;
-``downstream/detection.py``: YOLOv3, E.2; ``downstream/segmentation.py``: U-Net / SETR, E.3). Each
+``downstream/detection.py``: YOLOv3, E.2; ``downstream/segmentation.py``: U-Net / SETR, E.3; ``retrieval``, ``zero_shot``, ``grounding`` and
+``visualize``: the encoder-only protocols of docs/evaluation.md, whose options are the fields of
+``downstream.encoding.EncoderEvaluationArguments``). Each
 protocol's defaults for ``--max_epochs``, ``--batch_size``, ``--lr`` and ``--weight_decay`` come from
 its module's ``DEFAULTS``; an explicit value wins. How a task is added: see ``downstream/__init__.py``.
 """
@@ -14,8 +16,11 @@ import ast
 import logging
 from typing import Dict, Optional, Sequence
 
+from transformers import HfArgumentParser
+
 from downstream import PROTOCOLS, protocol
 from downstream.common import progress_bars
+from downstream.encoding import EncoderEvaluationArguments
 from modeling_cgns.modeling_classification import INITS
 
 logger = logging.getLogger("train_downstream")
@@ -49,11 +54,14 @@ def parse_option(item: str):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # HfArgumentParser is an ArgumentParser that also adds the fields of the options dataclasses
+    p = HfArgumentParser([EncoderEvaluationArguments], description=__doc__.splitlines()[0],
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=tuple(PROTOCOLS), default="classification",
-                   help="downstream protocol: linear probe (E.1), YOLOv3 detection (E.2), U-Net/SETR segmentation (E.3)")
-    p.add_argument("--dataset", choices=DATASETS, required=True)
+                   help="downstream protocol: linear probe (E.1), YOLOv3 detection (E.2), U-Net/SETR segmentation "
+                        "(E.3), retrieval, zero_shot, grounding, visualize (docs/evaluation.md)")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="required, except for --task visualize with --images / --reports")
     p.add_argument("--dataset_task", default=None,
                    help="the dataset's task name; default: the --task name (synthetic_cxr also has "
                         "classification_binary, classification_multiclass and segmentation_opacity)")
@@ -92,8 +100,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.standardize_features and args.mode != "cached":
         p.error("--standardize_features needs the cached-features mode (no --augment / --no_cache)")
     args.dataset_options = dict(args.dataset_options)
+    task_module = protocol(args.task)
+    if args.dataset is None and not getattr(task_module, "DATASET_OPTIONAL", False):
+        p.error(f"--dataset is required for --task {args.task}")
     if args.dataset_task is None:
-        args.dataset_task = args.task
+        args.dataset_task = getattr(task_module, "DATASET_TASK", args.task)
     for key, value in protocol(args.task).DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

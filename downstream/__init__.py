@@ -28,6 +28,10 @@ PROTOCOLS = {
     "classification": "downstream.classification",  # linear probe, ALGORITHM.md E.1
     "detection": "downstream.detection",  # YOLOv3 head, E.2
     "segmentation": "downstream.segmentation",  # U-Net / SETR decoder, E.3
+    "retrieval": "downstream.retrieval",  # image <-> report Recall@k, docs/evaluation.md
+    "zero_shot": "downstream.zero_shot",  # prompt classification, AUROC
+    "grounding": "downstream.grounding",  # pointing game of the local cross-attention
+    "visualize": "downstream.visualize",  # attention overlays, cluster report and plot
 }
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from modeling_cgns import CGNSModel, CGNSProcessor
+from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS
 
 logger = logging.getLogger("downstream")
 
@@ -61,6 +63,11 @@ def require_columns(split, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in split.features]
     if missing:
         raise ValueError(f"{what} needs the column(s) {missing}; the split has {sorted(split.features)}")
+
+
+def require_dataset(args, task: str) -> None:
+    if not getattr(args, "dataset", None):
+        raise ValueError(f"--task {task} needs --dataset")
 
 
 def model_identity(model_name_or_path: str) -> Dict:
@@ -161,17 +168,41 @@ def report_sentences(row: Dict) -> List[str]:
     return CGNSProcessor.split_report(row.get("report"))
 
 
-def write_json_and_markdown(results: Dict, output_dir: str, header: str, row: str) -> None:
-    """``results.json`` and a one-row ``results.md`` table."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(header + row + "\n")
+@dataclass
+class EncoderEvaluationArguments:
+    """Command-line options of the encoder-only protocols (retrieval, zero_shot, grounding, visualize).
+
+    ``train_downstream.py`` adds them with ``HfArgumentParser``; the other protocols ignore them.
+    """
+
+    split: Optional[str] = field(default=None, metadata={
+        "help": "retrieval / zero_shot / grounding / visualize: the split evaluated (default: test when the "
+                "dataset has one, else validation)"})
+    prompts: Optional[str] = field(default=None, metadata={
+        "help": "zero_shot / grounding: prompt JSON {label: {positive: [...], negative: [...]}} "
+                "(default: configs/zero_shot_prompts.json)"})
+    embedding_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "retrieval / zero_shot: folder of the cached embeddings, one safetensors file per model and "
+                "split (default: <cache_dir or ~/.cache/cgns>/embeddings)"})
+    no_embedding_cache: bool = field(default=False, metadata={
+        "help": "retrieval / zero_shot: recompute the embeddings and write no cache file"})
+    attention_direction: str = field(default="text_to_image", metadata={
+        "choices": ATTENTION_DIRECTIONS,
+        "help": "grounding / visualize: which local cross-attention map (CGNSModel.get_sentence_attention)"})
+    images: Optional[List[str]] = field(default=None, metadata={
+        "help": "visualize: image files (instead of --dataset), paired with --reports"})
+    reports: Optional[List[str]] = field(default=None, metadata={
+        "help": "visualize: one report per image, a text file or the report text itself"})
+    num_examples: int = field(default=4, metadata={
+        "help": "visualize: rows of the split drawn as attention pictures"})
+    max_cluster_reports: int = field(default=500, metadata={
+        "help": "visualize: rows of the split whose sentences go into the cluster report and plot"})
+    cluster_top_sentences: int = field(default=5, metadata={
+        "help": "visualize: most central sentences listed per cluster"})
 
 
 __all__ = [
-    "load_model_and_processor", "pick_split", "require_columns", "model_identity", "cache_key", "cached_tensors",
+    "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity", "cache_key", "cached_tensors",
     "batches", "image_chunks", "image_batch", "text_batch", "encode_images", "encode_reports", "report_sentences",
-    "write_json_and_markdown", "default_device", "WEIGHTS_FILE",
+    "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

@@ -21,6 +21,7 @@ query the sentence's attention over the ``g x g`` image grid (``CGNSModel.get_se
 """
 import logging
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -28,10 +29,15 @@ import torch
 
 import data_scripts
 
-from .encoding import image_batch, load_model_and_processor, pick_split, text_batch, write_json_and_markdown
+from .common import write_results
+from .encoding import image_batch, load_model_and_processor, pick_split, require_dataset, text_batch
 from .zero_shot import DEFAULT_PROMPTS, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.grounding")
+
+DEFAULTS = {"batch_size": 16}
+#: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
+DATASET_TASK = "grounding"
 
 RESULTS_HEADER = ("| model | dataset | split | queries | attention | pointing game (%) | uniform (%) | "
                   "mass in box (%) | uniform (%) |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -203,7 +209,13 @@ def prompt_queries(model, processor, split, prompts: List[str], batch_size: int,
     return maps, boxes, sentences
 
 
-def run_grounding(args) -> Dict:
+def check_arguments(args) -> None:
+    require_dataset(args, "grounding")
+    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+        raise ValueError(f"--prompts {args.prompts}: no such file")
+
+
+def run(args) -> Dict:
     """Queries of the split -> attention maps -> pointing game and mass in box vs uniform -> results files."""
     spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
     dataset_dict = data_scripts.load_cgns_dataset(
@@ -246,10 +258,10 @@ def run_grounding(args) -> Dict:
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {scores['num_queries']} | "
            f"{direction} | {100 * scores['pointing_game']:.1f} | {100 * scores['uniform_pointing_game']:.1f} | "
            f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} |")
-    write_json_and_markdown(results, args.output_dir, RESULTS_HEADER, row)
+    write_results(results, args.output_dir, RESULTS_HEADER, row)
     logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
     return results
 
 
-__all__ = ["run_grounding", "grounding_scores", "pointing_hit", "attention_mass", "cell_coverage",
+__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "pointing_hit", "attention_mass", "cell_coverage",
            "cell_intersects", "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER"]

@@ -20,10 +20,16 @@ import torch
 import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
+from .common import write_results
 from .encoding import (cache_key, cached_tensors, encode_images, encode_reports, load_model_and_processor,
-                       model_identity, pick_split, report_sentences, write_json_and_markdown)
+                       model_identity, pick_split, report_sentences, require_dataset)
 
 logger = logging.getLogger("downstream.retrieval")
+
+#: Nothing is trained; the batch size is the embedding batch.
+DEFAULTS = {"batch_size": 64}
+#: The dataset task used when --dataset_task is not given: image-report pairs.
+DATASET_TASK = "pretraining"
 
 RESULTS_HEADER = ("| model | dataset | split | pairs | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
                   "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank |\n"
@@ -68,7 +74,11 @@ def compute_embeddings(model, processor, split, indices: List[int], sentences: L
             "text_embeds": encode_reports(model, processor, sentences, batch_size, quiet, "retrieval reports")}
 
 
-def run_retrieval(args) -> Dict:
+def check_arguments(args) -> None:
+    require_dataset(args, "retrieval")
+
+
+def run(args) -> Dict:
     """Load split -> embeddings (cached) -> Recall@k and median rank -> results files."""
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
@@ -102,7 +112,7 @@ def run_retrieval(args) -> Dict:
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {len(indices)} | "
            + " | ".join(_cell(metrics, f"{d}_{m}") for d in ("i2t", "t2i")
                         for m in ("R@1", "R@5", "R@10", "median_rank")) + " |")
-    write_json_and_markdown(results, args.output_dir, RESULTS_HEADER, row)
+    write_results(results, args.output_dir, RESULTS_HEADER, row)
     logger.info("retrieval on %d pairs: %s", len(indices), metrics)
     return results
 
@@ -112,5 +122,5 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
     return f"{value:g}" if key.endswith("median_rank") else f"{100 * value:.1f}"
 
 
-__all__ = ["run_retrieval", "compute_embeddings", "usable_pairs", "embedding_cache_path", "embedding_cache_dir",
+__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs", "embedding_cache_path", "embedding_cache_dir",
            "RESULTS_HEADER"]

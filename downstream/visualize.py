@@ -24,9 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .common import write_results
 from .encoding import image_batch, load_model_and_processor, pick_split, report_sentences, text_batch
 
 logger = logging.getLogger("downstream.visualize")
+
+DEFAULTS = {"batch_size": 16}
+DATASET_TASK = "pretraining"
+#: --images / --reports replace --dataset.
+DATASET_OPTIONAL = True
+RESULTS_HEADER = "| model | attention pictures | clusters |\n|---|---|---|\n"
 
 OVERLAY_ALPHA = 0.45
 PCA_FIGURE_INCHES, PCA_DPI = 8, 100
@@ -225,7 +232,20 @@ def write_cluster_outputs(model, features: torch.Tensor, texts: List[str], outpu
             "num_sentences": len(texts), "sizes": [e["size"] for e in report]}
 
 
-def run_visualize(args) -> Dict:
+def check_arguments(args) -> None:
+    images, reports = getattr(args, "images", None), getattr(args, "reports", None)
+    if images or reports:
+        if len(images or []) != len(reports or []):
+            raise ValueError(f"--images and --reports must pair up: got {len(images or [])} images and "
+                             f"{len(reports or [])} reports")
+        missing = [p for p in images if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"--images: no such file(s) {missing}")
+    elif not getattr(args, "dataset", None):
+        raise ValueError("--task visualize needs --images and --reports, or --dataset")
+
+
+def run(args) -> Dict:
     """Examples -> attention overlays; for a trained model also the cluster report and PCA plot."""
     model, processor = load_model_and_processor(args.model)
     direction = getattr(args, "attention_direction", "text_to_image")
@@ -261,12 +281,12 @@ def run_visualize(args) -> Dict:
         features, texts = cross_sentence_features(model, processor, cluster_examples, args.batch_size)
         results["clusters"] = write_cluster_outputs(model, features, texts, args.output_dir,
                                                     args.cluster_top_sentences)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    clusters = "not initialised" if results["clusters"] is None else f"{len(results['clusters']['sizes'])}"
+    write_results(results, args.output_dir, RESULTS_HEADER, f"| {args.model} | {len(index)} | {clusters} |")
     logger.info("visualize: %d attention pictures in %s", len(index), os.path.join(args.output_dir, "attention"))
     return results
 
 
-__all__ = ["run_visualize", "overlay_attention", "save_png", "pca_2d", "plot_clusters", "cluster_report",
+__all__ = ["run", "DEFAULTS", "DATASET_TASK", "DATASET_OPTIONAL", "check_arguments", "overlay_attention", "save_png", "pca_2d", "plot_clusters", "cluster_report",
            "write_attention_pictures", "cross_sentence_features", "write_cluster_outputs", "examples_from_files",
            "examples_from_split"]

@@ -27,11 +27,15 @@ import torch.nn.functional as F
 import data_scripts
 from modeling_cgns.metrics import SINGLE_LABEL, classification_metrics
 
+from .common import write_results
 from .encoding import (cache_key, cached_tensors, encode_images, encode_reports, load_model_and_processor,
-                       model_identity, pick_split, require_columns, write_json_and_markdown)
+                       model_identity, pick_split, require_columns, require_dataset)
 from .retrieval import embedding_cache_dir
 
 logger = logging.getLogger("downstream.zero_shot")
+
+DEFAULTS = {"batch_size": 64}
+DATASET_TASK = "classification"
 
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                "zero_shot_prompts.json")
@@ -107,7 +111,13 @@ def single_positive_accuracy(logits: np.ndarray, labels: np.ndarray):
     return float(np.mean(np.asarray(logits).argmax(axis=1) == labels.argmax(axis=1)))
 
 
-def run_zero_shot(args) -> Dict:
+def check_arguments(args) -> None:
+    require_dataset(args, "zero_shot")
+    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+        raise ValueError(f"--prompts {args.prompts}: no such file")
+
+
+def run(args) -> Dict:
     """Prompts -> class embeddings; split -> image embeddings (cached) -> logits -> the probe's metrics."""
     spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
     if spec.problem_type not in ("multi_label_classification", SINGLE_LABEL):
@@ -149,7 +159,7 @@ def run_zero_shot(args) -> Dict:
     per_label = ", ".join(f"{name} {_percent(metrics['auroc_per_class'][name])}" for name in label_names)
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {len(split)} | "
            f"{os.path.basename(prompt_path)} | {_percent(metrics['auroc'])} | {per_label} |")
-    write_json_and_markdown(results, args.output_dir, RESULTS_HEADER, row)
+    write_results(results, args.output_dir, RESULTS_HEADER, row)
     logger.info("zero-shot on %d images: macro AUROC %s", len(split), metrics["auroc"])
     return results
 
@@ -158,5 +168,5 @@ def _percent(value) -> str:
     return "undefined" if value is None else f"{100 * value:.1f}"
 
 
-__all__ = ["run_zero_shot", "load_prompts", "class_embeddings", "zero_shot_logits", "single_positive_accuracy",
+__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "load_prompts", "class_embeddings", "zero_shot_logits", "single_positive_accuracy",
            "prompt_sentences", "DEFAULT_PROMPTS", "RESULTS_HEADER"]
