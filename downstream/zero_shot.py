@@ -84,16 +84,16 @@ def prompt_sentences(prompt: str) -> List[str]:
 @torch.no_grad()
 def class_embeddings(model, processor, prompts: Dict[str, Dict[str, List[str]]], label_names: Sequence[str],
                      batch_size: int = 64, quiet: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(positive (C, D), negative (C, D)): the normalised mean prompt embedding per label and polarity."""
-    means = {}
-    for polarity in POLARITIES:
-        vectors = []
-        for name in label_names:
-            texts = [prompt_sentences(p) for p in prompts[name][polarity]]
-            embeds = encode_reports(model, processor, texts, batch_size, quiet, f"{polarity} prompts")
-            vectors.append(F.normalize(embeds.mean(dim=0), dim=-1))
-        means[polarity] = torch.stack(vectors)
-    return means["positive"], means["negative"]
+    """(positive (C, D), negative (C, D)): the normalised mean prompt embedding per label and polarity.
+
+    Every prompt is embedded in one batched pass, then averaged per (label, polarity).
+    """
+    groups = [(polarity, name) for polarity in POLARITIES for name in label_names]
+    texts = [prompt_sentences(p) for polarity, name in groups for p in prompts[name][polarity]]
+    embeds = encode_reports(model, processor, texts, batch_size, quiet, "prompts")
+    sizes = [len(prompts[name][polarity]) for polarity, name in groups]
+    means = torch.stack([F.normalize(chunk.mean(dim=0), dim=-1) for chunk in torch.split(embeds, sizes)])
+    return means[:len(label_names)], means[len(label_names):]
 
 
 def zero_shot_logits(image_embeds: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
