@@ -40,8 +40,8 @@ from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback,
 
 import data_scripts
 from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                               markdown_row, mean_std, seed_dir, single_cpu_thread, training_arguments,
-                               write_results, write_seed_metrics)
+                               markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
+                               training_arguments, write_results, write_seed_metrics)
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
 
@@ -270,8 +270,9 @@ def train_probe(model: CGNSForImageClassification, datasets_by_split: Dict[str, 
     )
     if args.quiet:
         trainer.remove_callback(PrinterCallback)
+    resume = resume_checkpoint(args, trainer.args.output_dir)
     with single_cpu_thread(args.mode == "cached" and not torch.cuda.is_available()):
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 from modeling_cgns import CGNSImageProcessor
@@ -68,7 +69,10 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
     """The protocols' TrainingArguments: AdamW, cosine, epoch-wise eval + save, best ``eval_loss`` restored.
 
     ``args.mode == "cached"`` means the inputs are cached feature vectors (bigger eval batches, no
-    DataLoader workers); any other mode feeds images.
+    DataLoader workers, checkpoints without optimiser state); any other mode feeds images and keeps the
+    optimiser / scheduler / RNG state in its checkpoints so that ``--resume_from_checkpoint`` can continue.
+    The Trainer pass-through options (``--report_to``, ``--bf16``, ``--gradient_accumulation_steps``,
+    ``--dataloader_num_workers``) are read from ``args`` when present.
     """
     cached_inputs = args.mode == "cached"
     on_gpu = torch.cuda.is_available()
@@ -92,16 +96,37 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         save_total_limit=1,
-        save_only_model=True,
+        save_only_model=cached_inputs,
         seed=seed,
         data_seed=seed,
         use_cpu=not on_gpu,
         dataloader_num_workers=0 if cached_inputs else args.num_workers,
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=list(getattr(args, "report_to", ["none"])),
+        bf16=getattr(args, "bf16", False),
+        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         disable_tqdm=args.quiet,
     )
+
+
+def resume_checkpoint(args, checkpoints_dir: str):
+    """What ``Trainer.train(resume_from_checkpoint=...)`` gets for ``args.resume_from_checkpoint``.
+
+    ``True``: the last checkpoint in ``checkpoints_dir`` (None when there is none: the seed starts
+    afresh); a folder: that folder; None: None.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is True:
+        if not os.path.isdir(checkpoints_dir):
+            return None
+        last = get_last_checkpoint(checkpoints_dir)
+        if last is None:
+            logger.info("no checkpoint in %s: this seed starts afresh", checkpoints_dir)
+        return last
+    if value is not None and not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value
 
 
 def best_by_eval_loss(trainer: Trainer) -> Dict:
@@ -194,7 +219,7 @@ def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, 
 
 
 __all__ = [
-    "SPLITS", "RESIZE_RATIO", "load_image_processor", "FrozenTowerTrainer", "training_arguments",
+    "SPLITS", "RESIZE_RATIO", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
     "best_by_eval_loss", "single_cpu_thread", "progress_bars", "seed_dir", "write_seed_metrics", "mean_std",
     "format_mean_std", "RESULTS_HEADER", "markdown_row", "write_results",
 ]

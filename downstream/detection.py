@@ -218,6 +218,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse a ``--dataset_task`` that is not a detection task."""
     if not args.dataset_task.startswith("detection"):
         raise ValueError(f"--dataset_task {args.dataset_task!r} is not a detection task")
+    # detection trains with its own loop (see the module docstring): Trainer-only options cannot apply
+    trainer_only = {"--bf16": getattr(args, "bf16", False),
+                    "--gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1) != 1,
+                    "--report_to": list(getattr(args, "report_to", ["none"])) != ["none"],
+                    "--resume_from_checkpoint": getattr(args, "resume_from_checkpoint", None) is not None}
+    refused = [name for name, given in trainer_only.items() if given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: Trainer option(s) that detection does not use (it trains "
+                         f"with its own loop; only --dataloader_num_workers applies)")
 
 
 def run(args: argparse.Namespace) -> Dict:

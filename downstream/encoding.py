@@ -172,7 +172,8 @@ def report_sentences(row: Dict) -> List[str]:
 class EncoderEvaluationArguments:
     """Command-line options of the encoder-only protocols (retrieval, zero_shot, grounding, visualize).
 
-    ``train_downstream.py`` adds them with ``HfArgumentParser``; the other protocols ignore them.
+    Each of those modules names this class as its ``ARGUMENTS``, so ``downstream.arguments`` puts the
+    fields on the ``train_downstream.py`` command line once; the other protocols ignore them.
     """
 
     split: Optional[str] = field(default=None, metadata={
@@ -202,7 +203,7 @@ class EncoderEvaluationArguments:
 
 
 __all__ = [
-    "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity", "cache_key", "cached_tensors",
-    "batches", "image_chunks", "image_batch", "text_batch", "encode_images", "encode_reports", "report_sentences",
-    "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
+    "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity",
+    "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
+    "encode_reports", "report_sentences", "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

@@ -30,11 +30,14 @@ import torch
 import data_scripts
 
 from .common import write_results
-from .encoding import image_batch, load_model_and_processor, pick_split, require_dataset, text_batch
+from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
+                       text_batch)
 from .zero_shot import DEFAULT_PROMPTS, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.grounding")
 
+#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 16}
 #: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
 DATASET_TASK = "grounding"
@@ -263,5 +266,8 @@ def run(args) -> Dict:
     return results
 
 
-__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "pointing_hit", "attention_mass", "cell_coverage",
-           "cell_intersects", "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER"]
+__all__ = [
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "pointing_hit",
+    "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop", "report_sentence_queries",
+    "prompt_queries", "RESULTS_HEADER",
+]

@@ -21,12 +21,14 @@ import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
 from .common import write_results
-from .encoding import (cache_key, cached_tensors, encode_images, encode_reports, load_model_and_processor,
-                       model_identity, pick_split, report_sentences, require_dataset)
+from .encoding import (EncoderEvaluationArguments, cache_key, cached_tensors, encode_images, encode_reports,
+                       load_model_and_processor, model_identity, pick_split, report_sentences, require_dataset)
 
 logger = logging.getLogger("downstream.retrieval")
 
 #: Nothing is trained; the batch size is the embedding batch.
+#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
 #: The dataset task used when --dataset_task is not given: image-report pairs.
 DATASET_TASK = "pretraining"
@@ -122,5 +124,7 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
     return f"{value:g}" if key.endswith("median_rank") else f"{100 * value:.1f}"
 
 
-__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs", "embedding_cache_path", "embedding_cache_dir",
-           "RESULTS_HEADER"]
+__all__ = [
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs",
+    "embedding_cache_path", "embedding_cache_dir", "RESULTS_HEADER",
+]

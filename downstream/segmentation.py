@@ -38,8 +38,8 @@ from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback,
 
 import data_scripts
 from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                               markdown_row, mean_std, seed_dir, training_arguments, write_results,
-                               write_seed_metrics)
+                               markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
+                               write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
 from modeling_cgns.processing_cgns import to_unit_range
@@ -206,7 +206,7 @@ def train_segmenter(model: CGNSForSemanticSegmentation, datasets_by_split: Dict[
     )
     if args.quiet:
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, trainer.args.output_dir))
     return trainer
 
 

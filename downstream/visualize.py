@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .common import write_results
-from .encoding import image_batch, load_model_and_processor, pick_split, report_sentences, text_batch
+from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
+                       text_batch)
 
 logger = logging.getLogger("downstream.visualize")
 
+#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 16}
 DATASET_TASK = "pretraining"
 #: --images / --reports replace --dataset.
@@ -287,6 +290,9 @@ def run(args) -> Dict:
     return results
 
 
-__all__ = ["run", "DEFAULTS", "DATASET_TASK", "DATASET_OPTIONAL", "check_arguments", "overlay_attention", "save_png", "pca_2d", "plot_clusters", "cluster_report",
-           "write_attention_pictures", "cross_sentence_features", "write_cluster_outputs", "examples_from_files",
-           "examples_from_split"]
+__all__ = [
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "DATASET_OPTIONAL", "check_arguments",
+    "overlay_attention", "save_png", "pca_2d", "plot_clusters", "cluster_report",
+    "write_attention_pictures", "cross_sentence_features", "write_cluster_outputs", "examples_from_files",
+    "examples_from_split",
+]

@@ -28,12 +28,14 @@ import data_scripts
 from modeling_cgns.metrics import SINGLE_LABEL, classification_metrics
 
 from .common import write_results
-from .encoding import (cache_key, cached_tensors, encode_images, encode_reports, load_model_and_processor,
-                       model_identity, pick_split, require_columns, require_dataset)
+from .encoding import (EncoderEvaluationArguments, cache_key, cached_tensors, encode_images, encode_reports,
+                       load_model_and_processor, model_identity, pick_split, require_columns, require_dataset)
 from .retrieval import embedding_cache_dir
 
 logger = logging.getLogger("downstream.zero_shot")
 
+#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
 DATASET_TASK = "classification"
 
@@ -168,5 +170,7 @@ def _percent(value) -> str:
     return "undefined" if value is None else f"{100 * value:.1f}"
 
 
-__all__ = ["run", "DEFAULTS", "DATASET_TASK", "check_arguments", "load_prompts", "class_embeddings", "zero_shot_logits", "single_positive_accuracy",
-           "prompt_sentences", "DEFAULT_PROMPTS", "RESULTS_HEADER"]
+__all__ = [
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "load_prompts", "class_embeddings",
+    "zero_shot_logits", "single_positive_accuracy", "prompt_sentences", "DEFAULT_PROMPTS", "RESULTS_HEADER",
+]

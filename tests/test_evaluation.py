@@ -233,8 +233,8 @@ def test_sentence_attention_is_the_forward_cross_attention():
     assert maps.shape == (3, out.sentence_embeds.shape[1], model.grid_size ** 2) and torch.equal(mask, out.sentence_mask)
     assert torch.allclose(maps.transpose(1, 2) @ cross.text_value(out.sentence_embeds), out.text_to_image_features,
                           atol=1e-6)
-    assert torch.allclose(maps_i2t @ cross.image_value(out.local_image_embeds), out.image_to_text_features * mask.unsqueeze(-1),
-                          atol=1e-6)
+    image_to_text = maps_i2t @ cross.image_value(out.local_image_embeds)
+    assert torch.allclose(image_to_text, out.image_to_text_features * mask.unsqueeze(-1), atol=1e-6)
     assert torch.all(maps[~mask] == 0) and torch.all(maps_i2t[~mask] == 0) and torch.all(maps[mask] > 0)
     with pytest.raises(ValueError, match="direction"):
         model.get_sentence_attention(**batch, direction="sideways")
