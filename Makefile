@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_linear_probe.py
 	$(BIN)/python benchmarks/bench_input_pipeline.py
+	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info

@@ -36,6 +36,7 @@ PROBLEM_TYPES = (
     "detection",
     "segmentation",
     "pretraining",
+    "grounding",
 )
 MANIFEST_FILE = "manifest.json"
 
@@ -267,6 +268,10 @@ def contract_features(spec: TaskSpec, **extra) -> datasets.Features:
     if spec.problem_type == "pretraining":
         cols.update(report=datasets.Value("string"), sentences=datasets.List(datasets.Value("string")),
                     study_id=datasets.Value("string"))
+    elif spec.problem_type == "grounding":
+        box = datasets.List(datasets.Value("float32"), length=4)
+        cols.update(sentences=datasets.List(datasets.Value("string")),
+                    sentence_boxes=datasets.List(datasets.List(box)), image_id=datasets.Value("string"))
     else:
         if spec.problem_type == "multi_label_classification":
             cols["labels"] = datasets.List(datasets.Value("float32"), length=spec.num_labels)

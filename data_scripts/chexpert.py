@@ -26,6 +26,9 @@ A ``Path`` that is absolute or leads out of ``data_dir`` (``../../elsewhere/scan
 opened: ``absolute path in list file`` / ``path outside the data folder``. Accounting:
 ``inputs["train.csv rows"]`` = train + validation rows + the skips of train rows, and
 ``inputs["valid.csv rows"]`` = test rows + the skips of valid rows (``docs/data_contract.md``).
+
+Task ``5x200`` returns only that hold-out, as a ``test`` split (labels: one positive task per image),
+for zero-shot evaluation (``train_downstream.py --task zero_shot``).
 """
 import os
 import re
@@ -53,7 +56,9 @@ from ._common import (
 
 NAME = "chexpert"
 COMPETITION_TASKS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-TASKS = {"classification": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc")}
+TASKS = {"classification": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc"),
+         # the held-out 5x200 set itself, as a test split only (zero-shot classification)
+         "5x200": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc")}
 OBSERVATIONS = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
@@ -253,6 +258,13 @@ def scan(data_dir: str, uncertainty_policy=None, val_size=None,
         )
 
     held_out = select_5x200(train_rows, int(holdout_per_task), split_seed)
+    if task == "5x200":
+        splits = {"test": sorted((r for r in train_rows if r["image_id"] in held_out), key=lambda r: r["image_id"])}
+        if not splits["test"]:
+            raise DatasetFormatError(f"no frontal train image in {dataset_dir} is positive for exactly one "
+                                     f"competition task: the 5x200 set is empty")
+        manifest.rows = {"test": len(splits["test"])}
+        return splits, manifest
     for path in sorted(held_out):
         manifest.skip(R_HOLDOUT, path)
     train_rows = [r for r in train_rows if r["image_id"] not in held_out]
@@ -289,13 +301,15 @@ class ChexpertConfig(datasets.BuilderConfig):
 
 
 class Chexpert(CGNSBuilder):
-    """CheXpert five competition tasks; one config, ``classification``."""
+    """CheXpert five competition tasks; configs ``classification`` and ``5x200``."""
 
     NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = ChexpertConfig
     BUILDER_CONFIGS = [ChexpertConfig(name="classification", version=VERSION,
-                                      description="5 competition tasks, frontal, multi-label")]
+                                      description="5 competition tasks, frontal, multi-label"),
+                       ChexpertConfig(name="5x200", version=VERSION,
+                                      description="the CheXpert 5x200 hold-out as a test split")]
     DEFAULT_CONFIG_NAME = "classification"
 
     def _split_generators(self, dl_manager):

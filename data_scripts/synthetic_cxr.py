@@ -462,11 +462,12 @@ def _render_findings(cv: _Canvas, rng: np.random.Generator, findings: List[dict]
 
     Findings that cannot be placed (empty candidate region at tiny sizes) are removed from the
     returned list, so labels and reports only ever describe what was drawn. Returns
-    (kept findings, boxes, box_labels, pneumothorax mask, opacity mask).
+    (kept findings, boxes, box_labels, box_findings, pneumothorax mask, opacity mask) where
+    ``box_findings[k]`` is the index in the kept list of the finding box k outlines.
     """
     s = cv.size
     u, v = cv.u, cv.v
-    kept, boxes, box_labels = [], [], []
+    kept, boxes, box_labels, box_findings = [], [], [], []
     ptx_mask = np.zeros((s, s), dtype=bool)
     opa_mask = np.zeros((s, s), dtype=bool)
     size_k = {"small": 0, "moderate": 1, "large": 2}
@@ -507,6 +508,7 @@ def _render_findings(cv: _Canvas, rng: np.random.Generator, findings: List[dict]
                 density += dens
                 boxes.append(_bbox(m))
                 box_labels.append("opacity" if name == "consolidation" else "nodule")
+                box_findings.append(len(kept))
                 if name == "consolidation":
                     opa_mask |= m
         elif name == "multifocal_opacity":
@@ -525,6 +527,7 @@ def _render_findings(cv: _Canvas, rng: np.random.Generator, findings: List[dict]
                     density += dens
                     boxes.append(_bbox(m))
                     box_labels.append("opacity")
+                    box_findings.append(len(kept))
                     opa_mask |= m
                     n_blobs += 1
             ok = n_blobs > 0
@@ -581,7 +584,7 @@ def _render_findings(cv: _Canvas, rng: np.random.Generator, findings: List[dict]
                 ptx_mask |= region
         if ok:
             kept.append(fd)
-    return kept, boxes, box_labels, ptx_mask, opa_mask
+    return kept, boxes, box_labels, box_findings, ptx_mask, opa_mask
 
 
 def _expose(density: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -730,22 +733,31 @@ _CATHETER = ["Right internal jugular central venous catheter terminates in the m
              "A right IJ line ends at the cavoatrial region."]
 
 
-def _write_report(rng: np.random.Generator, findings: List[dict], catheter: bool) -> Tuple[str, str]:
-    """(findings section text, impression section text) describing exactly ``findings``."""
+def _write_report(rng: np.random.Generator, findings: List[dict], catheter: bool
+                  ) -> Tuple[str, str, List[Tuple[str, int]]]:
+    """(findings section text, impression section text, written sentences) describing exactly ``findings``.
+
+    The written sentences are ``(text, finding index)`` pairs in ``report_text`` order (impression
+    items first, then the findings section); the index points into ``findings`` for a sentence
+    that names a drawn finding and is -1 otherwise. Tagging draws nothing from ``rng``.
+    """
     present = {f["name"] for f in findings}
     lung_findings = present - {"cardiomegaly"}
     body, impression = [], []
+    body_tags, impression_tags = [], []
     if rng.random() < 0.6:
         body.append(_choose(rng, _TECHNIQUE))
     if rng.random() < 0.5:
         body.append(_choose(rng, _COMPARISON))
     if catheter:
         body.append(_choose(rng, _CATHETER))
-    order = sorted(findings, key=lambda f: FINDING_NAMES.index(f["name"]))
-    for fd in order:
-        long, short = _positive(rng, fd)
+    order = sorted(range(len(findings)), key=lambda i: FINDING_NAMES.index(findings[i]["name"]))
+    for i in order:
+        long, short = _positive(rng, findings[i])
         body.append(long)
         impression.append(short)
+        body_tags.append((len(body) - 1, i))
+        impression_tags.append(i)
     if "cardiomegaly" not in present and rng.random() < 0.8:
         body.append(_choose(rng, ["Heart size is normal.",
                                   "The cardiomediastinal silhouette is within normal limits.",
@@ -770,7 +782,24 @@ def _write_report(rng: np.random.Generator, findings: List[dict], catheter: bool
         imp = " ".join(f"{i + 1}. {t}" for i, t in enumerate(impression))
     else:
         imp = impression[0]
-    return " ".join(body), imp
+    tag_of_body = dict(body_tags)
+    impression_tags += [-1] * (len(impression) - len(impression_tags))
+    written = list(zip(impression, impression_tags)) + [(t, tag_of_body.get(k, -1)) for k, t in enumerate(body)]
+    return " ".join(body), imp, written
+
+
+def _sentence_findings(written: List[Tuple[str, int]], sentences: List[str]) -> List[int]:
+    """Finding index of each sentence of ``split_sentences(text)``, from the written sentences.
+
+    Each written sentence is split on its own; the pieces concatenate to the split of the whole
+    text because written sentences end at a full stop (checked: a mismatch is a generator bug).
+    """
+    tags: List[int] = []
+    for text, tag in written:
+        tags += [tag] * len(split_sentences(text))
+    if len(tags) != len(sentences):
+        raise RuntimeError(f"synthetic report: {len(tags)} tagged sentences for {len(sentences)} split sentences")
+    return tags
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,11 +831,13 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224) -> dict:
       ``findings``: list of dicts (name, side, zone, size[, mm]) actually drawn; ``scenario``: str;
       ``findings_text`` / ``impression_text``: section bodies; ``report``: the full report with
       "FINDINGS:" / "IMPRESSION:" headers; ``text``: ``report_text(impression, findings)``;
-      ``sentences``: ``split_sentences(text)``;
+      ``sentences``: ``split_sentences(text)``; ``sentence_findings``: per sentence, the index in
+      ``findings`` of the drawn finding it names, or -1; ``sentence_boxes``: per sentence, the
+      boxes of that finding (empty for sentences without a boxed finding);
       ``chexpert``: float32 (5,) in ``CHEXPERT_LABELS`` order; ``opacity``: float32 (1,);
       ``multiclass``: int index into ``MULTICLASS_NAMES``;
       ``boxes``: float32 (K, 4) normalised [x_min, y_min, x_max, y_max]; ``box_labels``: K str
-      ("opacity" / "nodule");
+      ("opacity" / "nodule"); ``box_findings``: K indices into ``findings``;
       ``pneumothorax_mask`` / ``opacity_mask``: uint8 (S, S) with 0 / 255.
     """
     image_size = int(image_size)
@@ -823,13 +854,15 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224) -> dict:
     ctr = _uniform(arng, ctr_range)
     density, markings, lesion_lung = _render_anatomy(cv, arng, ctr, catheter)
     soft_noise = _upsample(arng.standard_normal((6, 6)), image_size) * float(DIFFICULTY["anatomy_noise"])
-    findings, boxes, box_labels, ptx, opa = _render_findings(cv, rngs["lesion"], findings, lesion_lung,
-                                                             density, markings)
+    findings, boxes, box_labels, box_findings, ptx, opa = _render_findings(cv, rngs["lesion"], findings,
+                                                                           lesion_lung, density, markings)
     density += markings + soft_noise * (density > 0.05)
     image = _expose(density, rngs["noise"])
 
-    findings_text, impression_text = _write_report(rngs["text"], findings, catheter)
+    findings_text, impression_text, written = _write_report(rngs["text"], findings, catheter)
     text = report_text(impression_text, findings_text)
+    sentences = split_sentences(text)
+    sentence_findings = _sentence_findings(written, sentences)
     present = {f["name"] for f in findings}
     chexpert = np.array([float(n in present) for n in _CHEXPERT_FINDINGS], dtype=np.float32)
     has_opacity = "consolidation" in present or "multifocal_opacity" in present
@@ -845,12 +878,16 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224) -> dict:
         "impression_text": impression_text,
         "report": f"FINDINGS: {findings_text}\n\nIMPRESSION: {impression_text}",
         "text": text,
-        "sentences": split_sentences(text),
+        "sentences": sentences,
+        "sentence_findings": sentence_findings,
         "chexpert": chexpert,
         "opacity": np.array([float(has_opacity)], dtype=np.float32),
         "multiclass": multiclass,
         "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
         "box_labels": box_labels,
+        "box_findings": box_findings,
+        "sentence_boxes": [[[float(v) for v in boxes[k]] for k in range(len(boxes)) if box_findings[k] == tag]
+                           if tag >= 0 else [] for tag in sentence_findings],
         "pneumothorax_mask": ptx.astype(np.uint8) * 255,
         "opacity_mask": opa.astype(np.uint8) * 255,
     }
@@ -885,6 +922,7 @@ TASKS: Dict[str, TaskSpec] = {
     "detection": TaskSpec("detection", ("opacity_or_nodule",), "map"),
     "segmentation": TaskSpec("segmentation", ("pneumothorax",), "dice"),
     "segmentation_opacity": TaskSpec("segmentation", ("opacity",), "dice"),
+    "grounding": TaskSpec("grounding", ("opacity_or_nodule",), "pointing_game"),
 }
 
 
@@ -906,6 +944,9 @@ def _row(task: str, st: dict) -> dict:
         row["mask"] = st["pneumothorax_mask"]
     elif task == "segmentation_opacity":
         row["mask"] = st["opacity_mask"]
+    elif task == "grounding":
+        row["sentences"] = st["sentences"]
+        row["sentence_boxes"] = st["sentence_boxes"]
     return row
 
 

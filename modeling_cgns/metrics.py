@@ -1,4 +1,5 @@
-"""Downstream classification metrics (ALGORITHM.md E.1): AUROC per class and macro, top-1 accuracy.
+"""Downstream metrics: AUROC per class and macro, top-1 accuracy (ALGORITHM.md E.1), and the
+image-report retrieval metrics (Recall@k, median rank; docs/evaluation.md).
 
 One implementation for every caller (the Trainer's ``compute_metrics``, the final test report,
 the benchmark), built on scikit-learn so it runs offline (``evaluate.load("roc_auc")`` needs the Hub).
@@ -11,6 +12,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 MULTI_LABEL = "multi_label_classification"
@@ -111,12 +113,76 @@ def flat_numeric_metrics(metrics: Dict) -> Dict[str, float]:
     return flat
 
 
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def _as_float_tensor(embeds, name: str) -> torch.Tensor:
+    embeds = torch.as_tensor(np.asarray(embeds) if not torch.is_tensor(embeds) else embeds).detach()
+    if embeds.ndim != 2:
+        raise ValueError(f"{name} must be (N, D), got shape {tuple(embeds.shape)}")
+    embeds = embeds.to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{name} holds {int((~torch.isfinite(embeds)).sum())} non-finite values")
+    return embeds
+
+
+def ranks_of_true_pairs(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """1-based rank of key i among all keys for query i, by dot product: (N,) long.
+
+    ``rank_i = 1 + #{j != i : s_ij >= s_ii}``: a key that ties the true pair counts as ranked ahead
+    of it (ties broken against the true pair), so a constant similarity gives rank N, never 1.
+    Computed in row chunks: memory ``chunk_size x N``, not ``N x N``.
+    """
+    n = len(queries)
+    ranks = torch.empty(n, dtype=torch.long)
+    for start in range(0, n, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, n))
+        scores = queries[rows] @ keys.t()                                   # (c, N)
+        true = scores[torch.arange(len(rows)), rows].unsqueeze(1)
+        at_or_above = (scores >= true).sum(dim=1)                           # counts the true pair itself
+        ranks[rows] = at_or_above
+    return ranks
+
+
+def retrieval_metrics(image_embeds, text_embeds, ks: Sequence[int] = RETRIEVAL_KS) -> Dict[str, float]:
+    """Image->report and report->image retrieval over N pairs (row i of each input is one pair).
+
+    Args:
+        image_embeds: (N, D) image embeddings; text_embeds: (N, D) report embeddings (tensors or
+            arrays). Similarity is the dot product, i.e. the cosine for L2-normalised inputs such as
+            ``CGNSModel.get_image_features`` / ``get_text_features``.
+        ks: the cut-offs k of Recall@k.
+
+    Returns ``{"i2t_R@k": ..., "t2i_R@k": ..., "i2t_median_rank": ..., "t2i_median_rank": ...}``:
+    Recall@k is the fraction of queries whose true pair ranks within the top k; the median rank is
+    the median (``numpy.median``, so the mean of the two middle ranks for even N) of the 1-based
+    ranks. Ties are broken against the true pair (see :func:`ranks_of_true_pairs`).
+    """
+    images = _as_float_tensor(image_embeds, "image_embeds")
+    texts = _as_float_tensor(text_embeds, "text_embeds")
+    if images.shape != texts.shape:
+        raise ValueError(f"image_embeds {tuple(images.shape)} and text_embeds {tuple(texts.shape)} must both be "
+                         f"(N, D) with row i the same pair")
+    if len(images) == 0:
+        raise ValueError("retrieval needs at least one image-report pair, got 0")
+    result: Dict[str, float] = {}
+    for direction, queries, keys in (("i2t", images, texts), ("t2i", texts, images)):
+        ranks = ranks_of_true_pairs(queries, keys).numpy()
+        for k in ks:
+            result[f"{direction}_R@{k}"] = float(np.mean(ranks <= k))
+        result[f"{direction}_median_rank"] = float(np.median(ranks))
+    return result
+
+
 __all__ = [
     "UndefinedMetricWarning",
     "classification_metrics",
     "flat_numeric_metrics",
     "macro_mean",
     "per_class_auroc",
+    "ranks_of_true_pairs",
+    "retrieval_metrics",
+    "RETRIEVAL_KS",
     "sigmoid",
     "softmax",
     "MULTI_LABEL",

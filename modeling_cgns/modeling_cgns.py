@@ -142,6 +142,24 @@ class CGNSLocalCrossAttention(nn.Module):
         text_to_image = text_to_image_weights @ self.text_value(sentences)
         return text_to_image, image_to_text
 
+    def attention_weights(self, image_tokens: torch.Tensor, sentences: torch.Tensor, sentence_mask: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two sigmoid attention maps of :meth:`forward` (the same expressions), for grounding and pictures.
+
+        Returns (text_to_image_weights (B, P, S), zero on padded sentences; image_to_text_weights (B, S, P)):
+        ``forward`` is ``(text_to_image_weights @ V2(T), image_to_text_weights @ V1(V))``.
+        """
+        image_to_text_weights = torch.sigmoid(
+            self.text_query(sentences) @ self.image_key(image_tokens).transpose(1, 2) * self.scale)
+        text_to_image_weights = torch.sigmoid(
+            self.image_query(image_tokens) @ self.text_key(sentences).transpose(1, 2) * self.scale)
+        text_to_image_weights = text_to_image_weights * sentence_mask.to(sentences.dtype).unsqueeze(1)
+        return text_to_image_weights, image_to_text_weights
+
+
+#: What :meth:`CGNSModel.get_sentence_attention` can return (see there).
+ATTENTION_DIRECTIONS = ("text_to_image", "image_to_text")
+
 
 class CGNSPredictor(nn.Sequential):
     """SimSiam predictor h (B.2): Linear(D, D/2) -> ReLU -> Linear(D/2, D)."""
@@ -485,6 +503,28 @@ class CGNSModel(CGNSPreTrainedModel):
         """Sentence features (B, S, D) (means of normalised tokens) and their validity mask (B, S)."""
         return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[1:]
 
+    def get_sentence_attention(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor, sentence_index: torch.Tensor,
+                               token_type_ids: Optional[torch.Tensor] = None, direction: str = "text_to_image"
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each sentence's local cross-attention over the image grid (A.7), for grounding and pictures.
+
+        Returns (maps (B, S, P), sentence_mask (B, S)); P is the row-major ``grid_size x grid_size`` grid
+        of :meth:`get_local_image_features`, rows of padded sentences are zero. ``direction``:
+        ``"text_to_image"`` -> ``maps[b, s, p]`` is the weight with which image token p takes in sentence s
+        when V~ is built; ``"image_to_text"`` -> the weight with which sentence s attends to token p when
+        T~ is built. Both are sigmoids (not normalised over P).
+        """
+        if direction not in ATTENTION_DIRECTIONS:
+            raise ValueError(f"direction must be one of {ATTENTION_DIRECTIONS}, got {direction!r}")
+        local_image = self.get_local_image_features(pixel_values)
+        _, sentences, sentence_mask = self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)
+        text_to_image_weights, image_to_text_weights = self.cross_attention.attention_weights(
+            local_image, sentences, sentence_mask)
+        if direction == "text_to_image":
+            return text_to_image_weights.transpose(1, 2), sentence_mask
+        return image_to_text_weights * sentence_mask.to(image_to_text_weights.dtype).unsqueeze(-1), sentence_mask
+
     def scaled_logit_scale(self) -> torch.Tensor:
         """``min(exp(logit_scale), logit_scale_max)`` in value, with the gradient of ``exp(logit_scale)``
         everywhere: a plain ``clamp`` has zero gradient above the cap, so a parameter that passed ln(max)
@@ -655,4 +695,5 @@ __all__ = [
     "CGNSTokenDecoder",
     "segment_mean",
     "random_token_mask",
+    "ATTENTION_DIRECTIONS",
 ]

@@ -272,3 +272,12 @@ def test_every_row_accounted(faulty):
 
 
 __all__ = []
+
+
+def test_5x200_task_is_the_holdout_as_test_split(built, tmp_path):
+    _, ds_dir, _, info, _, manifest = built
+    ds = chexpert.load(ds_dir, task="5x200", cache_dir=str(tmp_path), holdout_per_task=1, val_size=8)
+    assert list(ds) == ["test"]
+    assert sorted(ds["test"]["image_id"]) == sorted(manifest["skipped"]["held out: CheXpert 5x200"])
+    for image_id, labels in zip(ds["test"]["image_id"], ds["test"]["labels"]):
+        assert labels == [1.0 if v == "1.0" else 0.0 for v in info[image_id]] and sum(labels) == 1.0

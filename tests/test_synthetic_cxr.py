@@ -213,6 +213,8 @@ def _expected_features(task):
                       "image_id": Value("string")},
         "segmentation": {"image": Image(), "mask": Image(), "image_id": Value("string")},
         "segmentation_opacity": {"image": Image(), "mask": Image(), "image_id": Value("string")},
+        "grounding": {"image": Image(), "sentences": List(Value("string")),
+                      "sentence_boxes": List(List(List(Value("float32"), length=4))), "image_id": Value("string")},
     }
     return Features(cols[task])
 
@@ -228,7 +230,8 @@ def test_builder_every_task(task, tmp_path):
     spec = sc.TASKS[task]
     assert spec.metric == {"pretraining": None, "classification": "auroc", "classification_binary": "auroc",
                            "classification_multiclass": "accuracy", "detection": "map",
-                           "segmentation": "dice", "segmentation_opacity": "dice"}[task]
+                           "segmentation": "dice", "segmentation_opacity": "dice",
+                           "grounding": "pointing_game"}[task]
     # rows equal the pure-Python generator (validation row 0 is study 16)
     row = dd["validation"][0]
     st = sc.generate_study(16, seed=0, image_size=64)
@@ -248,6 +251,10 @@ def test_builder_every_task(task, tmp_path):
         assert row["labels"] == st["multiclass"]
     if task == "detection":
         assert np.allclose(np.array(row["boxes"], dtype=np.float32).reshape(-1, 4), st["boxes"])
+    if task == "grounding":
+        assert row["sentences"] == st["sentences"]
+        assert [np.array(b, dtype=np.float32).reshape(-1, 4).tolist() for b in row["sentence_boxes"]] == \
+            [np.array(b, dtype=np.float32).reshape(-1, 4).tolist() for b in st["sentence_boxes"]]
     if task.startswith("segmentation"):
         key = "pneumothorax_mask" if task == "segmentation" else "opacity_mask"
         assert row["mask"].mode == "L" and np.array_equal(np.asarray(row["mask"]), st[key])
@@ -297,3 +304,26 @@ def test_mistyped_option_is_rejected(tmp_path, capsys):
 
 
 __all__ = []
+
+
+def test_sentence_findings_name_the_drawn_finding_and_carry_its_boxes():
+    boxed = 0
+    for i in range(60):
+        st = sc.generate_study(i, seed=0, image_size=64)
+        assert len(st["sentence_findings"]) == len(st["sentences"]) == len(st["sentence_boxes"])
+        assert len(st["box_findings"]) == len(st["boxes"])
+        for sentence, tag, boxes in zip(st["sentences"], st["sentence_findings"], st["sentence_boxes"]):
+            if tag < 0:
+                assert boxes == []
+                continue
+            finding = st["findings"][tag]
+            assert any(k in sentence for k in sc.KEYWORDS[finding["name"]]), (sentence, finding)
+            own = st["boxes"][[k for k, f in enumerate(st["box_findings"]) if f == tag]]
+            assert np.allclose(np.array(boxes, dtype=np.float32).reshape(-1, 4), own)
+            if finding["name"] in ("consolidation", "nodule", "multifocal_opacity"):
+                assert len(boxes) >= 1
+                boxed += 1
+        # every box belongs to a finding that some sentence names (impression and findings section)
+        for tag in st["box_findings"]:
+            assert st["sentence_findings"].count(tag) == 2
+    assert boxed > 10

@@ -1,0 +1,273 @@
+"""Grounding of report sentences in the image by CGNS's local cross-attention (docs/evaluation.md).
+
+    python train_downstream.py --task grounding --dataset synthetic_cxr --dataset_task grounding \
+        --model path/to/cgns_export --output_dir O
+    python train_downstream.py --task grounding --dataset rsna --dataset_task detection --data_dir D \
+        --model path/to/cgns_export --output_dir O      # queries: the label's positive prompts
+
+A query is a sentence with the boxes of what it names: on the synthetic ``grounding`` task every
+report sentence that names a drawn finding with a box (consolidation, multifocal opacity, nodule),
+read in the context of its whole report; on a detection task (RSNA, or synthetic ``detection``)
+every positive prompt of the task's label (``--prompts``) against each image with boxes. For each
+query the sentence's attention over the ``g x g`` image grid (``CGNSModel.get_sentence_attention``,
+``--attention_direction``) is compared with the boxes mapped into the evaluated crop:
+
+* pointing game: the arg-max cell intersects a box (a cell is a square of the grid; a tie between
+  cells counts the fraction of tied cells that intersect a box);
+* attention mass in the box: ``sum_c a_c * coverage_c / sum_c a_c``, ``coverage_c`` the fraction of
+  cell c inside the union of the boxes (rasterised at about the crop's pixel resolution);
+* uniform baseline: the same two numbers for constant attention (fraction of cells intersecting a
+  box; mean coverage).
+"""
+import logging
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import data_scripts
+
+from .common import write_results
+from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
+                       text_batch)
+from .zero_shot import DEFAULT_PROMPTS, load_prompts, prompt_sentences
+
+logger = logging.getLogger("downstream.grounding")
+
+#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+ARGUMENTS = EncoderEvaluationArguments
+DEFAULTS = {"batch_size": 16}
+#: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
+DATASET_TASK = "grounding"
+
+RESULTS_HEADER = ("| model | dataset | split | queries | attention | pointing game (%) | uniform (%) | "
+                  "mass in box (%) | uniform (%) |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry and scores (pure functions)
+# --------------------------------------------------------------------------------------------------
+
+def box_to_crop(box: Sequence[float], width: int, height: int, image_size: int, resize_size: int
+                ) -> Optional[List[float]]:
+    """A box normalised to the original image -> normalised to the evaluation crop, or ``None`` when
+    nothing of it is left in the crop.
+
+    Follows ``CGNSImageProcessor.transform(train=False)``: longest side -> ``resize_size``, centred
+    zero padding to a square, centre crop ``image_size``.
+    """
+    scale = resize_size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    top, left = (resize_size - new_h) // 2, (resize_size - new_w) // 2
+    margin = (resize_size - image_size) // 2
+    x0, y0, x1, y1 = (float(v) for v in box)
+    mapped = [(left + x0 * new_w - margin) / image_size, (top + y0 * new_h - margin) / image_size,
+              (left + x1 * new_w - margin) / image_size, (top + y1 * new_h - margin) / image_size]
+    mapped = [min(max(v, 0.0), 1.0) for v in mapped]
+    if mapped[2] <= mapped[0] or mapped[3] <= mapped[1]:
+        return None
+    return mapped
+
+
+def cell_intersects(boxes: np.ndarray, grid: int) -> np.ndarray:
+    """(g, g) bool: cell (row, col) shares a positive area with at least one box of ``boxes`` (K, 4)."""
+    edges = np.arange(grid + 1) / grid
+    lo, hi = edges[:-1], edges[1:]
+    hit = np.zeros((grid, grid), dtype=bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        cols = (lo < x1) & (hi > x0)
+        rows = (lo < y1) & (hi > y0)
+        hit |= rows[:, None] & cols[None, :]
+    return hit
+
+
+def cell_coverage(boxes: np.ndarray, grid: int, resolution: int = 224) -> np.ndarray:
+    """(g, g) fraction of each cell inside the union of ``boxes`` (K, 4), from sample points at the
+    centres of a ``grid * ceil(resolution / grid)`` raster (the crop's pixels when ``resolution`` is
+    the crop size and a multiple of the grid)."""
+    sub = max(1, math.ceil(resolution / grid))
+    n = grid * sub
+    centres = (np.arange(n) + 0.5) / n
+    inside = np.zeros((n, n), dtype=bool)
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        inside |= ((centres >= y0) & (centres <= y1))[:, None] & ((centres >= x0) & (centres <= x1))[None, :]
+    return inside.reshape(grid, sub, grid, sub).mean(axis=(1, 3))
+
+
+def pointing_hit(attention: np.ndarray, intersects: np.ndarray) -> float:
+    """Pointing game for one (g, g) map: 1 when the arg-max cell intersects a box, 0 when not; with tied
+    maxima the fraction of tied cells that do (the expected hit of a random tie-break)."""
+    attention = np.asarray(attention, dtype=np.float64)
+    top = attention == attention.max()
+    return float(intersects[top].mean())
+
+
+def attention_mass(attention: np.ndarray, coverage: np.ndarray) -> float:
+    """Fraction of a non-negative (g, g) map's total inside the boxes; constant attention when the total is 0."""
+    attention = np.asarray(attention, dtype=np.float64)
+    total = attention.sum()
+    if total <= 0:
+        return float(coverage.mean())
+    return float((attention * coverage).sum() / total)
+
+
+def grounding_scores(maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], resolution: int = 224
+                     ) -> Dict[str, float]:
+    """Mean pointing game and attention mass over queries, with the uniform-attention baseline.
+
+    Args:
+        maps: one (g, g) non-negative attention map per query.
+        boxes: one (K, 4) array per query, normalised ``[x_min, y_min, x_max, y_max]`` in the map's frame.
+    """
+    if len(maps) != len(boxes):
+        raise ValueError(f"{len(maps)} attention maps for {len(boxes)} box sets")
+    if not maps:
+        raise ValueError("grounding needs at least one query (a sentence with a box)")
+    hits, masses, uniform_hits, uniform_masses = [], [], [], []
+    for attention, query_boxes in zip(maps, boxes):
+        grid = np.asarray(attention).shape[0]
+        intersects = cell_intersects(query_boxes, grid)
+        coverage = cell_coverage(query_boxes, grid, resolution)
+        hits.append(pointing_hit(attention, intersects))
+        masses.append(attention_mass(attention, coverage))
+        uniform_hits.append(float(intersects.mean()))
+        uniform_masses.append(float(coverage.mean()))
+    return {"pointing_game": float(np.mean(hits)), "uniform_pointing_game": float(np.mean(uniform_hits)),
+            "attention_mass_in_box": float(np.mean(masses)),
+            "uniform_attention_mass_in_box": float(np.mean(uniform_masses)), "num_queries": len(maps)}
+
+
+# --------------------------------------------------------------------------------------------------
+# queries from a split
+# --------------------------------------------------------------------------------------------------
+
+def _crop_boxes(boxes, image, image_processor) -> np.ndarray:
+    width, height = image.size
+    mapped = [box_to_crop(b, width, height, image_processor.image_size, image_processor.resize_size)
+              for b in boxes]
+    return np.array([b for b in mapped if b is not None], dtype=np.float64).reshape(-1, 4)
+
+
+@torch.no_grad()
+def report_sentence_queries(model, processor, split, batch_size: int, direction: str, counts: Dict[str, int]):
+    """(map (g, g), boxes) for every sentence with a box, read with its whole report (``sentence_boxes`` rows)."""
+    device = next(model.parameters()).device
+    grid = model.grid_size
+    maps, boxes = [], []
+    for chunk in split.iter(batch_size=batch_size):
+        pixel_values = image_batch(processor, chunk["image"], device)
+        attention, sentence_mask = model.get_sentence_attention(
+            pixel_values, **text_batch(processor, chunk["sentences"], device), direction=direction)
+        attention = attention.float().cpu().numpy()
+        for b, (image, sentence_boxes) in enumerate(zip(chunk["image"], chunk["sentence_boxes"])):
+            for s, query_boxes in enumerate(sentence_boxes):
+                if not query_boxes:
+                    continue
+                counts["sentences_with_boxes"] += 1
+                if s >= sentence_mask.shape[1] or not bool(sentence_mask[b, s]):
+                    counts["truncated_sentences"] += 1       # cut by the tokenizer's max_length
+                    continue
+                cropped = _crop_boxes(query_boxes, image, processor.image_processor)
+                if not len(cropped):
+                    counts["boxes_outside_crop"] += 1
+                    continue
+                maps.append(attention[b, s].reshape(grid, grid))
+                boxes.append(cropped)
+    return maps, boxes
+
+
+@torch.no_grad()
+def prompt_queries(model, processor, split, prompts: List[str], batch_size: int, direction: str,
+                   counts: Dict[str, int]):
+    """(map, boxes) for every prompt sentence against every image that has boxes (detection rows)."""
+    device = next(model.parameters()).device
+    grid = model.grid_size
+    sentences = [s for p in prompts for s in prompt_sentences(p)]
+    prompt_features, prompt_mask = model.get_sentence_features(**text_batch(processor, [[s] for s in sentences],
+                                                                            device))
+    prompt_features = prompt_features[prompt_mask]                       # (K, D): one row per prompt sentence
+    maps, boxes = [], []
+    for chunk in split.iter(batch_size=batch_size):
+        keep = [i for i, b in enumerate(chunk["boxes"]) if b]
+        counts["images_without_boxes"] += len(chunk["boxes"]) - len(keep)
+        if not keep:
+            continue
+        images = [chunk["image"][i] for i in keep]
+        local = model.get_local_image_features(image_batch(processor, images, device))
+        queries = prompt_features.unsqueeze(0).expand(len(images), -1, -1)
+        mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=device)
+        text_to_image, image_to_text = model.cross_attention.attention_weights(local, queries, mask)
+        attention = (text_to_image.transpose(1, 2) if direction == "text_to_image" else image_to_text)
+        attention = attention.float().cpu().numpy()
+        for b, i in enumerate(keep):
+            cropped = _crop_boxes(chunk["boxes"][i], images[b], processor.image_processor)
+            if not len(cropped):
+                counts["boxes_outside_crop"] += 1
+                continue
+            for k in range(len(sentences)):
+                maps.append(attention[b, k].reshape(grid, grid))
+                boxes.append(cropped)
+    return maps, boxes, sentences
+
+
+def check_arguments(args) -> None:
+    require_dataset(args, "grounding")
+    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+        raise ValueError(f"--prompts {args.prompts}: no such file")
+
+
+def run(args) -> Dict:
+    """Queries of the split -> attention maps -> pointing game and mass in box vs uniform -> results files."""
+    spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
+    dataset_dict = data_scripts.load_cgns_dataset(
+        args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
+        **args.dataset_options)
+    split_name = pick_split(dataset_dict, args.split)
+    split = dataset_dict[split_name]
+    columns = set(split.features)
+    direction = getattr(args, "attention_direction", "text_to_image")
+    model, processor = load_model_and_processor(args.model)
+    counts = {"sentences_with_boxes": 0, "truncated_sentences": 0, "boxes_outside_crop": 0,
+              "images_without_boxes": 0}
+    query_sentences = None
+    if {"image", "sentences", "sentence_boxes"} <= columns:
+        source = "report sentences"
+        maps, boxes = report_sentence_queries(model, processor, split, args.batch_size, direction, counts)
+    elif {"image", "boxes"} <= columns:
+        if spec.num_labels != 1:
+            raise ValueError(f"prompt queries need a one-label detection task; {args.dataset}/{args.dataset_task} "
+                             f"has labels {list(spec.label_names)}")
+        prompt_path = getattr(args, "prompts", None) or DEFAULT_PROMPTS
+        label = spec.label_names[0]
+        positive = load_prompts(prompt_path, [label])[label]["positive"]
+        source = f"positive prompts of {label!r} from {prompt_path}"
+        maps, boxes, query_sentences = prompt_queries(model, processor, split, positive, args.batch_size,
+                                                      direction, counts)
+    else:
+        raise ValueError(f"grounding needs rows with 'image', 'sentences' and 'sentence_boxes' (synthetic_cxr task "
+                         f"grounding) or 'image' and 'boxes' (a detection task); {args.dataset}/{args.dataset_task} "
+                         f"split {split_name!r} has {sorted(columns)}")
+    for reason, n in counts.items():
+        if n and reason != "sentences_with_boxes":
+            logger.warning("grounding: %d %s left out", n, reason.replace("_", " "))
+    scores = grounding_scores(maps, boxes, resolution=processor.image_processor.image_size)
+    results = {
+        "task": "grounding", "dataset": args.dataset, "dataset_task": args.dataset_task, "split": split_name,
+        "model": args.model, "attention_direction": direction, "queries": source, "query_sentences": query_sentences,
+        "grid_size": model.grid_size, "counts": counts, "test": scores,
+    }
+    row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {scores['num_queries']} | "
+           f"{direction} | {100 * scores['pointing_game']:.1f} | {100 * scores['uniform_pointing_game']:.1f} | "
+           f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} |")
+    write_results(results, args.output_dir, RESULTS_HEADER, row)
+    logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
+    return results
+
+
+__all__ = [
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "pointing_hit",
+    "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop", "report_sentence_queries",
+    "prompt_queries", "RESULTS_HEADER",
+]
