@@ -366,6 +366,7 @@ def vision_grid_size(config: CGNSConfig, vision_model: nn.Module) -> int:
 # calls it would otherwise keep every batch's features forever).
 _MAX_PENDING_UPDATES = 1024
 
+
 class CGNSModel(CGNSPreTrainedModel):
     """Image-report dual encoder trained with CM-CGNS.
 
