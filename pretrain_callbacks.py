@@ -270,19 +270,16 @@ def nonfinite_tensors(model: torch.nn.Module) -> List[str]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
-def _format_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
 def free_space(path: str) -> str:
+    """Free space on the disk holding ``path``, for error messages ("1.2 GiB")."""
     try:
-        return _format_bytes(shutil.disk_usage(path).free)
+        free = float(shutil.disk_usage(path).free)
     except OSError:
-        return "unknown space"
+        return "an unknown amount of space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.1f} {unit}"
+        free /= 1024
 
 
 def save_checkpoint(run: PretrainingRun) -> str:
@@ -336,24 +333,18 @@ def save_checkpoint(run: PretrainingRun) -> str:
         if os.path.exists(final):        # only when a run re-saves a step it already saved
             shutil.rmtree(final)
         os.replace(tmp, final)
-    run.checkpoint_history = [(step, path) for step, path in run.checkpoint_history if path != final]
-    run.checkpoint_history.append((run.progress.global_step, final))
-    if accelerator.is_main_process:
-        _rotate_checkpoints(run, run.training_args.save_total_limit)
-    elif run.training_args.save_total_limit > 0:
-        run.checkpoint_history = run.checkpoint_history[-run.training_args.save_total_limit:]
+    history = sorted([(step, path) for step, path in run.checkpoint_history if path != final]
+                     + [(run.progress.global_step, final)])
+    keep = run.training_args.save_total_limit
+    if keep > 0:
+        if accelerator.is_main_process:
+            for _, path in history[:-keep]:
+                shutil.rmtree(path, ignore_errors=True)
+        history = history[-keep:]
+    run.checkpoint_history = history
     accelerator.wait_for_everyone()
     run.last_checkpoint = final
     return final
-
-
-def _rotate_checkpoints(run: PretrainingRun, keep: int) -> None:
-    if keep <= 0:
-        return
-    history = sorted(run.checkpoint_history)
-    for _, path in history[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    run.checkpoint_history = history[-keep:]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -343,7 +343,10 @@ def prepare_output_dir(config: PretrainingConfig, accelerator: Accelerator) -> O
     remove = [path for path in remove if os.path.exists(path)]
     if remove and accelerator.is_main_process:
         for path in remove:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         logger.warning(f"--overwrite_output_dir: deleted {', '.join(remove)}")
     accelerator.wait_for_everyone()
     return resume_dir
