@@ -91,8 +91,9 @@ def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str]
         launcher += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         launcher += ["--num_processes", "1"] + ([] if torch.cuda.is_available() else ["--cpu"])
+    # a re-run of the demo replaces the previous one (train_pretrain refuses that without the flag)
     command = launcher + [os.path.join(ROOT, "train_pretrain.py"), "--config", config_path,
-                          "--output_dir", output_dir, "--cache_dir", cache_dir] + extra
+                          "--output_dir", output_dir, "--cache_dir", cache_dir, "--overwrite_output_dir", "true"] + extra
     print("$ " + " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch"), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
     return os.path.join(output_dir, "final")

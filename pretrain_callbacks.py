@@ -41,7 +41,8 @@ class TrainingProgress:
 
     ``stage`` is the stage whose optimiser is live (and saved); ``epoch`` counts epochs over both
     stages; ``step_in_epoch`` counts the micro-batches of ``epoch`` already consumed (what
-    ``skip_first_batches`` skips on resume); ``global_step`` counts optimiser steps.
+    ``skip_first_batches`` skips on resume); ``global_step`` counts optimiser steps;
+    ``skipped_steps`` counts the steps whose optimiser update was skipped for a non-finite gradient.
     """
 
     def __init__(self):
@@ -49,16 +50,18 @@ class TrainingProgress:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
+        self.skipped_steps = 0
 
     def state_dict(self) -> Dict[str, int]:
         return {"stage": self.stage, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step}
+                "global_step": self.global_step, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.stage = int(state["stage"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))     # absent in older checkpoints
 
     def __repr__(self) -> str:
         return f"TrainingProgress({self.state_dict()})"
@@ -82,6 +85,9 @@ class PretrainingRun:
     should_stop: bool = False
     step_logs: Dict[str, float] = field(default_factory=dict)   # extra per-step metrics from callbacks
     last_checkpoint: Optional[str] = None
+    # (step, path) of the checkpoints of this run's own history in output_dir, oldest first: rotation
+    # deletes only these, never a checkpoint some other run left there
+    checkpoint_history: List[Tuple[int, str]] = field(default_factory=list)
     last_train_logs: Dict[str, float] = field(default_factory=dict)
     last_eval_metrics: Dict[str, float] = field(default_factory=dict)
 
@@ -166,12 +172,17 @@ def build_stage_optimization(model: torch.nn.Module, stage: int, training_args, 
     t = training_args
     optimizer = torch.optim.Adam(stage_parameters(model, stage), lr=t.learning_rate,
                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_schedule(t, stage, updates_per_epoch))
+    return optimizer, scheduler
+
+
+def stage_schedule(training_args, stage: int, updates_per_epoch: int) -> WarmupCosine:
+    """The stage's warm-up + cosine LR multiplier, in optimiser steps of ``updates_per_epoch`` per epoch."""
+    t = training_args
     stage_epochs = t.stage1_epochs if stage == 1 else t.stage2_epochs
     total_steps = max(1, stage_epochs * updates_per_epoch)
     warmup_steps = min(total_steps, max(0, round(t.warmup_epochs * updates_per_epoch)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(warmup_steps, total_steps, t.warmup_start_factor))
-    return optimizer, scheduler
+    return WarmupCosine(warmup_steps, total_steps, t.warmup_start_factor)
 
 
 def _unregister(registry: list, obj) -> None:
@@ -245,43 +256,95 @@ def read_trainer_state(checkpoint_dir: str) -> Dict[str, Any]:
         return json.load(f)
 
 
+class NonFiniteStateError(RuntimeError):
+    """A parameter or buffer (k-means state included) is NaN or infinite: no checkpoint is written."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (typically a full disk); the partial checkpoint has been removed."""
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> List[str]:
+    """Names of the floating-point parameters and buffers that hold a NaN or an infinity."""
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def free_space(path: str) -> str:
+    """Free space on the disk holding ``path``, for error messages ("1.2 GiB")."""
+    try:
+        free = float(shutil.disk_usage(path).free)
+    except OSError:
+        return "an unknown amount of space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.1f} {unit}"
+        free /= 1024
+
+
 def save_checkpoint(run: PretrainingRun) -> str:
     """``accelerator.save_state`` into ``step_N.tmp``, then rename to ``step_N``.
 
     The rename is atomic, so a crash while saving leaves the previous checkpoints untouched and the
-    half-written folder is never picked by ``latest``. Keeps the newest ``save_total_limit``.
+    half-written folder is never picked by ``latest``. A save that fails with an exception (a full
+    disk) removes its partial folder and raises :class:`CheckpointWriteError`; a model holding a
+    non-finite parameter or k-means buffer is never saved (:class:`NonFiniteStateError`). Keeps the
+    newest ``save_total_limit`` checkpoints of this run's own history.
     """
     accelerator = run.accelerator
     root = checkpoints_root(run.output_dir)
     final = os.path.join(root, f"step_{run.progress.global_step}")
     tmp = final + ".tmp"
+    # Every rank holds the same parameters and centroids, so every rank raises here together.
+    bad = nonfinite_tensors(run.unwrapped_model)
+    if bad:
+        raise NonFiniteStateError(
+            f"not writing {final}: {len(bad)} tensor(s) are NaN or infinite ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the last good checkpoint is {run.last_checkpoint or 'none'}")
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):          # left behind by an interrupted save
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+    except Exception as error:           # torch reports a full disk as RuntimeError, safetensors as OSError
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final} ({reason}); {free_space(root)} free on the disk of {root}. "
+            f"The partial checkpoint was removed; the last complete one is {run.last_checkpoint or 'none'}. "
+            f"Free disk space (or lower --save_total_limit), then resume with --resume_from_checkpoint latest"
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        t = run.training_args
         state = {**run.progress.state_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "num_processes": accelerator.num_processes, "train_logs": run.last_train_logs,
-                 "eval_metrics": run.last_eval_metrics}
+                 "num_processes": accelerator.num_processes,
+                 # progress in samples, so a resume on another number of processes starts at the right one
+                 "samples_in_epoch": run.progress.step_in_epoch * t.per_device_train_batch_size
+                 * accelerator.num_processes,
+                 "train_logs": run.last_train_logs, "eval_metrics": run.last_eval_metrics}
+        if hasattr(run.args, "to_dict"):
+            state["args"] = run.args.to_dict()      # what a resume compares its own arguments with
         with open(os.path.join(tmp, TRAINER_STATE_NAME), "w") as f:
             json.dump(state, f, indent=2)
         if os.path.exists(final):        # only when a run re-saves a step it already saved
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _rotate_checkpoints(run.output_dir, run.training_args.save_total_limit)
+    history = sorted([(step, path) for step, path in run.checkpoint_history if path != final]
+                     + [(run.progress.global_step, final)])
+    keep = run.training_args.save_total_limit
+    if keep > 0:
+        if accelerator.is_main_process:
+            for _, path in history[:-keep]:
+                shutil.rmtree(path, ignore_errors=True)
+        history = history[-keep:]
+    run.checkpoint_history = history
     accelerator.wait_for_everyone()
     run.last_checkpoint = final
     return final
-
-
-def _rotate_checkpoints(output_dir: str, keep: int) -> None:
-    if keep <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,12 +608,17 @@ __all__ = [
     "warmup_cosine_factor",
     "WarmupCosine",
     "build_stage_optimization",
+    "stage_schedule",
     "prepare_stage",
     "checkpoints_root",
     "list_checkpoints",
     "resolve_checkpoint",
     "read_trainer_state",
     "save_checkpoint",
+    "NonFiniteStateError",
+    "CheckpointWriteError",
+    "nonfinite_tensors",
+    "free_space",
     "Callback",
     "StageSwitchCallback",
     "ClusterReassignmentCallback",

@@ -19,9 +19,12 @@ The recipe: parse arguments -> data -> model -> prepare (+ resume) -> loop -> ex
 import argparse
 import json
 import logging
+import math
 import os
+import re
+import shutil
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -37,12 +40,14 @@ from pretrain_callbacks import (
     LoggingCallback,
     PretrainingRun,
     StageSwitchCallback,
+    checkpoints_root,
     fire,
     list_checkpoints,
     prepare_stage,
     read_trainer_state,
     resolve_checkpoint,
     stage_of_epoch,
+    stage_schedule,
 )
 
 logger = get_logger(__name__)
@@ -160,6 +165,13 @@ class PretrainingArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "'latest' (newest checkpoint in output_dir, or a fresh start if none) or a checkpoint "
                 "folder"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "allow a fresh run in an output_dir that holds checkpoints (they, the metrics, TensorBoard "
+                "logs and final/ are deleted first); without it such a run is refused"})
+    nonfinite_grad: str = field(default="skip", metadata={
+        "help": "a NaN/inf gradient with a finite loss: skip (no optimiser update; counted and warned) | stop"})
+    sentence_check_batches: int = field(default=20, metadata={
+        "help": "stop if none of the first N train batches holds a sentence (0: off)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none"})
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms"})
 
@@ -170,6 +182,15 @@ class PretrainingArguments:
             raise ValueError(f"report_to must be tensorboard or none, got {self.report_to!r}")
         if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.stage1_epochs + self.stage2_epochs == 0:
             raise ValueError("need stage1_epochs >= 0, stage2_epochs >= 0 and at least one epoch in total")
+        if self.nonfinite_grad not in ("skip", "stop"):
+            raise ValueError(f"nonfinite_grad must be skip or stop, got {self.nonfinite_grad!r}")
+        for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}"
+                                 + (" (1 = an optimiser step after every batch)" if "accumulation" in name else ""))
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
         if self.per_device_eval_batch_size is None:
             self.per_device_eval_batch_size = self.per_device_train_batch_size
 
@@ -240,6 +261,104 @@ def save_args(config: PretrainingConfig, accelerator: Accelerator) -> None:
         os.makedirs(config.training.output_dir, exist_ok=True)
         with open(os.path.join(config.training.output_dir, "args.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
+
+
+# Arguments a resume may change: they decide what is logged, saved or evaluated (and where), or how fast the
+# data loads, but not the optimisation. Every other field is baked into the checkpoint (optimiser, schedule,
+# data order, model shapes) or would change the run's trajectory, so a change is refused.
+RESUME_SAFE_FIELDS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
+    "save_total_limit", "report_to", "do_eval", "per_device_eval_batch_size", "max_steps",
+    "dataloader_num_workers", "cache_dir", "data_dir", "gradient_checkpointing", "deterministic",
+    "nonfinite_grad", "sentence_check_batches"})
+# what a run writes into output_dir; --overwrite_output_dir deletes these before a fresh start
+RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "loss_curves.png")
+
+
+def stored_args(checkpoint_dir: str) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(the arguments a checkpoint was trained with, where they were read); ``(None, "")`` if unknown.
+
+    Newer checkpoints carry them in ``trainer_state.json``; older ones have the run's ``args.json`` two
+    folders up (``output_dir/checkpoints/step_N``)."""
+    state = read_trainer_state(checkpoint_dir)
+    if "args" in state:
+        return state["args"], os.path.join(checkpoint_dir, "trainer_state.json")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir))), "args.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f), path
+    return None, ""
+
+
+def changed_arguments(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(field, old, new) for every field outside :data:`RESUME_SAFE_FIELDS` whose value changed."""
+    new = json.loads(json.dumps(new))          # tuples -> lists, as they were stored
+    return [(name, old[name], new[name]) for name in sorted(new)
+            if name in old and name not in RESUME_SAFE_FIELDS and old[name] != new[name]]
+
+
+def checkpoint_step(checkpoint_dir: str) -> int:
+    """The step of a checkpoint folder: N of ``step_N``, else its recorded global step."""
+    name = os.path.basename(os.path.normpath(checkpoint_dir))
+    if re.fullmatch(r"step_\d+", name):
+        return int(name[len("step_"):])
+    return int(read_trainer_state(checkpoint_dir)["global_step"])
+
+
+def prepare_output_dir(config: PretrainingConfig, accelerator: Accelerator) -> Optional[str]:
+    """Decide, before anything is written, which checkpoint to resume from (``None``: a fresh start).
+
+    Refuses a fresh start over an earlier run's checkpoints, a resume from a checkpoint with newer ones
+    beside it (their future would mix with this run's), and a resume whose arguments differ from the
+    checkpoint's in a field that breaks exact resume. ``--overwrite_output_dir`` deletes the earlier
+    run's outputs (fresh start) or the newer checkpoints (resume) instead of refusing.
+    """
+    t = config.training
+    resume_dir = resolve_checkpoint(t.resume_from_checkpoint, t.output_dir)
+    existing = list_checkpoints(t.output_dir)
+    remove: List[str] = []
+    how = ("pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir true to delete it and "
+           "start over, or choose another --output_dir")
+    if resume_dir is None:
+        if existing:
+            if not t.overwrite_output_dir:
+                raise FileExistsError(f"{t.output_dir} holds checkpoints of an earlier run (newest: "
+                                      f"{existing[-1][1]}); a fresh run there would mix with it: {how}")
+            remove = [os.path.join(t.output_dir, name) for name in RUN_OUTPUTS]
+    else:
+        old, source = stored_args(resume_dir)
+        if old is None:
+            logger.warning(f"{resume_dir} records no training arguments: cannot check that this resume uses "
+                           f"the same ones")
+        else:
+            changed = changed_arguments(old, config.to_dict())
+            if changed:
+                listing = "; ".join(f"{name}: {before!r} -> {after!r}" for name, before, after in changed)
+                raise ValueError(
+                    f"cannot resume {resume_dir} with changed arguments ({listing}): the checkpoint's model, "
+                    f"optimiser, schedule and data position follow the old values (in {source}). Resume with "
+                    f"the old values, or start a fresh run in another --output_dir. Only "
+                    f"{', '.join(sorted(RESUME_SAFE_FIELDS - {'output_dir', 'resume_from_checkpoint'}))} "
+                    f"may change on resume")
+        resume_step = checkpoint_step(resume_dir)
+        newer = [path for step, path in existing if step > resume_step]
+        if newer:
+            if not t.overwrite_output_dir:
+                raise FileExistsError(
+                    f"resuming from {resume_dir}, but {t.output_dir} holds newer checkpoints "
+                    f"({', '.join(os.path.basename(p) for p in newer)}) that this run would mix with: pass "
+                    f"--overwrite_output_dir true to delete them, or resume from the newest")
+            remove = newer
+    remove = [path for path in remove if os.path.exists(path)]
+    if remove and accelerator.is_main_process:
+        for path in remove:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        logger.warning(f"--overwrite_output_dir: deleted {', '.join(remove)}")
+    accelerator.wait_for_everyone()
+    return resume_dir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,20 +569,92 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
         stage = stage_of_epoch(0, training_args.stage1_epochs)
     prepare_stage(run, stage)
     if resume_dir:
-        accelerator.load_state(resume_dir)
+        load_checkpoint(run, resume_dir)
         # The progress counters travel as JSON beside the accelerate state, not as a registered custom
         # object: accelerate loads those with weights_only=False (a pickle), which this project never does.
-        run.progress.load_state_dict(read_trainer_state(resume_dir))
+        state = read_trainer_state(resume_dir)
+        run.progress.load_state_dict(state)
+        adapt_to_process_count(run, state)
         run.last_checkpoint = resume_dir
+        if os.path.abspath(os.path.dirname(resume_dir)) == os.path.abspath(checkpoints_root(run.output_dir)):
+            run.checkpoint_history = [(step, path) for step, path in list_checkpoints(run.output_dir)
+                                      if step <= checkpoint_step(resume_dir)]
         logger.info(f"resumed from {resume_dir}: {run.progress}")
     elif accelerator.is_main_process:
-        if list_checkpoints(training_args.output_dir):
-            logger.warning(f"{training_args.output_dir} holds checkpoints of an earlier run; this fresh run "
-                           f"will replace them (--resume_from_checkpoint latest continues that run instead)")
         metrics = os.path.join(training_args.output_dir, "metrics.jsonl")
         if os.path.exists(metrics):           # a fresh run starts a fresh log; a resumed one appends
             os.remove(metrics)
     return run
+
+
+# a mismatched checkpoint tensor -> the arguments that set its shape
+_SHAPE_FIELDS = (("clustering.", "num_clusters / cluster_queue_size / projection_dim"),
+                 ("decoder.", "decoder_channels / decoder_layers / decoder_ffn_dim / projection_dim"),
+                 ("attention_pool.", "image_size / attention_pool_heads / vision_model"),
+                 ("vision_model.", "vision_model"), ("text_model.", "text_model"),
+                 ("predictor.", "projection_dim"), ("", "projection_dim"))
+
+
+def load_checkpoint(run: PretrainingRun, checkpoint_dir: str) -> None:
+    """``accelerator.load_state`` with readable errors: a checkpoint of another model shape names the
+    argument that differs, and a missing RNG state (exact resume lost) is a warning."""
+    accelerator = run.accelerator
+    try:
+        accelerator.load_state(checkpoint_dir)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        shape = r"torch\.Size\((\[[^\]]*\])\)"
+        mismatched = re.findall(rf"size mismatch for ([\w.]+): copying a param with shape {shape} from "
+                                rf"checkpoint, the shape in current model is {shape}", str(error))
+        hints: List[str] = []
+        for name, _, _ in mismatched:
+            hint = next(hint for prefix, hint in _SHAPE_FIELDS if name.startswith(prefix))
+            if hint not in hints:
+                hints.append(hint)
+        details = "; ".join(f"{name} {old} in the checkpoint, {new} here" for name, old, new in mismatched[:4])
+        raise ValueError(f"{checkpoint_dir} holds a model of another shape ({details or 'size mismatch'}): the "
+                         f"model arguments differ from the checkpoint's, check {', '.join(hints) or 'them'}; "
+                         f"resume with the arguments it was trained with") from None
+    rng_file = os.path.join(checkpoint_dir, f"random_states_{accelerator.process_index}.pkl")
+    if not os.path.isfile(rng_file):
+        logger.warning(f"{rng_file} is missing: process {accelerator.process_index} continues with a fresh RNG "
+                       f"state, so dropout and the CM-MIR masks differ from an uninterrupted run",
+                       main_process_only=False)
+
+
+def adapt_to_process_count(run: PretrainingRun, state: Dict[str, Any]) -> None:
+    """Re-express a checkpoint written by another number of processes for this one.
+
+    Progress within the epoch is kept in samples: the epoch order is the same on any number of processes
+    and global micro-batch k covers its samples [k * B * W, (k + 1) * B * W), so this run skips
+    ``samples / (B * W)`` batches per process (rounded down to a whole accumulation window; the rest are
+    seen again). The stage's schedule is rebuilt for this run's optimiser steps per epoch and set to the
+    same point of the stage.
+    """
+    accelerator, progress, t = run.accelerator, run.progress, run.training_args
+    world, old_world = accelerator.num_processes, int(state.get("num_processes", accelerator.num_processes))
+    if world == old_world:
+        return
+    samples = int(state.get("samples_in_epoch", progress.step_in_epoch * t.per_device_train_batch_size * old_world))
+    window = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    windows = samples // window
+    progress.step_in_epoch = windows * t.gradient_accumulation_steps
+    repeated = samples - windows * window
+    stage_start = 0 if progress.stage == 1 else t.stage1_epochs
+    step_in_stage = (progress.epoch - stage_start) * run.updates_per_epoch + windows
+    scheduler = run.scheduler.scheduler
+    schedule = stage_schedule(t, progress.stage, run.updates_per_epoch)
+    scheduler.lr_lambdas = [schedule for _ in scheduler.lr_lambdas]
+    scheduler.last_epoch = step_in_stage
+    scheduler._last_lr = [base * schedule(step_in_stage) for base in scheduler.base_lrs]
+    for group, lr in zip(run.optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
+    logger.warning(f"the checkpoint was written by {old_world} process(es), this run has {world}: epoch "
+                   f"{progress.epoch} continues at sample {samples - repeated} of {samples} consumed"
+                   + (f" ({repeated} are seen again: the global batch of {window} does not divide {samples})"
+                      if repeated else "")
+                   + f"; the schedule continues at step {step_in_stage} of the stage in this run's steps")
 
 
 def default_callbacks(training_args: PretrainingArguments) -> list:
@@ -502,6 +693,80 @@ def check_losses_finite(run: PretrainingRun, out) -> None:
             f"{progress.epoch}, batch {progress.step_in_epoch} of the epoch, process "
             f"{run.accelerator.process_index}): {terms}. Training stopped before backward; no checkpoint was "
             f"written for this step (last checkpoint: {last}).")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient became NaN or infinite while the loss was finite (``--nonfinite_grad stop``)."""
+
+
+class NoSentencesError(ValueError):
+    """None of the first train batches holds a sentence: the dataset's reports are empty."""
+
+
+def gradients_finite(run: PretrainingRun, loss: torch.Tensor) -> bool:
+    """Whether every gradient is finite, agreed by all ranks. A non-finite one raises
+    :class:`NonFiniteGradientError` under ``--nonfinite_grad stop``; otherwise the caller skips the update.
+
+    Under fp16 the GradScaler owns this: an overflow there is routine, and it skips the step itself.
+    """
+    accelerator = run.accelerator
+    if accelerator.scaler is not None:
+        return True
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    bad = torch.zeros(1, device=accelerator.device)
+    if grads:
+        bad = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")     # every rank must take the same branch
+    if bad.item() == 0:
+        return True
+    progress = run.progress
+    names = [n for n, p in run.unwrapped_model.named_parameters()
+             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    where = (f"optimiser step {progress.global_step + 1} (stage {progress.stage}, epoch {progress.epoch}, batch "
+             f"{progress.step_in_epoch + 1} of the epoch): non-finite gradient in {len(names)} parameter(s) "
+             f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) with a finite loss "
+             f"{float(loss.detach()):.6g}")
+    if run.training_args.nonfinite_grad == "stop":
+        raise NonFiniteGradientError(f"{where}. Training stopped before the optimiser step; nothing was saved "
+                                     f"for it (last checkpoint: {run.last_checkpoint or 'none'}). "
+                                     f"--nonfinite_grad skip skips such steps instead")
+    logger.warning(f"{where}: optimiser step skipped ({progress.skipped_steps + 1} so far)")
+    return False
+
+
+class SentenceCheck:
+    """Stops a run whose first ``num_batches`` train batches (on every rank) hold no sentence at all: the
+    local text loss then has nothing to learn and the global loss sits at chance, silently."""
+
+    def __init__(self, num_batches: int):
+        self.num_batches = num_batches
+        self.seen = 0
+        self.with_sentences = 0
+        self.done = num_batches <= 0
+
+    def add(self, run: PretrainingRun, out) -> None:
+        if self.done:
+            return
+        self.seen += 1
+        self.with_sentences += int(out.text_sentence_features.shape[0] > 0)
+        if self.seen >= self.num_batches:
+            self.finish(run)
+
+    def finish(self, run: PretrainingRun) -> None:
+        """Decide now (at the N-th batch or the end of a shorter first epoch); every rank gets here together."""
+        if self.done:
+            return
+        self.done = True
+        found = torch.tensor([float(self.with_sentences)], device=run.accelerator.device)
+        if run.accelerator.num_processes > 1:
+            found = run.accelerator.reduce(found, reduction="sum")
+        if found.item() == 0:
+            dataset = run.args.data.dataset
+            raise NoSentencesError(
+                f"none of the first {self.seen} train batches holds a sentence: every report in them is empty "
+                f"after sentence splitting, so nothing would be learnt from the text. Check the 'sentences' "
+                f"column of {dataset!r} (--sentence_check_batches 0 turns this check off)")
 
 
 def epoch_batches(run: PretrainingRun):
@@ -561,6 +826,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
     accelerator, model, progress, args = run.accelerator, run.model, run.progress, run.training_args
     fire(callbacks, "on_train_begin", run)
     model.train()
+    sentence_check = SentenceCheck(args.sentence_check_batches)
     while progress.epoch < run.total_epochs and not run.should_stop:
         fire(callbacks, "on_epoch_begin", run)
         micro_batches = []
@@ -568,28 +834,38 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
             with accelerator.accumulate(model):
                 out = model(**batch, reconstruct=uses_reconstruction(run))
                 check_losses_finite(run, out)
+                sentence_check.add(run, out)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                # checked before the update, so a NaN never reaches the parameters (nor a checkpoint)
+                update = not accelerator.sync_gradients or gradients_finite(run, out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0 and update:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                run.optimizer.step()
+                if update:
+                    run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             progress.step_in_epoch += 1
             micro_batches.append(micro_batch_record(out))
             if accelerator.sync_gradients:
+                # a skipped update still consumed its data: the schedule and the step count move on
                 run.scheduler.step()
                 progress.global_step += 1
+                progress.skipped_steps += int(not update)
+                if progress.skipped_steps:
+                    run.step_logs["nonfinite_grad_skipped_steps"] = float(progress.skipped_steps)
                 run.should_stop = 0 < args.max_steps <= progress.global_step
                 fire(callbacks, "on_step_end", run, micro_batches=micro_batches)
                 micro_batches, run.step_logs = [], {}
                 if run.should_stop:
                     break
         else:
+            sentence_check.finish(run)
             progress.epoch += 1
             progress.step_in_epoch = 0
             if args.do_eval:
                 run.last_eval_metrics = evaluate(run)
                 fire(callbacks, "on_evaluate", run, metrics=run.last_eval_metrics)
             fire(callbacks, "on_epoch_end", run)
+    sentence_check.finish(run)           # a run that stopped (max_steps) before the N-th batch
     fire(callbacks, "on_train_end", run)
 
 
@@ -625,6 +901,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     config = parse_args(argv)
     accelerator = build_accelerator(config.training)
     set_seed(config.training.seed, device_specific=True, deterministic=config.training.deterministic)
+    prepare_output_dir(config, accelerator)     # refuses a mixed-up output_dir before args.json is rewritten
     save_args(config, accelerator)
 
     model = build_model(config.model)
@@ -674,10 +951,21 @@ __all__ = [
     "get_dataloaders",
     "build_model",
     "build_processor",
+    "RESUME_SAFE_FIELDS",
+    "stored_args",
+    "changed_arguments",
+    "checkpoint_step",
+    "prepare_output_dir",
     "prepare_run",
+    "load_checkpoint",
+    "adapt_to_process_count",
     "default_callbacks",
     "NonFiniteLossError",
     "check_losses_finite",
+    "NonFiniteGradientError",
+    "NoSentencesError",
+    "gradients_finite",
+    "SentenceCheck",
     "evaluate",
     "train",
     "export_model",

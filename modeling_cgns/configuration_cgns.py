@@ -26,6 +26,15 @@ CLUSTER_INIT_SOURCES = ("batch", "queue")
 HEAD_INITS = ("pytorch", "normal")
 
 
+def _is_int(value) -> bool:
+    # bool is a subclass of int, but num_clusters=True is a mistake, not K = 1
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def vision_tower_kind(architecture: str) -> Optional[str]:
     """"grid" for ResNet-family timm architectures, "tokens" for ViT/DeiT, ``None`` if unsupported."""
     for prefix, kind in VISION_FAMILIES.items():
@@ -215,8 +224,21 @@ class CGNSConfig(PretrainedConfig):
                      "predictor_hidden_dim", "max_text_length", "num_clusters", "cluster_queue_size",
                      "decoder_layers", "decoder_heads", "decoder_ffn_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        if _is_int(self.num_clusters) and self.num_clusters == 1:
+            # the hard negative of a sentence is its second-nearest centroid (B.3)
+            problems.append("num_clusters must be >= 2 (the hard negative is the second-nearest centroid), got 1")
+        # NaN passes every ``<`` / ``<=`` check below, so each float field is first checked to be a real number
+        for name in ("logit_scale_init_value", "logit_scale_max", "local_text_temperature", "cluster_init_threshold",
+                     "cluster_momentum", "hard_negative_weight", "bml_alpha", "bml_beta", "bml_weight",
+                     "mask_ratio", "reconstruction_weight", "global_loss_weight", "local_image_loss_weight",
+                     "local_text_loss_weight", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+        if problems:
+            raise ValueError("invalid CGNSConfig:\n  - " + "\n  - ".join(problems))
         if not problems:
             if self.projection_dim % self.sentence_pool_heads:
                 problems.append(f"projection_dim ({self.projection_dim}) must be divisible by sentence_pool_heads "
@@ -238,7 +260,7 @@ class CGNSConfig(PretrainedConfig):
         elif math.exp(self.logit_scale_init_value) > self.logit_scale_max:
             problems.append(f"initial temperature 1/exp({self.logit_scale_init_value}) is below the clamp "
                             f"1/{self.logit_scale_max}")
-        if not self.decoder_channels or any(not isinstance(c, int) or c <= 0 for c in self.decoder_channels):
+        if not self.decoder_channels or any(not _is_int(c) or c <= 0 for c in self.decoder_channels):
             problems.append(f"decoder_channels must be a non-empty list of positive integers, got {self.decoder_channels}")
         if self.local_text_temperature <= 0:
             problems.append(f"local_text_temperature must be > 0, got {self.local_text_temperature}")

@@ -349,6 +349,18 @@ def _drop_text_pooler(model: nn.Module) -> None:
         model.pooler = None
 
 
+def _check_local_source(argument: str, name_or_path: str) -> None:
+    """One-line error for a local folder that does not exist (the hub client would instead complain that
+    "Repo id must be in the form ..."). A value with one slash and no leading ``.``/``~``/``/`` is a hub id."""
+    import os
+
+    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+                   or name_or_path.count("/") > 1 or "\\" in name_or_path)
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"{argument} {name_or_path!r}: no such folder; give an existing folder written by "
+                                f"save_pretrained or a hub id of the form 'namespace/name'")
+
+
 def vision_grid_size(config: CGNSConfig, vision_model: nn.Module) -> int:
     """Side of the local-token grid for the configured image size (7 for ResNet-50 at 224, 14 for ViT-B/16)."""
     timm_model = vision_model.timm_model
@@ -435,9 +447,19 @@ class CGNSModel(CGNSPreTrainedModel):
 
         from transformers import TimmWrapperConfig
 
+        _check_local_source("vision_model", vision_model_name_or_path)
+        _check_local_source("text_model", text_model_name_or_path)
         if os.path.isdir(vision_model_name_or_path) or "/" in vision_model_name_or_path:
             vision_model = AutoModel.from_pretrained(vision_model_name_or_path)
         else:
+            import timm
+
+            if not timm.is_model(vision_model_name_or_path):
+                # timm's own error here says to upgrade timm, which is rarely the fix
+                raise ValueError(
+                    f"vision_model {vision_model_name_or_path!r} is not a timm architecture name: use one such as "
+                    f"'resnet50' or 'vit_base_patch16_224' (timm.list_models('resnet*') lists them), a "
+                    f"'timm/<name>' hub id or an existing local folder")
             vision_model = AutoModel.from_config(TimmWrapperConfig(architecture=vision_model_name_or_path))
         text_model = AutoModel.from_pretrained(text_model_name_or_path)
         config = CGNSConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)

@@ -238,18 +238,21 @@ def test_interrupted_save_keeps_previous_checkpoint(assets, tmp_path, monkeypatc
     original_save_state = Accelerator.save_state
     calls = {"n": 0}
 
+    class SimulatedKill(BaseException):
+        """Like SIGKILL, it bypasses the save's own error handling (which removes a failed save's folder)."""
+
     def crashing_save_state(self, output_dir=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:       # the second save dies halfway through writing
             os.makedirs(output_dir, exist_ok=True)
             with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
                 f.write(b"half a file")
-            raise OSError("simulated crash while saving")
+            raise SimulatedKill("simulated crash while saving")
         return original_save_state(self, output_dir, **kwargs)
 
     out = tmp_path / "run"
     monkeypatch.setattr(Accelerator, "save_state", crashing_save_state)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(SimulatedKill, match="simulated crash"):
         run_main(assets, out, "--save_steps", "2", "--max_steps", "4")
     monkeypatch.setattr(Accelerator, "save_state", original_save_state)
 
