@@ -230,7 +230,10 @@ class CGNSConfig(PretrainedConfig):
             # the hard negative of a sentence is its second-nearest centroid (B.3)
             problems.append("num_clusters must be >= 2 (the hard negative is the second-nearest centroid), got 1")
         # NaN passes every ``<`` / ``<=`` check below, so each float field is first checked to be a real number
-        for name in ("logit_scale_init_value", "logit_scale_max", "local_text_temperature", "cluster_init_threshold",
+        # logit_scale_max may be inf (no cap: the reference preset) but never NaN
+        if not (_is_real(self.logit_scale_max) or self.logit_scale_max == math.inf):
+            problems.append(f"logit_scale_max must be a finite number, got {self.logit_scale_max!r} (or inf: no cap)")
+        for name in ("logit_scale_init_value", "local_text_temperature", "cluster_init_threshold",
                      "cluster_momentum", "hard_negative_weight", "bml_alpha", "bml_beta", "bml_weight",
                      "mask_ratio", "reconstruction_weight", "global_loss_weight", "local_image_loss_weight",
                      "local_text_loss_weight", "initializer_range"):
