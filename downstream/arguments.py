@@ -113,6 +113,9 @@ class TrainerPassThroughArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "TrainingArguments.gradient_accumulation_steps: optimiser step every N batches (the batch "
                 "seen by the optimiser is N x --batch_size)"})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "TrainingArguments.max_grad_norm: gradient-norm clipping of the Trainer (its default, 1.0); "
+                "E.1 / E.3 do not clip: 0 turns clipping off, as the reference"})
     num_workers: int = field(default=0, metadata={
         "aliases": ["--dataloader_num_workers"],
         "help": "TrainingArguments.dataloader_num_workers: DataLoader workers for image decoding (the "
@@ -209,6 +212,8 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error(f"argument --{name}: must be >= 1, got {value}")
     if args.num_workers < 0:
         parser.error(f"argument --num_workers: must be >= 0, got {args.num_workers}")
+    if not args.max_grad_norm >= 0:
+        parser.error(f"argument --max_grad_norm: must be >= 0, got {args.max_grad_norm}")
     for name in ("lr", "weight_decay"):
         value = getattr(args, name, None)
         if value is not None and not value >= (0.0 if name == "weight_decay" else 1e-300):

@@ -72,7 +72,8 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
     DataLoader workers, checkpoints without optimiser state); any other mode feeds images and keeps the
     optimiser / scheduler / RNG state in its checkpoints so that ``--resume_from_checkpoint`` can continue.
     The Trainer pass-through options (``--report_to``, ``--bf16``, ``--gradient_accumulation_steps``,
-    ``--dataloader_num_workers``) are read from ``args`` when present.
+    ``--max_grad_norm``, ``--dataloader_num_workers``) are read from ``args`` when present. The Trainer's
+    AdamW leaves biases and LayerNorm weights out of weight decay (the reference decays every parameter).
     """
     cached_inputs = args.mode == "cached"
     on_gpu = torch.cuda.is_available()
@@ -106,6 +107,7 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
         report_to=list(getattr(args, "report_to", ["none"])),
         bf16=getattr(args, "bf16", False),
         gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+        max_grad_norm=getattr(args, "max_grad_norm", 1.0),
         disable_tqdm=args.quiet,
     )
 

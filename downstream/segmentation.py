@@ -25,6 +25,7 @@ the last, smaller batch); several seeds share one tower (for ``--init random`` t
 first seed) and differ in the decoder's initialisation and the data order.
 """
 import argparse
+from dataclasses import dataclass, field
 import logging
 import os
 import shutil
@@ -61,13 +62,62 @@ AUGMENT_SCALE = (0.9, 1.1)
 # data
 # --------------------------------------------------------------------------------------------------
 
+@dataclass(kw_only=True)
+class SegmentationArguments:
+    """Options of the segmentation protocol only (``--task segmentation``)."""
+
+    _argument_group_name = "Segmentation options (--task segmentation)"
+
+    balance_train: bool = field(default=True, metadata={
+        "help": "segmentation: keep every positive training image (a non-empty mask) plus as many "
+                "negatives drawn with RandomState(--balance_seed), before --data_pct, as E.3 does for SIIM "
+                "(whose builder already balances: then this is a no-op); validation and test stay as they "
+                "are. --no_balance_train keeps the split as loaded"})
+    balance_seed: int = field(default=42, metadata={"help": "segmentation: seed of the negatives kept (E.3: 42)"})
+
+
+ARGUMENTS = SegmentationArguments
+
+
 def load_segmentation_data(args: argparse.Namespace, spec: data_scripts.TaskSpec):
-    """DatasetDict with train (subsampled to ``data_pct``), validation and test, checked against ``spec``."""
+    """DatasetDict with train (balanced, then subsampled to ``data_pct``), validation and test, checked.
+
+    The split is loaded complete, balanced (``balance_train``), then subsampled with
+    ``data_scripts.subsample_train`` from ``data_seed`` -- the order of E.3 (SIIM's balanced train csv is
+    what ``data_pct`` samples from) and the same function the loaders use.
+    """
     dataset_dict = data_scripts.load_cgns_dataset(
-        args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=args.data_pct,
+        args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=1.0,
         seed=getattr(args, "data_seed", 42), cache_dir=args.cache_dir, **(args.dataset_options or {}))
     check_segmentation_data(dataset_dict, spec, f"{args.dataset}/{args.dataset_task}")
-    return dataset_dict
+    if getattr(args, "balance_train", True):
+        dataset_dict["train"] = balance_positives(dataset_dict["train"], getattr(args, "balance_seed", 42))
+    return data_scripts.subsample_train(dataset_dict, args.data_pct, getattr(args, "data_seed", 42))
+
+
+def positive_images(split) -> np.ndarray:
+    """(N,) bool: whether each row's mask is non-empty (SIIM's label: EncodedPixels != -1)."""
+    return np.array([bool((mask_to_unit_range(mask) > 0).any()) for mask in split["mask"]], dtype=bool)
+
+
+def balance_positives(split, seed: int = 42):
+    """Every positive row plus ``min(#positives, #negatives)`` negatives drawn with ``RandomState(seed)``.
+
+    Rows keep their order. A split that is already balanced (or has more positives) comes back unchanged.
+    """
+    positive = positive_images(split)
+    if not positive.any():
+        raise ValueError(f"the train split has no image with a non-empty mask ({len(split)} rows): balancing would "
+                         f"leave nothing to train on; pass --no_balance_train to train on it as it is")
+    negatives = np.flatnonzero(~positive)
+    keep_negatives = min(int(positive.sum()), len(negatives))
+    if keep_negatives == len(negatives):
+        return split
+    chosen = np.random.RandomState(seed).choice(negatives, size=keep_negatives, replace=False)
+    kept = np.sort(np.concatenate([np.flatnonzero(positive), chosen]))
+    logger.info("train split balanced: %d positive + %d of %d negative images", int(positive.sum()),
+                keep_negatives, len(negatives))
+    return split.select(kept.tolist())
 
 
 def check_segmentation_data(dataset_dict, spec: data_scripts.TaskSpec, name: str) -> None:
@@ -166,19 +216,33 @@ class DiceAccumulator:
     """``compute_metrics`` for ``batch_eval_metrics``: collects per-image Dice batch by batch.
 
     Keeping only one number per image (not every (S, S) logit map) bounds evaluation memory. On the
-    last batch it returns ``{"dice": mean over images}`` and starts over.
+    last batch it returns and starts over:
+
+    * ``dice``: the protocol's number, mean over all images (an empty ground truth scores 1 when the
+      prediction is empty too);
+    * ``dice_positive``: mean over the images with a non-empty ground truth (-1 when there are none: the
+      Trainer logs numbers only), the part that shows whether anything is segmented;
+    * ``dice_empty_prediction``: the ``dice`` of predicting nothing anywhere (the fraction of empty
+      ground truths), the baseline ``dice`` must beat.
     """
 
     def __init__(self):
         self.scores: List[torch.Tensor] = []
+        self.positive: List[torch.Tensor] = []
 
     def __call__(self, prediction: EvalPrediction, compute_result: bool) -> Dict[str, float]:
         probs = torch.sigmoid(torch.as_tensor(prediction.predictions).float())
-        self.scores.append(dice_per_image(probs, torch.as_tensor(prediction.label_ids)).cpu())
+        labels = torch.as_tensor(prediction.label_ids)
+        self.scores.append(dice_per_image(probs, labels).cpu())
+        self.positive.append((labels.reshape(labels.shape[0], -1) > 0.5).any(dim=1).cpu())
         if not compute_result:
             return {}
-        scores, self.scores = torch.cat(self.scores), []
-        return {METRIC: float(scores.mean())}
+        scores, positive = torch.cat(self.scores), torch.cat(self.positive)
+        self.scores, self.positive = [], []
+        return {METRIC: float(scores.mean()),
+                "dice_positive": float(scores[positive].mean()) if positive.any() else -1.0,
+                "dice_empty_prediction": float((~positive).float().mean()),
+                "num_positive": int(positive.sum())}
 
 
 def segmentation_training_arguments(args: argparse.Namespace, output_dir: str,
@@ -215,8 +279,11 @@ def evaluate_segmenter(trainer: SegmentationTrainer, test_dataset: Dataset) -> D
     # training is over: early stopping would only complain that a test evaluation has no eval_loss
     trainer.remove_callback(EarlyStoppingCallback)
     metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
-    return {"test": {METRIC: metrics[f"test_{METRIC}"]}, "test_loss": float(metrics["test_loss"]),
-            **best_by_eval_loss(trainer)}
+    positive = metrics["test_dice_positive"]
+    test = {METRIC: metrics[f"test_{METRIC}"], "dice_positive": None if positive < 0 else positive,
+            "dice_empty_prediction": metrics["test_dice_empty_prediction"],
+            "num_positive": int(metrics["test_num_positive"]), "num_images": len(test_dataset)}
+    return {"test": test, "test_loss": float(metrics["test_loss"]), **best_by_eval_loss(trainer)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,8 +328,10 @@ def run(args: argparse.Namespace) -> Dict:
             model.save_pretrained(os.path.join(directory, "model"))
         # the checkpoints only served to restore the best decoder, which is evaluated now
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
-        logger.info("seed %d: test dice = %.4f (best epoch %s)", seed, per_seed[seed]["test"][METRIC],
-                    per_seed[seed]["best_epoch"])
+        test = per_seed[seed]["test"]
+        logger.info("seed %d: test dice = %.4f, on positive images %s, of an empty prediction %.4f (best epoch "
+                    "%s)", seed, test[METRIC], "undefined" if test["dice_positive"] is None
+                    else f"{test['dice_positive']:.4f}", test["dice_empty_prediction"], per_seed[seed]["best_epoch"])
 
     results = {
         "task": SEGMENTATION, "dataset": args.dataset, "dataset_task": args.dataset_task,
@@ -273,9 +342,12 @@ def run(args: argparse.Namespace) -> Dict:
         "image_size": image_processor.image_size, "num_examples": num_examples,
         "hyperparameters": {"max_epochs": args.max_epochs, "patience": args.patience,
                             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                            "scheduler": "cosine", "loss": "10 * focal(gamma=2) - log(soft dice, smooth 1)"},
+                            "scheduler": "cosine", "loss": "10 * focal(gamma=2) - log(soft dice, smooth 1)",
+                            "balance_train": getattr(args, "balance_train", True),
+                            "balance_seed": getattr(args, "balance_seed", 42)},
         "seeds": {str(seed): result for seed, result in per_seed.items()},
-        "summary": {METRIC: mean_std([r["test"][METRIC] for r in per_seed.values()])},
+        "summary": {key: mean_std([r["test"][key] for r in per_seed.values()])
+                    for key in (METRIC, "dice_positive", "dice_empty_prediction")},
     }
     write_results(results, args.output_dir)
     logger.info("results: %s", markdown_row(results))
@@ -285,7 +357,8 @@ def run(args: argparse.Namespace) -> Dict:
 run_segmentation = run  # the name before the downstream/ package
 
 __all__ = [
-    "DEFAULTS", "run", "run_segmentation", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
+    "DEFAULTS", "ARGUMENTS", "SegmentationArguments", "positive_images", "balance_positives",
+    "run", "run_segmentation", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
     "joint_augmentation", "build_segmentation_model", "SegmentationTrainer", "DiceAccumulator",
     "segmentation_training_arguments", "train_segmenter", "evaluate_segmenter",
 ]

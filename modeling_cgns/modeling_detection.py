@@ -43,6 +43,10 @@ LAMBDA_CONF = 1.0
 LAMBDA_CLS = 1.0
 NOOBJ_WEIGHT = 0.5
 IGNORE_THRESHOLD = 0.5
+# How the class BCE is normalised. The reference (MGCA's YOLOLoss) writes BCE(sigmoid(cls) * mask, tcls * mask)
+# averaged over every anchor of the grid, like the x / y / w / h terms; "object_anchors" averages it over the
+# assigned anchors only, which makes it by far the largest term of a sparse grid.
+CLASS_LOSS_NORMALIZATIONS = ("all_anchors", "object_anchors")
 # Reference widths for ResNet-50 (C5 = 2048 channels): branch filters [512, 1024], [256, 512], [128, 256].
 # Other towers scale them by C5 / 2048, i.e. the first branch's 1x1 width is C5 // 4.
 REFERENCE_WIDTH_DIVISOR = 4
@@ -216,13 +220,19 @@ def split_logits(logits: torch.Tensor, num_anchors: int) -> torch.Tensor:
     return logits.view(batch, num_anchors, channels // num_anchors, height, width).permute(0, 1, 3, 4, 2)
 
 
-def yolo_scale_loss(prediction: torch.Tensor, targets: YOLOTargets) -> dict:
+def yolo_scale_loss(prediction: torch.Tensor, targets: YOLOTargets,
+                    class_loss_normalization: str = "all_anchors") -> dict:
     """The unweighted YOLOv3 terms of one scale (E.2), prediction (B, A, G, G, 5 + C) raw logits.
 
     Written as the reference writes them, ``BCE(sigmoid(x) * mask, tx * mask)`` averaged over *all*
     B * A * G * G anchors (masked-out anchors contribute 0), here with the logit form for stability;
-    objectness ``BCE(conf * mask, mask) + 0.5 * BCE(conf * noobj, 0)``; class BCE over the object anchors.
+    objectness ``BCE(conf * mask, mask) + 0.5 * BCE(conf * noobj, 0)``. The class BCE (target 1 on the
+    object anchors) is averaged over all B * A * G * G * C entries with ``"all_anchors"`` (the reference),
+    over the object anchors' C entries only with ``"object_anchors"``.
     """
+    if class_loss_normalization not in CLASS_LOSS_NORMALIZATIONS:
+        raise ValueError(f"class_loss_normalization must be one of {CLASS_LOSS_NORMALIZATIONS}, "
+                         f"got {class_loss_normalization!r}")
     obj = targets.obj_mask.to(prediction.dtype)
     noobj = targets.noobj_mask.to(prediction.dtype)
     count = obj.numel()
@@ -232,8 +242,11 @@ def yolo_scale_loss(prediction: torch.Tensor, targets: YOLOTargets) -> dict:
 
     objectness = prediction[..., 4]
     class_logits = prediction[..., 5:][targets.obj_mask]
-    loss_cls = (F.binary_cross_entropy_with_logits(class_logits, torch.ones_like(class_logits))
-                if class_logits.numel() else prediction.sum() * 0.0)
+    class_bce = F.binary_cross_entropy_with_logits(class_logits, torch.ones_like(class_logits), reduction="sum")
+    if class_loss_normalization == "all_anchors":
+        loss_cls = class_bce / prediction[..., 5:].numel()
+    else:
+        loss_cls = class_bce / class_logits.numel() if class_logits.numel() else prediction.sum() * 0.0
     return {
         "loss_x": masked_bce(prediction[..., 0], targets.tx, obj),
         "loss_y": masked_bce(prediction[..., 1], targets.ty, obj),
@@ -297,6 +310,8 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
         channels = [info[i]["num_chs"] for i in self.feature_indices]
         self.num_anchors = len(ANCHORS_224[0])
         self.num_classes = NUM_CLASSES
+        # a training choice, not part of the architecture: the protocol sets it (see yolo_scale_loss)
+        self.class_loss_normalization = "all_anchors"
         self.detection_head = YOLOv3Head(channels, self.num_anchors, self.num_classes)
         self.post_init()
         self.reset_head()
@@ -327,14 +342,19 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
         return list(self.vision_model.timm_model.forward_intermediates(
             pixel_values, indices=self.feature_indices, intermediates_only=True))
 
-    def forward(self, pixel_values: torch.Tensor, labels: Optional[Sequence[torch.Tensor]] = None
-                ) -> CGNSObjectDetectionOutput:
-        logits = self.detection_head(self.extract_features(pixel_values))
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[Sequence[torch.Tensor]] = None,
+                features: Optional[Sequence[torch.Tensor]] = None) -> CGNSObjectDetectionOutput:
+        """``pixel_values`` (B, 3, S, S), or ``features`` = the frozen [C3, C4, C5] of :meth:`extract_features`
+        (cached by the protocol: the tower is frozen and deterministic, so the head sees the same inputs)."""
+        if (pixel_values is None) == (features is None):
+            raise ValueError("pass exactly one of pixel_values and features")
+        features = self.extract_features(pixel_values) if features is None else list(features)
+        logits = self.detection_head(features)
         if labels is None:
             return CGNSObjectDetectionOutput(logits=logits)
-        if len(labels) != pixel_values.shape[0]:
-            raise ValueError(f"labels has {len(labels)} entries for a batch of {pixel_values.shape[0]} "
-                             f"images")
+        batch = features[0].shape[0]
+        if len(labels) != batch:
+            raise ValueError(f"labels has {len(labels)} entries for a batch of {batch} images")
         terms = self.detection_loss(logits, labels)
         loss = (LAMBDA_XY * (terms["loss_x"] + terms["loss_y"])
                 + LAMBDA_WH * (terms["loss_w"] + terms["loss_h"])
@@ -348,7 +368,9 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
             grid_size = scale_logits.shape[-1]
             anchors_grid = anchors_px.to(scale_logits.device) * grid_size / self.config.image_size
             targets = build_targets([box.to(scale_logits.device) for box in labels], anchors_grid, grid_size)
-            for name, value in yolo_scale_loss(split_logits(scale_logits, self.num_anchors), targets).items():
+            terms = yolo_scale_loss(split_logits(scale_logits, self.num_anchors), targets,
+                                    self.class_loss_normalization)
+            for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value
         return totals
 
@@ -393,4 +415,4 @@ AutoModelForObjectDetection.register(CGNSConfig, CGNSForObjectDetection, exist_o
 
 __all__ = ["CGNSForObjectDetection", "CGNSObjectDetectionOutput", "YOLOv3Head", "YOLOBranch", "ConvBNLeaky",
            "YOLOTargets", "build_targets", "shape_iou", "split_logits", "yolo_scale_loss", "decode_scale",
-           "ANCHORS_224"]
+           "ANCHORS_224", "CLASS_LOSS_NORMALIZATIONS"]

@@ -158,7 +158,8 @@ class SETRNaiveDecoder(nn.Module):
         batch, _, dim = patch_tokens.shape
         hidden = self.token_projection(patch_tokens).transpose(1, 2).reshape(batch, dim, *grid_size)
         for block in self.blocks:
-            hidden = F.interpolate(block(hidden), scale_factor=2.0, mode="bilinear", align_corners=False)
+            # E.3's SETR-naive upsamples with nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            hidden = F.interpolate(block(hidden), scale_factor=2.0, mode="bilinear", align_corners=True)
         return hidden
 
 

@@ -22,7 +22,8 @@ from modeling_cgns.detection_metrics import (  # noqa: E402
     average_precision_per_threshold,
     mean_average_precision,
 )
-from modeling_cgns.modeling_detection import ANCHORS_224, build_targets  # noqa: E402
+from downstream import detection as det  # noqa: E402
+from modeling_cgns.modeling_detection import ANCHORS_224, build_targets, yolo_scale_loss  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -310,6 +311,76 @@ def test_map_matches_loop_oracle_on_random_data(seed):
         assert computed == pytest.approx(expected, abs=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------ class loss
+
+@pytest.mark.parametrize("normalization", ["all_anchors", "object_anchors"])
+def test_class_loss_normalization_known_answer(model, normalization):
+    """all_anchors is MGCA's BCE(sigmoid(cls) * mask, tcls * mask) over every anchor; object_anchors its mean."""
+    torch.manual_seed(3)
+    anchors_grid = model.anchors_px[2] * 8 / IMAGE_SIZE
+    labels = [torch.tensor([[0.25, 0.575, 0.35, 0.625], [0.6, 0.1, 0.9, 0.3]]), torch.zeros(0, 4)]
+    targets = build_targets(labels, anchors_grid, grid_size=8)
+    prediction = torch.randn(2, 3, 8, 8, 6, requires_grad=True)
+    loss = yolo_scale_loss(prediction, targets, normalization)["loss_cls"]
+    # the reference's form, on probabilities, over the whole (B, A, G, G, C) grid (masked entries give 0)
+    mask = targets.obj_mask.float().unsqueeze(-1)
+    reference = torch.nn.BCELoss()(torch.sigmoid(prediction[..., 5:]) * mask, mask)
+    n_obj = int(targets.obj_mask.sum())
+    assert n_obj == 2
+    expected = reference if normalization == "all_anchors" else reference * mask.numel() / n_obj
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    grad, = torch.autograd.grad(loss, prediction)
+    expected_grad, = torch.autograd.grad(expected, prediction)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="class_loss_normalization"):
+        yolo_scale_loss(prediction, targets, "per_image")
+
+
+def test_reference_class_loss_normalization_is_the_default(model):
+    assert model.class_loss_normalization == "all_anchors"
+    args = td.parse_args(["--task", "detection", "--dataset", "synthetic_cxr", "--model", "m", "--output_dir", "o"])
+    assert (args.class_loss_normalization, args.selection_metric, args.min_epochs) == \
+        ("all_anchors", "map_all_scores", 25)
+    flagged = td.parse_args(["--task", "detection", "--dataset", "synthetic_cxr", "--model", "m", "--output_dir", "o",
+                             "--class_loss_normalization", "object_anchors"])
+    assert flagged.class_loss_normalization == "object_anchors"
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+def test_flat_zero_scores_keep_the_last_epoch_and_wait_for_min_epochs():
+    """The defect: validation mAP 0 every epoch ended runs at epoch 11 with the epoch-1 head."""
+    selector = det.EpochSelector(patience=2, min_epochs=5)
+    stops = [selector.update(epoch, 0.0)[1] for epoch in range(1, 6)]
+    assert stops == [False, False, False, False, True]   # patience ran out at epoch 3; min_epochs holds to 5
+    assert selector.best_epoch == 5                      # the tie goes to the latest head, not epoch 1
+    old_rule = det.EpochSelector(patience=2, min_epochs=0)
+    assert [old_rule.update(epoch, 0.0)[1] for epoch in (1, 2, 3)] == [False, False, True]
+
+
+def test_selector_improvements_ties_and_patience():
+    selector = det.EpochSelector(patience=2, min_epochs=0)
+    results = [selector.update(epoch, score) for epoch, score in enumerate([0.1, 0.3, 0.3, 0.2, 0.25], 1)]
+    assert [is_best for is_best, _ in results] == [True, True, True, False, False]
+    assert [stop for _, stop in results] == [False, False, False, True, True]
+    assert selector.best_epoch == 3 and selector.best_score == 0.3
+    assert det.selection_score("loss", {"loss": 2.0}) == -2.0
+    assert det.selection_score("map", {"map": None}) == float("-inf")
+    assert det.selection_score("map_all_scores", {"map_all_scores": float("nan")}) == float("-inf")
+
+
+def test_threshold_free_predictions_contain_the_e2_detections(model):
+    """Decoding at confidence 0 then keeping scores >= 0.5 gives exactly the detections decoded at 0.5."""
+    torch.manual_seed(5)
+    logits = tuple(torch.randn(2, 18, g, g) * 3 for g in (2, 4, 8))
+    everything = model.decode(logits, conf_threshold=0.0)
+    e2 = model.decode(logits, conf_threshold=0.5)
+    assert sum(len(s) for _, s in e2) > 0 and sum(len(s) for _, s in everything) > sum(len(s) for _, s in e2)
+    for (boxes, scores), (kept_boxes, kept_scores) in zip(det.above(everything), e2):
+        torch.testing.assert_close(boxes, kept_boxes)
+        torch.testing.assert_close(scores, kept_scores)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 def test_run_detection_end_to_end_on_synthetic(export_dir, tmp_path):
@@ -329,4 +400,6 @@ def test_run_detection_end_to_end_on_synthetic(export_dir, tmp_path):
     assert test["map_mgca"] is None or 0.0 <= test["map_mgca"] <= 1.0
     assert saved["summary"]["map"]["mean"] == pytest.approx(test["map"])
     assert saved["seeds"]["0"]["epochs_trained"] == 2
+    assert 0.0 <= test["map_all_scores"] <= 1.0 and math.isfinite(test["loss"])
+    assert [h["epoch"] for h in saved["seeds"]["0"]["history"]] == [1, 2]
     assert (output_dir / "results.md").read_text().count("\n") == 3

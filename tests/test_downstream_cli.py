@@ -57,16 +57,17 @@ def test_arguments_are_typed_dataclasses():
 
 
 def test_trainer_options_reach_training_arguments(tmp_path):
-    args = td.parse_args(BASE + ["--no_cache", "--report_to", "tensorboard", "--bf16",
+    args = td.parse_args(BASE + ["--no_cache", "--report_to", "tensorboard", "--bf16", "--max_grad_norm", "0",
                                  "--gradient_accumulation_steps", "3", "--dataloader_num_workers", "2"])
     training = training_arguments(args, str(tmp_path), seed=0)
-    assert training.report_to == ["tensorboard"]
+    assert training.report_to == ["tensorboard"] and training.max_grad_norm == 0.0
     assert training.bf16 and training.gradient_accumulation_steps == 3 and training.dataloader_num_workers == 2
     assert not training.save_only_model   # image modes keep optimiser state so that a run can be resumed
     # the old spelling still works and feeds the same field
     assert td.parse_args(BASE + ["--num_workers", "4"]).num_workers == 4
     cached = training_arguments(td.parse_args(BASE + ["--num_workers", "4"]), str(tmp_path), seed=0)
     assert cached.dataloader_num_workers == 0 and cached.save_only_model and cached.report_to == []
+    assert cached.max_grad_norm == 1.0   # the Trainer's default, listed in docs/linear_probe.md
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -95,7 +96,8 @@ def test_max_epochs_zero_is_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_detection_refuses_trainer_only_options():
-    for extra in (["--bf16"], ["--gradient_accumulation_steps", "2"], ["--report_to", "tensorboard"]):
+    for extra in (["--bf16"], ["--gradient_accumulation_steps", "2"], ["--report_to", "tensorboard"],
+                  ["--max_grad_norm", "0"]):
         args = td.parse_args(["--task", "detection"] + BASE + extra)
         with pytest.raises(ValueError, match="Trainer option"):
             td.check_task(args)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSemanticSegmentation, TrainingArguments  # noqa: E402
 
 import train_downstream as td  # noqa: E402
+from downstream import segmentation as seg  # noqa: E402
 from downstream.segmentation import SegmentationTrainer  # noqa: E402
 from modeling_cgns import CGNSForSemanticSegmentation, CGNSModel  # noqa: E402
 from modeling_cgns.modeling_segmentation import (  # noqa: E402
@@ -156,6 +157,73 @@ def test_dice_known_answers():
     assert dice_per_image(torch.ones(1, 4), soft_truth).item() == pytest.approx(2 / 3)
 
 
+def test_dice_accumulator_reports_positive_images_and_the_empty_baseline():
+    """An all-empty prediction scores the fraction of empty ground truths in "dice" and 0 on positives."""
+    from transformers import EvalPrediction
+
+    truth = torch.zeros(4, 1, 4, 4)
+    truth[0, 0, :2] = 1.0                        # positive, predicted perfectly below
+    truth[1, 0, 0, :2] = 1.0                     # positive, missed
+    logits = torch.full((4, 1, 4, 4), -5.0)
+    logits[0, 0, :2] = 5.0
+    logits[3, 0, 0, 0] = 5.0                     # a false positive on an empty image
+    accumulate = seg.DiceAccumulator()
+    assert accumulate(EvalPrediction(logits[:2].numpy(), truth[:2].numpy()), compute_result=False) == {}
+    result = accumulate(EvalPrediction(logits[2:].numpy(), truth[2:].numpy()), compute_result=True)
+    assert result == {"dice": pytest.approx(0.5), "dice_positive": pytest.approx(0.5),
+                      "dice_empty_prediction": pytest.approx(0.5), "num_positive": 2}
+    empty = accumulate(EvalPrediction(torch.full_like(logits, -5.0).numpy(), truth.numpy()), compute_result=True)
+    assert empty["dice"] == empty["dice_empty_prediction"] == 0.5 and empty["dice_positive"] == 0.0
+    none_positive = accumulate(EvalPrediction(logits[2:].numpy(), truth[2:].numpy()), compute_result=True)
+    assert none_positive["dice_positive"] == -1.0 and none_positive["num_positive"] == 0
+
+
+def test_setr_upsampling_uses_align_corners_true_as_e3():
+    """SETR-naive blocks upsample like E.3's nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)."""
+    from modeling_cgns.modeling_segmentation import SETRNaiveDecoder
+
+    torch.manual_seed(0)
+    decoder = SETRNaiveDecoder(embed_dim=8, channels=[6, 4]).eval()
+    tokens = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        hidden = decoder.token_projection(tokens).transpose(1, 2).reshape(2, 8, 3, 3)
+        upsample = torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        for block in decoder.blocks:
+            hidden = upsample(block(hidden))
+        torch.testing.assert_close(decoder(tokens, (3, 3)), hidden)
+
+
+def mask_split(positive_flags):
+    import datasets
+    import numpy as np
+
+    masks = []
+    for flag in positive_flags:
+        mask = np.zeros((8, 8), dtype=np.uint8)
+        if flag:
+            mask[2:4, 2:4] = 255
+        masks.append(mask)
+    return datasets.Dataset.from_dict({"mask": masks, "row": list(range(len(masks)))},
+                                      features=datasets.Features({"mask": datasets.Image(),
+                                                                  "row": datasets.Value("int32")}))
+
+
+def test_balance_keeps_every_positive_and_as_many_negatives():
+    flags = [False, True, False, False, True, False, False, True, False, False]
+    split = mask_split(flags)
+    assert seg.positive_images(split).tolist() == flags
+    balanced = seg.balance_positives(split, seed=42)
+    rows = balanced["row"]
+    assert len(rows) == 6 and rows == sorted(rows)
+    assert {1, 4, 7} <= set(rows)
+    assert rows == seg.balance_positives(split, seed=42)["row"]           # deterministic
+    # an already balanced split (or one with more positives) is unchanged, as SIIM's builder output
+    assert seg.balance_positives(balanced, seed=42)["row"] == rows
+    assert seg.balance_positives(mask_split([True, True, False]))["row"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="no_balance_train"):
+        seg.balance_positives(mask_split([False, False]))
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def test_from_cgns_export(export_dir, tmp_path):
@@ -213,7 +281,13 @@ def test_run_segmentation_end_to_end(export_dir, tmp_path):
     assert 0.0 <= dice <= 1.0
     assert written["summary"]["dice"] == {"mean": dice, "std": 0.0, "n": 1}
     assert written["metric"] == "dice" and written["decoder"] == "unet"
-    assert written["num_examples"] == {"train": 48, "validation": 6, "test": 6}
+    # the 48 generated training images, balanced: every positive and as many negatives (E.3)
+    assert written["num_examples"]["validation"] == 6 and written["num_examples"]["test"] == 6
+    assert 2 <= written["num_examples"]["train"] < 48 and written["num_examples"]["train"] % 2 == 0
+    test = written["seeds"]["0"]["test"]
+    assert test["dice_empty_prediction"] == pytest.approx(1 - test["num_positive"] / 6)
+    assert test["dice_positive"] is None or 0.0 <= test["dice_positive"] <= 1.0
+    assert set(written["summary"]) == {"dice", "dice_positive", "dice_empty_prediction"}
     assert written["seeds"]["0"]["epochs_trained"] == 2
     assert written["seeds"]["0"]["best_validation_loss"] is not None  # eval_loss drives early stopping
     assert (output_dir / "results.md").read_text().count("| dice |") == 1
