@@ -120,7 +120,8 @@ def _write_one(job):
 
 
 def make_mimic_tree(root: str, n: int, width: int, height: int, workers: int) -> dict:
-    """A MIMIC-CXR-JPG 2.0.0 tree of ``n`` frontal images (every 10th in ``validate``); reused if present."""
+    """A MIMIC-CXR-JPG 2.0.0 tree of ``n`` frontal images (every 10th and the last in ``validate``: the
+    builder cannot return an empty split); images already there are reused."""
     start = time.perf_counter()
     with Pool(max(1, workers)) as pool:
         out = pool.map(_write_one, [(root, i, width, height) for i in range(n)], chunksize=4)
@@ -135,7 +136,7 @@ def make_mimic_tree(root: str, n: int, width: int, height: int, workers: int) ->
         w.writerow(["dicom_id", "study_id", "subject_id", "split"])
         for i in range(n):
             subject, study, dicom = _ids(i)
-            w.writerow([dicom, study, subject, "validate" if i % 10 == 9 else "train"])
+            w.writerow([dicom, study, subject, "validate" if i % 10 == 9 or i == n - 1 else "train"])
     with zipfile.ZipFile(os.path.join(root, "mimic-cxr-reports.zip"), "w") as z:
         for i, (_, report) in enumerate(out):
             subject, study, _ = _ids(i)
@@ -228,7 +229,7 @@ def build_step_model(kind: str, image_size: int):
                             projection_dim=768, image_size=image_size, max_text_length=256,
                             cluster_init_threshold=1.0)
     else:
-        config = CGNSConfig(vision_config=TimmWrapperConfig(architecture="test_resnet"),
+        config = CGNSConfig(vision_config=TimmWrapperConfig(architecture="resnet10t"),
                             text_config=BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                    intermediate_size=64),
                             projection_dim=32, image_size=image_size, max_text_length=128, num_clusters=4,
