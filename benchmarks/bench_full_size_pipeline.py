@@ -320,7 +320,7 @@ def parse_args(argv=None):
     ap.add_argument("--prepare_workers", type=int, nargs="+", default=[1, 2],
                     help="thread counts for preparation (validation + resizing)")
     ap.add_argument("--max_size", type=int, default=mimic_cxr.DEFAULT_MAX_SIZE, help="stored longest side")
-    ap.add_argument("--image_format", default="png", choices=["png", "jpeg"])
+    ap.add_argument("--image_format", default=mimic_cxr.MimicCxrConfig.image_format, choices=["bmp", "png", "jpeg"])
     ap.add_argument("--loader_workers", type=int, default=1)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)

@@ -670,7 +670,7 @@ def png_image(image, max_size: Optional[int] = None) -> dict:
 # Stored size: resize once while preparing, in parallel, in resumable shards
 # ------------------------------------------------------------------------------------------------
 
-STORED_IMAGE_FORMATS = ("png", "jpeg")
+STORED_IMAGE_FORMATS = ("png", "bmp", "jpeg")
 SHARD_FORMAT_VERSION = 1
 
 
@@ -681,8 +681,9 @@ def encode_image_file(path: str, max_size: Optional[int] = None, image_format: s
     The file's own bytes are kept when ``max_size`` is None or <= 0 (full size) or the image already
     fits; otherwise it is decoded, downsized once with ``resize_longest`` (bilinear, antialiased: the
     filter ``CGNSImageProcessor`` uses, so storing at the processor's ``resize_size`` makes its resize
-    the identity) and re-encoded as ``image_format`` (PNG: lossless; JPEG at ``quality``; modes other
-    than L/RGB are always PNG). The output depends only on the file and the options (no timestamps).
+    the identity) and re-encoded as ``image_format``: PNG (lossless, compressed), BMP (lossless,
+    uncompressed: about twice PNG's size, decodes ~5x faster) or JPEG at ``quality``; modes other than
+    L/RGB are always PNG. The output depends only on the file and the options (no timestamps).
     """
     from PIL import Image
 
@@ -700,6 +701,8 @@ def encode_image_file(path: str, max_size: Optional[int] = None, image_format: s
     buf = io.BytesIO()
     if image_format == "jpeg" and small.mode in ("L", "RGB"):
         small.save(buf, format="JPEG", quality=int(quality))
+    elif image_format == "bmp" and small.mode in ("L", "RGB"):
+        small.save(buf, format="BMP")
     else:
         small.save(buf, format="PNG")
     return {"bytes": buf.getvalue(), "path": None}

@@ -16,8 +16,9 @@ depends on absolute paths (G.2 item 29): images are stored as bytes and the ids 
 
 Stored size (docs/data_contract.md): the ~2,500 x 3,000 px JPEGs are resized once, while preparing,
 to a longest side of ``max_size`` (default 256, the 224 px protocol's resize size, stored as lossless
-PNG: the processor's resize is then the identity, so training sees what resizing the original gives,
-within 8-bit rounding) instead of in every epoch; ``max_size=0`` keeps the original JPEG bytes. The
+uncompressed BMP, which decodes fastest: the processor's resize is then the identity, so training sees
+what resizing the original gives, within 8-bit rounding) instead of in every epoch; ``max_size=0``
+keeps the original JPEG bytes. The
 resizing runs in ``num_workers`` threads in resumable shards (``iter_encoded_images``).
 """
 import csv
@@ -404,13 +405,14 @@ DEFAULT_MAX_SIZE = 256
 class MimicCxrConfig(datasets.BuilderConfig):
     """Options: ``reports_path`` (zip or folder; default: found in data_dir), ``num_workers``
     (threads for image validation and resizing; default min(8, CPUs)), ``max_size`` (longest stored
-    side, 256; 0 keeps the original JPEGs), ``image_format`` (``"png"`` or ``"jpeg"`` for resized
-    images), ``jpeg_quality`` (95)."""
+    side, 256; 0 keeps the original JPEGs), ``image_format`` of resized images (``"bmp"``: lossless,
+    uncompressed, fastest to decode; ``"png"``: lossless, half the disk; ``"jpeg"``), ``jpeg_quality``
+    (95)."""
 
     reports_path: Optional[str] = None
     num_workers: Optional[int] = None
     max_size: int = DEFAULT_MAX_SIZE
-    image_format: str = "png"
+    image_format: str = "bmp"
     jpeg_quality: int = 95
 
 

@@ -41,6 +41,9 @@ def test_encode_image_file_sizes_and_formats(tmp_path):
     assert Image.open(io.BytesIO(png["bytes"])).size == (213, 256)  # 600 x 720, longest side -> 256
     jpeg = encode_image_file(path, 256, image_format="jpeg", quality=90)["bytes"]
     assert jpeg[:2] == b"\xff\xd8" and Image.open(io.BytesIO(jpeg)).size == (213, 256)
+    bmp = encode_image_file(path, 256, image_format="bmp")["bytes"]      # lossless like PNG
+    assert bmp[:2] == b"BM" and Image.open(io.BytesIO(bmp)).mode == "L"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(bmp))), np.asarray(Image.open(io.BytesIO(png["bytes"]))))
     assert encode_image_file(path, 256)["bytes"] == png["bytes"]       # deterministic
     with pytest.raises(ValueError, match="image_format"):
         encode_image_file(path, 256, image_format="webp")
@@ -119,7 +122,7 @@ def test_mimic_preparation_is_deterministic_and_resumes(tmp_path, monkeypatch):
     a = mimic_cxr.load(root, cache_dir=str(tmp_path / "a"), max_size=16, num_workers=1, verbose=False)
     b = mimic_cxr.load(root, cache_dir=str(tmp_path / "b"), max_size=16, num_workers=3, verbose=False)
     assert _arrow_bytes(a) == _arrow_bytes(b)      # same bytes, whatever the number of threads
-    assert a["train"][0]["image"].size == (14, 16)
+    assert a["train"][0]["image"].size == (14, 16) and a["train"][0]["image"].format == "BMP"   # the default
     assert not any(name.endswith(".shards") for _, dirs, _ in os.walk(tmp_path / "a") for name in dirs)
     full = mimic_cxr.load(root, cache_dir=str(tmp_path / "full"), max_size=0, verbose=False)
     raw = full["train"].cast_column("image", __import__("datasets").Image(decode=False))
@@ -204,6 +207,25 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
     for a, b in zip(serial, persistent):
         assert torch.equal(a, b)
     assert not torch.equal(serial[1], serial[2])
+
+
+@pytest.mark.slow
+def test_full_size_benchmark_cpu_path(tmp_path):
+    """benchmarks/bench_full_size_pipeline.py end to end at tiny scale on CPU, the pretraining step included
+    (the path a GPU run takes with --device cuda --bf16 --batch_size 64)."""
+    from benchmarks import bench_full_size_pipeline as bench
+
+    summary = bench.main(["--n", "6", "--width", "400", "--height", "480", "--prepare_workers", "2",
+                          "--repeats", "1", "--min_seconds", "0", "--loader_workers", "1", "--gen_workers", "1",
+                          "--step", "--model", "tiny", "--device", "cpu", "--batch_size", "2", "--step_batches", "1",
+                          "--warmup", "1", "--output_json", str(tmp_path / "summary.json")])
+    assert summary["prepare"][0]["rows"] == 6 and summary["prepare"][0]["cpu_s_per_image"] > 0
+    assert summary["stored_vs_direct_levels"]["max"] <= 1.0
+    assert set(summary["loaders"]) == {"cgns", "files_full", "files_resized"}
+    assert summary["ratio_vs_full"] > 0 and summary["ratio_vs_resized"] > 0
+    step = summary["step"]
+    assert step["pipeline_median"] > 0 and step["premade_median"] > 0 and step["loader_workers"] == 1
+    assert (tmp_path / "summary.json").exists()
 
 
 __all__ = []
