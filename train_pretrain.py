@@ -130,7 +130,10 @@ class DataArguments:
         "help": "synthetic_cxr only: rendered image side; default resize_size"})
     resize_size: Optional[int] = field(default=None, metadata={
         "help": "longest side before the square pad and crop; default round(image_size * 256 / 224)"})
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes decoding and transforming images (kept alive across epochs)"})
+    dataloader_prefetch_factor: int = field(default=2, metadata={
+        "help": "batches each worker prepares ahead (with dataloader_num_workers > 0)"})
 
 
 @dataclass
@@ -378,15 +381,19 @@ class EpochSeededSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
+        # Each index travels with its epoch: persistent DataLoader workers hold a copy of the collator
+        # (and of this sampler) made when they started, so the epoch must reach them with the indices.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        epoch = self.epoch
+        return iter([(epoch, i) for i in torch.randperm(self.num_samples, generator=generator).tolist()])
 
     def __len__(self) -> int:
         return self.num_samples
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """Adds each row's index, so the collator can seed that batch's augmentation."""
+    """Adds each row's index (and epoch, for ``(epoch, index)`` keys from ``EpochSeededSampler``), so the
+    collator can seed that batch's augmentation."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -394,8 +401,9 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        return {**self.dataset[index], "index": index}
+    def __getitem__(self, key) -> Dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        return {**self.dataset[index], "index": index, "epoch": epoch}
 
 
 class SeededAugmentationCollator:
@@ -413,8 +421,10 @@ class SeededAugmentationCollator:
 
     def __call__(self, examples: List[Dict[str, Any]]):
         first_index = examples[0]["index"]
+        epoch = examples[0].get("epoch")
+        epoch = self.sampler.epoch if epoch is None else epoch
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.sampler.epoch) * 1_000_003 + first_index)
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + first_index)
             return self.collator(examples)
 
 
@@ -449,6 +459,20 @@ def resize_size_for(data_args: DataArguments, image_size: int) -> int:
     return data_args.resize_size or round(image_size * 256 / 224)
 
 
+def warn_if_stored_too_small(train, resize_size: int) -> None:
+    """Warn when the prepared images are smaller than the processor's resize size (they would be
+    upsampled: prepare them again with a larger ``max_size``)."""
+    if len(train) == 0:
+        return
+    from PIL import Image
+
+    image = train[0]["image"]
+    longest = max(image.size) if isinstance(image, Image.Image) else None
+    if longest is not None and longest < resize_size:
+        logger.warning(f"prepared images are stored at {longest} px (longest side), below resize_size "
+                       f"{resize_size}: they are upsampled; prepare the dataset with max_size >= {resize_size}")
+
+
 def get_dataloaders(config: PretrainingConfig, processor: CGNSProcessor):
     """(train, validation) DataLoaders. Train: per-epoch seeded shuffle, ``drop_last`` so every rank gets
     equal full batches (the gathered InfoNCE needs them), random crops; validation: centre crops."""
@@ -464,7 +488,13 @@ def get_dataloaders(config: PretrainingConfig, processor: CGNSProcessor):
     if len(train) < training_args.per_device_train_batch_size * world:
         raise ValueError(f"{len(train)} train pairs cannot fill one batch of "
                          f"{training_args.per_device_train_batch_size} on each of {world} process(es)")
-    common = {"num_workers": data_args.dataloader_num_workers, "pin_memory": torch.cuda.is_available()}
+    warn_if_stored_too_small(train, processor.image_processor.resize_size)
+    # Decoding and the processor run in the workers; persistent workers skip their start-up (a copy of
+    # the dataset and collator) at every epoch and validation, and pinned memory speeds the GPU copy.
+    workers = data_args.dataloader_num_workers
+    common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    if workers > 0:
+        common.update(persistent_workers=True, prefetch_factor=data_args.dataloader_prefetch_factor)
     # An explicit generator keeps iterator creation from drawing on the global torch RNG, whose
     # state the checkpoints restore (dropout and the CM-MIR mask use it).
     sampler = EpochSeededSampler(len(train), training_args.seed)
@@ -948,6 +978,7 @@ __all__ = [
     "IndexedDataset",
     "SeededAugmentationCollator",
     "load_pretraining_data",
+    "warn_if_stored_too_small",
     "get_dataloaders",
     "build_model",
     "build_processor",

@@ -21,11 +21,19 @@ a replacement character) and counted as repaired (``report not UTF-8 (decoded wi
 archive member that cannot be read (bad CRC, corrupt data) skips its study's images with
 ``unreadable report (bad archive member)`` and the member's name and error. Accounting:
 ``inputs["metadata rows"]`` = train + validation rows + skips.
+
+Stored size (docs/data_contract.md): the ~2,500 x 3,000 px JPEGs are resized once, while preparing,
+to a longest side of ``max_size`` (default 256, the 224 px protocol's resize size, stored as lossless
+uncompressed BMP, which decodes fastest: the processor's resize is then the identity, so training sees
+what resizing the original gives, within 8-bit rounding) instead of in every epoch; ``max_size=0``
+keeps the original JPEG bytes. The
+resizing runs in ``num_workers`` threads in resumable shards (``iter_encoded_images``).
 """
 import csv
 import gzip
 import os
 import re
+import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -36,11 +44,14 @@ import datasets
 from modeling_cgns.sentences import is_usable_report, report_text, split_sentences
 
 from ._common import (
+    STORED_IMAGE_FORMATS,
     CGNSBuilder,
+    CliFlag,
     DatasetFormatError,
     Manifest,
     TaskSpec,
     decode_text,
+    iter_encoded_images,
     keep_valid_images,
     prepare_and_load,
     run_cli,
@@ -413,13 +424,23 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
 # Builder, load(), CLI
 # ------------------------------------------------------------------------------------------------
 
+# The 224 px protocol resizes the longest side to 256: storing exactly that makes its resize the identity.
+DEFAULT_MAX_SIZE = 256
+
+
 @dataclass
 class MimicCxrConfig(datasets.BuilderConfig):
     """Options: ``reports_path`` (zip or folder; default: found in data_dir), ``num_workers``
-    (threads for image validation)."""
+    (threads for image validation and resizing; default min(8, CPUs)), ``max_size`` (longest stored
+    side, 256; 0 keeps the original JPEGs), ``image_format`` of resized images (``"bmp"``: lossless,
+    uncompressed, fastest to decode; ``"png"``: lossless, half the disk; ``"jpeg"``), ``jpeg_quality``
+    (95)."""
 
     reports_path: Optional[str] = None
     num_workers: Optional[int] = None
+    max_size: int = DEFAULT_MAX_SIZE
+    image_format: str = "bmp"
+    jpeg_quality: int = 95
 
 
 class MimicCxr(CGNSBuilder):
@@ -436,22 +457,53 @@ class MimicCxr(CGNSBuilder):
     EXAMPLE_KEY = "dicom_id"
 
     def _split_generators(self, dl_manager):
+        # options are set on the config after it is built (no __post_init__ sees them): check them here
+        if self.config.image_format not in STORED_IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {STORED_IMAGE_FORMATS}, got {self.config.image_format!r}")
+        if not 1 <= int(self.config.jpeg_quality) <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.config.jpeg_quality}")
         splits, self.manifest = scan(self._data_dir(), self.config.reports_path, self.config.num_workers,
                                      self.config.name)
         return self.split_generators(splits)
+
+    def _shard_dir(self) -> Optional[str]:
+        """Where finished shards of resized images wait for a resumed preparation (beside the
+        ``.incomplete`` folder, which datasets deletes when a preparation fails)."""
+        return None if "://" in str(self._cache_dir) else str(self._cache_dir) + ".shards"
+
+    def _examples(self, records, **extra):
+        cfg = self.config
+        columns = [c for c in self.info.features if c != "image"]
+        workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+        images = iter_encoded_images([r["image_path"] for r in records], self._shard_dir(), workers,
+                                     max_size=cfg.max_size, image_format=cfg.image_format,
+                                     quality=cfg.jpeg_quality)
+        for rec, image in zip(records, images):
+            yield rec[self.EXAMPLE_KEY], {"image": image, **{c: rec[c] for c in columns}}
+
+    def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
+        super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        shard_dir = self._shard_dir()
+        if shard_dir:       # everything is in the Arrow files now
+            shutil.rmtree(shard_dir, ignore_errors=True)
 
 
 def load(data_dir=None, task: str = "pretraining", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
          **options) -> datasets.DatasetDict:
     """``DatasetDict`` with ``train`` and ``validation`` (official validate + test); see module doc.
 
-    ``options``: ``reports_path``, ``num_workers`` (``MimicCxrConfig``), ``download_mode``, ``verbose``.
+    ``options``: ``reports_path``, ``num_workers``, ``max_size``, ``image_format``, ``jpeg_quality``
+    (``MimicCxrConfig``), ``download_mode``, ``verbose``.
     """
     return prepare_and_load(MimicCxr, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:
-    return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0])
+    return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0],
+                   flags=[CliFlag.for_option("max_size", type=int,
+                                             help=f"longest stored side ({DEFAULT_MAX_SIZE}; 0: original JPEGs)"),
+                          CliFlag.for_option("num_workers", type=int,
+                                             help="threads validating and resizing images")])
 
 
 if __name__ == "__main__":
@@ -459,6 +511,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "TASKS",
+    "DEFAULT_MAX_SIZE",
     "MimicCxr",
     "MimicCxrConfig",
     "SECTION_ALIASES",

@@ -92,8 +92,11 @@ class CGNSImageProcessor(BaseImageProcessor):
         h, w = gray.shape
         scale = self.resize_size / max(h, w)
         new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-        resized = F.interpolate(gray[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                antialias=True)[0, 0].clamp_(0.0, 1.0)
+        if (new_h, new_w) == (h, w):    # stored at resize_size already (data_scripts max_size): identity
+            resized = gray
+        else:
+            resized = F.interpolate(gray[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                    antialias=True)[0, 0].clamp_(0.0, 1.0)
         canvas = gray.new_zeros(self.resize_size, self.resize_size)
         top, left = (self.resize_size - new_h) // 2, (self.resize_size - new_w) // 2
         canvas[top:top + new_h, left:left + new_w] = resized
