@@ -425,7 +425,7 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
                        "a fresh optimiser and schedule)")
     freeze_text_layers(model, training_args.freeze_text_layers)
     if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_sampler = train_loader.sampler
     model, train_loader, eval_loader = accelerator.prepare(model, train_loader, eval_loader)
     run = PretrainingRun(args=config, accelerator=accelerator, model=model, processor=processor,
