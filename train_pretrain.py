@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -588,12 +589,26 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
 # export
 # --------------------------------------------------------------------------------------------------
 
-def export_model(run: PretrainingRun) -> str:
-    """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included) and the
-    processor, loadable with ``CGNSModel.from_pretrained`` / ``AutoModel.from_pretrained``."""
+def pretraining_card_info(run: PretrainingRun, training_time_s: Optional[float] = None) -> Dict[str, Any]:
+    """What the model card of ``final/`` reports: data, training time and facts, last metrics."""
+    data, training = run.args.data, run.args.training
+    return {"data": {"dataset": data.dataset, "share of train split used": data.data_pct},
+            "training_time_s": training_time_s,
+            "training": {"optimiser steps": run.progress.global_step, "epochs": run.progress.epoch,
+                         "stage 1 / stage 2 epochs": f"{training.stage1_epochs} / {training.stage2_epochs}",
+                         "global batch": run.global_batch_size, "learning rate": training.learning_rate,
+                         "processes": run.accelerator.num_processes, "seed": training.seed},
+            "metrics": {"validation": run.last_eval_metrics, "last training window": run.last_train_logs}}
+
+
+def export_model(run: PretrainingRun, training_time_s: Optional[float] = None) -> str:
+    """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included), the
+    processor and the model card (README.md), loadable with ``CGNSModel.from_pretrained`` /
+    ``AutoModel.from_pretrained`` after ``import modeling_cgns``."""
     accelerator = run.accelerator
     final_dir = os.path.join(run.output_dir, "final")
     accelerator.wait_for_everyone()
+    run.unwrapped_model.model_card_info.update(pretraining_card_info(run, training_time_s))
     run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                                         save_function=accelerator.save)
     if accelerator.is_main_process:
@@ -629,8 +644,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if config.training.report_to != "none":
         accelerator.init_trackers("cgns_pretrain", config=_tracker_config(config))
     try:
+        started = time.perf_counter()
         train(run, default_callbacks(config.training))
-        final_dir = export_model(run)
+        final_dir = export_model(run, training_time_s=time.perf_counter() - started)
     finally:
         accelerator.end_training()       # closes the trackers and tears down the process group
     return {
@@ -672,5 +688,6 @@ __all__ = [
     "evaluate",
     "train",
     "export_model",
+    "pretraining_card_info",
     "main",
 ]

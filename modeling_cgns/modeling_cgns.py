@@ -6,6 +6,8 @@ Everything the reference computes per sample is batched here with padding masks;
 per-sample versions live in tests as parity oracles.
 """
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -294,6 +296,57 @@ class CGNSPreTrainedModel(PreTrainedModel):
     # Both towers run under SDPA (BERT and the timm wrapper declare it); the CGNS heads call
     # F.scaled_dot_product_attention themselves. Flash/flex attention are BERT-only, so not declared.
     _supports_sdpa = True
+
+    # which model card an export of this class gets (modeling_cgns.model_card.KINDS)
+    model_card_kind = "pretraining"
+
+    # ---------------------------------------------------------------- model card and Hub upload
+    @property
+    def model_card_info(self) -> Dict:
+        """What the training script knows for the card (``data``, ``training_time_s``, ``training``, ``metrics``,
+        ``downstream``, ``base_model``; see :func:`modeling_cgns.model_card.build_model_card`). Not saved in
+        the config: a card is written by every ``save_pretrained``."""
+        return self.__dict__.setdefault("_model_card_info", {})
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
+                        push_to_hub: bool = False, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus the model card ``README.md``; with ``push_to_hub=True``
+        the card is uploaded with the weights (transformers' own push would write its generic card)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "commit_description", "create_pr",
+                                          "revision", "private") if k in kwargs} if push_to_hub else {}
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                         **kwargs)
+        if is_main_process:
+            repo_id = hub.pop("repo_id", None)
+            self._write_model_card(save_directory, repo_id)
+            if push_to_hub:
+                self._upload_export(save_directory, repo_id or os.path.basename(os.path.normpath(str(save_directory))),
+                                    token=kwargs.get("token"), **hub)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size="50GB", tags=None):
+        """Upload the weights, config and model card (this package's card, not transformers' generic one)."""
+        with tempfile.TemporaryDirectory() as folder:
+            super().save_pretrained(folder, max_shard_size=max_shard_size)
+            self._write_model_card(folder, repo_id)
+            return self._upload_export(folder, repo_id, token=token, private=private, commit_message=commit_message,
+                                       commit_description=commit_description, revision=revision, create_pr=create_pr)
+
+    def _write_model_card(self, folder, repo_id: Optional[str] = None) -> str:
+        from .model_card import write_model_card
+
+        info = dict(self.model_card_info)
+        if repo_id:
+            info["repo_id"] = repo_id
+        return write_model_card(folder, self.config, kind=self.model_card_kind, **info)
+
+    def _upload_export(self, folder, repo_id: str, token=None, private: Optional[bool] = None, **commit):
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return self._upload_modified_files(folder, repo_id, files_timestamps={}, token=token, **commit)
 
     def _init_weights(self, module):
         super()._init_weights(module)
