@@ -133,7 +133,7 @@ def auroc(result: Dict) -> Dict:
 # --------------------------------------------------------------------------------------------------
 
 def fmt(stat: Dict) -> str:
-    from train_downstream import format_mean_std
+    from downstream.common import format_mean_std
 
     return format_mean_std(stat)
 

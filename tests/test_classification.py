@@ -25,7 +25,9 @@ from transformers import (  # noqa: E402
 
 import data_scripts  # noqa: E402
 import train_downstream as td  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSModel  # noqa: E402
+from downstream import classification as probe  # noqa: E402
+from downstream.common import SPLITS  # noqa: E402
+from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSImageProcessor, CGNSModel  # noqa: E402
 from modeling_cgns.metrics import (  # noqa: E402
     UndefinedMetricWarning,
     classification_metrics,
@@ -78,7 +80,7 @@ def tiny_dataset_dict(rows_per_split=(12, 6, 6), num_labels=5, seed=0) -> datase
                                   "labels": datasets.List(datasets.Value("float32"), length=num_labels),
                                   "image_id": datasets.Value("string")})
     splits = {}
-    for name, n in zip(td.SPLITS, rows_per_split):
+    for name, n in zip(SPLITS, rows_per_split):
         labels = (rng.random((n, num_labels)) < 0.5).astype(np.float32)
         labels[0], labels[1] = 1.0, 0.0  # every class has a positive and a negative
         splits[name] = datasets.Dataset.from_dict(
@@ -180,10 +182,10 @@ def test_cached_features_give_the_same_logits_as_the_tower(tmp_path):
     torch.manual_seed(0)
     model = CGNSForImageClassification(probe_config(num_labels=5, problem_type="multi_label_classification"))
     dataset_dict = tiny_dataset_dict()
-    processor = td.CGNSImageProcessor(image_size=IMAGE_SIZE, resize_size=72)
-    cached = td.build_datasets(model, dataset_dict, processor, MULTI_LABEL_SPEC.problem_type, "cached",
+    processor = CGNSImageProcessor(image_size=IMAGE_SIZE, resize_size=72)
+    cached = probe.build_datasets(model, dataset_dict, processor, MULTI_LABEL_SPEC.problem_type, "cached",
                                batch_size=5, quiet=True)
-    uncached = td.build_datasets(model, dataset_dict, processor, MULTI_LABEL_SPEC.problem_type, "uncached")
+    uncached = probe.build_datasets(model, dataset_dict, processor, MULTI_LABEL_SPEC.problem_type, "uncached")
     test_images = torch.stack([uncached["test"][i]["pixel_values"] for i in range(len(uncached["test"]))])
     with torch.no_grad():
         from_features = model(features=cached["test"].features).logits
@@ -196,13 +198,13 @@ def test_training_changes_only_the_head(tmp_path):
     """Uncached training runs the tower every step in train mode: weights AND BN statistics stay put."""
     torch.manual_seed(0)
     model = CGNSForImageClassification(probe_config(num_labels=5, problem_type="multi_label_classification"))
-    processor = td.CGNSImageProcessor(image_size=IMAGE_SIZE, resize_size=72)
-    splits = td.build_datasets(model, tiny_dataset_dict(), processor, MULTI_LABEL_SPEC.problem_type,
+    processor = CGNSImageProcessor(image_size=IMAGE_SIZE, resize_size=72)
+    splits = probe.build_datasets(model, tiny_dataset_dict(), processor, MULTI_LABEL_SPEC.problem_type,
                                "augment", batch_size=6, quiet=True)
     tower_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
     head_before = model.classifier.weight.detach().clone()
     args = probe_args(tmp_path, "--augment", "--max_epochs", "2", "--lr", "0.05")
-    td.train_probe(model, splits, MULTI_LABEL_SPEC, args, seed=0, output_dir=str(tmp_path))
+    probe.train_probe(model, splits, MULTI_LABEL_SPEC, args, seed=0, output_dir=str(tmp_path))
     tower_after = model.vision_model.state_dict()
     assert any("running_mean" in k for k in tower_after)
     changed = [k for k in tower_before if not torch.equal(tower_before[k], tower_after[k])]
@@ -246,17 +248,17 @@ def test_imagenet_init_offline_says_why(export_dir, monkeypatch):
 def test_dataset_without_task_labels_is_refused():
     dataset_dict = tiny_dataset_dict()
     with pytest.raises(ValueError, match="no 'labels' column"):
-        td.check_classification_data(
+        probe.check_classification_data(
             datasets.DatasetDict({k: v.remove_columns("labels") for k, v in dataset_dict.items()}),
             MULTI_LABEL_SPEC, "tiny")
     wrong_width = data_scripts.TaskSpec("multi_label_classification", ("Pneumonia",), "auroc")
     with pytest.raises(ValueError, match="list of 1 floats"):
-        td.check_classification_data(dataset_dict, wrong_width, "tiny")
+        probe.check_classification_data(dataset_dict, wrong_width, "tiny")
     multiclass = data_scripts.TaskSpec("single_label_classification", ("a", "b", "c"), "accuracy")
     with pytest.raises(ValueError, match="ClassLabel with 3 classes"):
-        td.check_classification_data(dataset_dict, multiclass, "tiny")
+        probe.check_classification_data(dataset_dict, multiclass, "tiny")
     with pytest.raises(ValueError, match="lacks the split"):
-        td.check_classification_data(datasets.DatasetDict({"train": dataset_dict["train"]}), MULTI_LABEL_SPEC,
+        probe.check_classification_data(datasets.DatasetDict({"train": dataset_dict["train"]}), MULTI_LABEL_SPEC,
                                      "tiny")
 
 
@@ -267,7 +269,7 @@ def test_train_class_without_positives_warns():
     dataset_dict["train"] = dataset_dict["train"].remove_columns("labels").add_column(
         "labels", labels.tolist(), feature=dataset_dict["train"].features["labels"])
     with pytest.warns(UserWarning, match="'Cardiomegaly' has no positive example in the train split"):
-        td.check_classification_data(dataset_dict, MULTI_LABEL_SPEC, "tiny")
+        probe.check_classification_data(dataset_dict, MULTI_LABEL_SPEC, "tiny")
 
 
 @pytest.mark.parametrize("pct", ["0", "1.5", "-0.1", "ten"])
@@ -300,7 +302,7 @@ def test_data_pct_sampling_is_exact_and_deterministic(cache_dir, tmp_path):
                               "--cache_dir", cache_dir, "--data_pct", str(pct), "--data_seed", str(data_seed),
                               "--dataset_options", f"num_images={NUM_IMAGES}", f"image_size={IMAGE_SIZE}"])
         spec = data_scripts.get_task_spec("synthetic_cxr", "classification")
-        dataset_dict = td.load_data(args, spec)
+        dataset_dict = probe.load_data(args, spec)
         # validation and test are never subsampled
         assert len(dataset_dict["validation"]) == len(dataset_dict["test"]) == NUM_IMAGES // 10
         return dataset_dict["train"]["image_id"]
@@ -375,15 +377,15 @@ def test_standardized_features_fold_into_the_saved_head():
     width = model.classifier.in_features
     features = {split: torch.randn(n, width) * 0.01 + 0.05 for split, n in (("train", 20), ("validation", 6),
                                                                              ("test", 6))}
-    data = {split: td.FeatureDataset(f.clone(), torch.zeros(len(f), 5)) for split, f in features.items()}
-    mean, std = td.standardize_features(data)
+    data = {split: probe.FeatureDataset(f.clone(), torch.zeros(len(f), 5)) for split, f in features.items()}
+    mean, std = probe.standardize_features(data)
     torch.testing.assert_close(data["train"].features.mean(dim=0), torch.zeros(width), atol=1e-4, rtol=0)
     torch.testing.assert_close(data["train"].features.std(dim=0, unbiased=False), torch.ones(width), atol=1e-3,
                                rtol=0)
     torch.nn.init.normal_(model.classifier.weight)
     with torch.no_grad():
         on_standardized = model(features=data["test"].features).logits
-        td.fold_standardization(model, mean, std)
+        probe.fold_standardization(model, mean, std)
         on_raw = model(features=features["test"]).logits
     torch.testing.assert_close(on_raw, on_standardized, atol=1e-4, rtol=1e-4)
 

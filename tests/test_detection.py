@@ -1,4 +1,4 @@
-"""Object detection protocol (ALGORITHM.md E.2): CGNSForObjectDetection, the mAP metric, downstream_detection.
+"""Object detection protocol (ALGORITHM.md E.2): CGNSForObjectDetection, the mAP metric, downstream.detection.
 
 Tiny resnet18 towers at 64 px (grids 2 / 4 / 8) and the synthetic dataset at 64 px keep the file well
 under 90 s on two CPU cores.

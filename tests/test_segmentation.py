@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForSemanticSegmentation  # noqa: E402
+from transformers import AutoModelForSemanticSegmentation, TrainingArguments  # noqa: E402
 
 import train_downstream as td  # noqa: E402
-from downstream_segmentation import SegmentationTrainer  # noqa: E402
+from downstream.segmentation import SegmentationTrainer  # noqa: E402
 from modeling_cgns import CGNSForSemanticSegmentation, CGNSModel  # noqa: E402
 from modeling_cgns.modeling_segmentation import (  # noqa: E402
     dice_per_image,
@@ -185,7 +185,7 @@ def test_from_cgns_export(export_dir, tmp_path):
 
 def test_checkpoints_hold_decoder_buffers_not_the_tower(tmp_path):
     model = CGNSForSemanticSegmentation(segmentation_config())
-    training_args = td.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    training_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = SegmentationTrainer(model=model, args=training_args)
     trainer._save(str(tmp_path / "checkpoint"))
     saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))

@@ -1,6 +1,6 @@
 """Downstream object detection of a CGNS export (ALGORITHM.md E.2, MGCA's YOLOv3 protocol).
 
-Called by ``train_downstream.py --task detection``:
+Run as ``train_downstream.py --task detection`` (:func:`run`):
 
     python train_downstream.py --task detection --dataset rsna --dataset_task detection --data_dir D \
         --data_pct 0.01 --model path/to/cgns_export --init pretrained --output_dir O --seeds 0 1 2 \
@@ -27,10 +27,8 @@ anchor assignment has no "+1 pixel" term (see ``modeling_cgns.modeling_detection
 """
 import argparse
 import copy
-import json
 import logging
 import math
-import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -41,14 +39,16 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 import data_scripts
+from downstream.common import SPLITS, format_mean_std, mean_std, write_results, write_seed_metrics
 from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, average_precision_per_threshold,
                                              mean_average_precision)
 from modeling_cgns.modeling_detection import CGNSForObjectDetection
 from modeling_cgns.processing_cgns import to_unit_range
 
-logger = logging.getLogger("downstream_detection")
+logger = logging.getLogger("downstream.detection")
 
-SPLITS = ("train", "validation", "test")
+# Protocol defaults (ALGORITHM.md E.2); an explicit command-line value wins.
+DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6}
 CONF_THRESHOLD = 0.5  # E.2 inference
 NMS_IOU = 0.5
 
@@ -200,28 +200,37 @@ RESULTS_HEADER = ("| model | init | dataset | task | labels | test mAP (mean ± 
 
 
 def markdown_row(results: Dict) -> str:
-    from train_downstream import format_mean_std  # lazy: train_downstream imports this module
-
     summary = results["summary"]
     return (f"| {results['model']} | {results['init']} | {results['dataset']} | {results['dataset_task']} | "
             f"{100 * results['data_pct']:g} % | {format_mean_std(summary['map'])} | "
             f"{format_mean_std(summary['map_mgca'])} | {len(results['seeds'])} |")
 
 
-def write_results(results: Dict, output_dir: str) -> None:
-    from train_downstream import write_results as write_results_files
-
-    write_results_files(results, output_dir, header=RESULTS_HEADER, row=markdown_row(results))
+def write_detection_results(results: Dict, output_dir: str) -> None:
+    write_results(results, output_dir, header=RESULTS_HEADER, row=markdown_row(results))
 
 
 # --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
 
-def run_detection(args: argparse.Namespace) -> Dict:
-    """data -> detector -> a training run per seed -> test mAP -> results files; returns the results dict."""
-    from train_downstream import mean_std  # lazy: train_downstream imports this module
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a ``--dataset_task`` that is not a detection task."""
+    if not args.dataset_task.startswith("detection"):
+        raise ValueError(f"--dataset_task {args.dataset_task!r} is not a detection task")
+    # detection trains with its own loop (see the module docstring): Trainer-only options cannot apply
+    trainer_only = {"--bf16": getattr(args, "bf16", False),
+                    "--gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1) != 1,
+                    "--report_to": list(getattr(args, "report_to", ["none"])) != ["none"],
+                    "--resume_from_checkpoint": getattr(args, "resume_from_checkpoint", None) is not None}
+    refused = [name for name, given in trainer_only.items() if given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: Trainer option(s) that detection does not use (it trains "
+                         f"with its own loop; only --dataloader_num_workers applies)")
 
+
+def run(args: argparse.Namespace) -> Dict:
+    """data -> detector -> a training run per seed -> test mAP -> results files; returns the results dict."""
     dataset_dict = load_detection_data(args)
     num_examples = {s: len(dataset_dict[s]) for s in SPLITS}
     logger.info("%s/%s: %s rows (train at %g %% of the labels)", args.dataset, args.dataset_task,
@@ -241,10 +250,7 @@ def run_detection(args: argparse.Namespace) -> Dict:
         training = train_detector(model, loaders, args, seed)
         test = detection_metrics(*predict(model, loaders["test"], args.quiet, desc="test"))
         per_seed[seed] = {"test": test, **training}
-        seed_dir = os.path.join(args.output_dir, f"seed_{seed}")
-        os.makedirs(seed_dir, exist_ok=True)
-        with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
-            json.dump(per_seed[seed], f, indent=2)
+        write_seed_metrics(per_seed[seed], args.output_dir, seed)
         logger.info("seed %d: test mAP %s, with MGCA quirks %s (best epoch %s)", seed, test["map"],
                     test["map_mgca"], training["best_epoch"])
 
@@ -262,10 +268,12 @@ def run_detection(args: argparse.Namespace) -> Dict:
         "summary": {"map": mean_std([r["test"]["map"] for r in runs]),
                     "map_mgca": mean_std([r["test"]["map_mgca"] for r in runs])},
     }
-    write_results(results, args.output_dir)
+    write_detection_results(results, args.output_dir)
     logger.info("results: %s", markdown_row(results))
     return results
 
 
-__all__ = ["run_detection", "load_detection_data", "DetectionDataset", "collate_detection", "predict",
-           "detection_metrics", "train_detector", "markdown_row", "write_results"]
+run_detection = run  # the name before the downstream/ package
+
+__all__ = ["DEFAULTS", "run", "run_detection", "check_arguments", "load_detection_data", "DetectionDataset", "collate_detection", "predict",
+           "detection_metrics", "train_detector", "markdown_row", "write_detection_results"]

@@ -1,7 +1,6 @@
 """Downstream semantic segmentation of a CGNS export with a frozen encoder (ALGORITHM.md E.3).
 
-Called by ``train_downstream.py --task segmentation`` as ``run_segmentation(args)``, with that script's
-argparse Namespace, e.g.
+Run as ``train_downstream.py --task segmentation`` (:func:`run`, with that script's arguments), e.g.
 
     python train_downstream.py --task segmentation --dataset synthetic_cxr --dataset_task segmentation \
         --model path/to/cgns_export --init pretrained --output_dir O --seeds 42 \
@@ -11,7 +10,7 @@ Recipe: load the dataset's segmentation task (``data_scripts``; ``data_pct`` sub
 -> build :class:`CGNSForSemanticSegmentation` (frozen tower, U-Net or SETR-naive decoder) -> for each
 seed redraw the decoder and train it with the Hugging Face ``Trainer`` (AdamW, cosine, early stopping
 on validation loss, best checkpoint) -> mean per-image Dice on test -> ``results.json`` (per seed,
-mean and std) and ``results.md`` (one table row), written by train_downstream's own writers.
+mean and std) and ``results.md`` (one table row), written by ``downstream.common``'s writers.
 
 Input pipeline (E.3): the image is resized to the model's ``image_size`` (no crop: the mask must keep
 covering the same pixels), normalised with the export's mean / std (0.5); the mask (0 / 255) is
@@ -26,7 +25,6 @@ the last, smaller batch); several seeds share one tower (for ``--init random`` t
 first seed) and differ in the decoder's initialisation and the data order.
 """
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -39,13 +37,17 @@ from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, TrainingArguments, set_seed
 
 import data_scripts
+from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
+                               markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
+                               write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
 from modeling_cgns.processing_cgns import to_unit_range
-from train_downstream import (SPLITS, LinearProbeTrainer, load_image_processor, markdown_row, mean_std,
-                              training_arguments, write_results)
 
-logger = logging.getLogger("downstream_segmentation")
+logger = logging.getLogger("downstream.segmentation")
+
+# Protocol defaults (ALGORITHM.md E.3); an explicit command-line value wins.
+DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05}
 
 SEGMENTATION = "segmentation"
 METRIC = "dice"
@@ -146,7 +148,7 @@ def build_segmentation_model(args: argparse.Namespace,
 # training and evaluation
 # --------------------------------------------------------------------------------------------------
 
-class SegmentationTrainer(LinearProbeTrainer):
+class SegmentationTrainer(FrozenTowerTrainer):
     """Trainer whose checkpoints hold the decoder and head, buffers included, and never the frozen tower.
 
     Unlike the linear head, the decoder has BatchNorm running statistics (buffers, not trainable
@@ -181,7 +183,7 @@ class DiceAccumulator:
 
 def segmentation_training_arguments(args: argparse.Namespace, output_dir: str,
                                     seed: int) -> TrainingArguments:
-    """train_downstream's TrainingArguments (AdamW, cosine, epoch-wise eval, best eval_loss) on images."""
+    """The shared TrainingArguments (AdamW, cosine, epoch-wise eval, best eval_loss) on images."""
     image_args = argparse.Namespace(**{**vars(args), "mode": "uncached",
                                        "num_workers": getattr(args, "num_workers", 0)})
     training_args = training_arguments(image_args, output_dir, seed)
@@ -204,7 +206,7 @@ def train_segmenter(model: CGNSForSemanticSegmentation, datasets_by_split: Dict[
     )
     if args.quiet:
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args, trainer.args.output_dir))
     return trainer
 
 
@@ -213,25 +215,24 @@ def evaluate_segmenter(trainer: SegmentationTrainer, test_dataset: Dataset) -> D
     # training is over: early stopping would only complain that a test evaluation has no eval_loss
     trainer.remove_callback(EarlyStoppingCallback)
     metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
-    history = [log for log in trainer.state.log_history if "eval_loss" in log]
-    best = min(history, key=lambda log: log["eval_loss"]) if history else {}
-    return {
-        "test": {METRIC: metrics[f"test_{METRIC}"]},
-        "test_loss": float(metrics["test_loss"]),
-        "best_epoch": best.get("epoch"),
-        "best_validation_loss": best.get("eval_loss"),
-        "epochs_trained": trainer.state.epoch,
-    }
+    return {"test": {METRIC: metrics[f"test_{METRIC}"]}, "test_loss": float(metrics["test_loss"]),
+            **best_by_eval_loss(trainer)}
 
 
 # --------------------------------------------------------------------------------------------------
 # protocol
 # --------------------------------------------------------------------------------------------------
 
-def run_segmentation(args: argparse.Namespace) -> Dict:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a ``--dataset_task`` that is not a segmentation task."""
+    if not args.dataset_task.startswith("segmentation"):
+        raise ValueError(f"--dataset_task {args.dataset_task!r} is not a segmentation task")
+
+
+def run(args: argparse.Namespace) -> Dict:
     """data -> segmenter -> one Trainer run per seed -> test Dice -> results files; returns the results dict.
 
-    ``args`` is train_downstream's Namespace; read here: dataset, dataset_task, data_dir, cache_dir,
+    ``args`` holds train_downstream's arguments; read here: dataset, dataset_task, data_dir, cache_dir,
     dataset_options, data_pct, data_seed (default 42), model, init, output_dir, seeds, max_epochs,
     patience, batch_size, lr, weight_decay, num_workers (default 0), save_model (default False), quiet.
     """
@@ -252,15 +253,14 @@ def run_segmentation(args: argparse.Namespace) -> Dict:
 
     per_seed = {}
     for seed in args.seeds:
-        seed_dir = os.path.join(args.output_dir, f"seed_{seed}")
-        trainer = train_segmenter(model, datasets_by_split, args, seed, seed_dir)
+        directory = seed_dir(args.output_dir, seed)
+        trainer = train_segmenter(model, datasets_by_split, args, seed, directory)
         per_seed[seed] = evaluate_segmenter(trainer, datasets_by_split["test"])
-        with open(os.path.join(seed_dir, "metrics.json"), "w") as f:
-            json.dump(per_seed[seed], f, indent=2)
+        write_seed_metrics(per_seed[seed], args.output_dir, seed)
         if getattr(args, "save_model", False):
-            model.save_pretrained(os.path.join(seed_dir, "model"))
+            model.save_pretrained(os.path.join(directory, "model"))
         # the checkpoints only served to restore the best decoder, which is evaluated now
-        shutil.rmtree(os.path.join(seed_dir, "checkpoints"), ignore_errors=True)
+        shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
         logger.info("seed %d: test dice = %.4f (best epoch %s)", seed, per_seed[seed]["test"][METRIC],
                     per_seed[seed]["best_epoch"])
 
@@ -282,8 +282,10 @@ def run_segmentation(args: argparse.Namespace) -> Dict:
     return results
 
 
+run_segmentation = run  # the name before the downstream/ package
+
 __all__ = [
-    "run_segmentation", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
+    "DEFAULTS", "run", "run_segmentation", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
     "joint_augmentation", "build_segmentation_model", "SegmentationTrainer", "DiceAccumulator",
     "segmentation_training_arguments", "train_segmenter", "evaluate_segmenter",
 ]

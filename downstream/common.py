@@ -1,0 +1,225 @@
+"""Helpers shared by every downstream protocol: splits, image processor, the frozen-tower Trainer,
+Trainer arguments, thread control, seeds, mean ± std and the results files.
+
+Nothing here knows about a particular protocol; ``downstream.classification``, ``.detection`` and
+``.segmentation`` (and any protocol added later) import from this module and never from
+``train_downstream.py``, which only parses the command line and dispatches.
+"""
+import contextlib
+import json
+import logging
+import os
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
+
+from modeling_cgns import CGNSImageProcessor
+
+logger = logging.getLogger("downstream")
+
+SPLITS = ("train", "validation", "test")
+# The reference resizes the longest side to 256 before cropping 224 (E.1); other sizes keep the ratio.
+RESIZE_RATIO = 256 / 224
+
+
+# --------------------------------------------------------------------------------------------------
+# model inputs
+# --------------------------------------------------------------------------------------------------
+
+def load_image_processor(model_name_or_path: str, config) -> CGNSImageProcessor:
+    """The export's image processor (processor_config.json), else one built from ``config.image_size``."""
+    try:
+        return CGNSImageProcessor.from_pretrained(model_name_or_path)
+    except OSError:
+        size = config.image_size
+        logger.info("no image processor saved with %s; using image_size %d", model_name_or_path, size)
+        return CGNSImageProcessor(image_size=size, resize_size=round(size * RESIZE_RATIO))
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+
+class FrozenTowerTrainer(Trainer):
+    """Trainer whose checkpoints hold only the trainable parameters (the head).
+
+    The frozen tower never changes, so writing it at every epoch (up to 100 times per seed) would
+    cost more than training the head on cached features. Loading the best checkpoint is non-strict
+    in the Trainer, so the head is restored and the tower left as it is.
+    """
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if state_dict is None:
+            state_dict = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # The frozen tower is absent from the checkpoints by design (see _save); only report other keys.
+        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        frozen |= {name for name, _ in self.model.named_buffers()}
+        missing = [k for k in load_result.missing_keys if k not in frozen]
+        super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
+
+
+def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
+    """The protocols' TrainingArguments: AdamW, cosine, epoch-wise eval + save, best ``eval_loss`` restored.
+
+    ``args.mode == "cached"`` means the inputs are cached feature vectors (bigger eval batches, no
+    DataLoader workers, checkpoints without optimiser state); any other mode feeds images and keeps the
+    optimiser / scheduler / RNG state in its checkpoints so that ``--resume_from_checkpoint`` can continue.
+    The Trainer pass-through options (``--report_to``, ``--bf16``, ``--gradient_accumulation_steps``,
+    ``--dataloader_num_workers``) are read from ``args`` when present.
+    """
+    cached_inputs = args.mode == "cached"
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=args.max_epochs,
+        per_device_train_batch_size=args.batch_size,
+        # evaluation batch size does not change results; cached features are tiny
+        per_device_eval_batch_size=max(args.batch_size, 512) if cached_inputs else args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        optim="adamw_torch",
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        save_total_limit=1,
+        save_only_model=cached_inputs,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0 if cached_inputs else args.num_workers,
+        dataloader_pin_memory=on_gpu,
+        remove_unused_columns=False,
+        report_to=list(getattr(args, "report_to", ["none"])),
+        bf16=getattr(args, "bf16", False),
+        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+        disable_tqdm=args.quiet,
+    )
+
+
+def resume_checkpoint(args, checkpoints_dir: str):
+    """What ``Trainer.train(resume_from_checkpoint=...)`` gets for ``args.resume_from_checkpoint``.
+
+    ``True``: the last checkpoint in ``checkpoints_dir`` (None when there is none: the seed starts
+    afresh); a folder: that folder; None: None.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is True:
+        if not os.path.isdir(checkpoints_dir):
+            return None
+        last = get_last_checkpoint(checkpoints_dir)
+        if last is None:
+            logger.info("no checkpoint in %s: this seed starts afresh", checkpoints_dir)
+        return last
+    if value is not None and not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value
+
+
+def best_by_eval_loss(trainer: Trainer) -> Dict:
+    """The training summary of a Trainer run selected on ``eval_loss``: best epoch and loss, epochs run."""
+    history = [log for log in trainer.state.log_history if "eval_loss" in log]
+    best = min(history, key=lambda log: log["eval_loss"]) if history else {}
+    return {"best_epoch": best.get("epoch"), "best_validation_loss": best.get("eval_loss"),
+            "epochs_trained": trainer.state.epoch}
+
+
+@contextlib.contextmanager
+def single_cpu_thread(enabled: bool) -> Iterator[None]:
+    """Run torch on one CPU thread inside the block when ``enabled``.
+
+    On cached features a step is a (B, F) x (F, C) product: intra-op threads only add
+    synchronisation, which on a busy 2-core machine made each step about 10x slower.
+    """
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Hugging Face progress bars off inside the block unless ``enabled``; the previous state comes back."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------------
+# seeds and results
+# --------------------------------------------------------------------------------------------------
+
+def seed_dir(output_dir: str, seed: int) -> str:
+    """``<output_dir>/seed_<seed>``: where one seed's metrics.json (and model / checkpoints) go."""
+    return os.path.join(output_dir, f"seed_{seed}")
+
+
+def write_seed_metrics(metrics: Dict, output_dir: str, seed: int) -> None:
+    """``<output_dir>/seed_<seed>/metrics.json``."""
+    directory = seed_dir(output_dir, seed)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+
+def mean_std(values: List[Optional[float]]) -> Dict:
+    """Mean and sample std (ddof 1; 0 for one seed) over the defined values."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+    return {"mean": float(np.mean(defined)), "std": std, "n": len(defined)}
+
+
+def format_mean_std(stat: Dict) -> str:
+    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"`` (percent); ``"undefined"`` when there is no mean."""
+    return "undefined" if stat["mean"] is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+RESULTS_HEADER = ("| model | init | dataset | task | labels | mode | metric | test (mean ± std, %) | seeds |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n")
+
+
+def markdown_row(results: Dict) -> str:
+    """One :data:`RESULTS_HEADER` row: ``results["summary"][results["metric"]]`` as mean ± std."""
+    score = format_mean_std(results["summary"][results["metric"]])
+    return (f"| {results['model']} | {results['init']} | {results['dataset']} | {results['dataset_task']} | "
+            f"{100 * results['data_pct']:g} % | {results['mode']} | {results['metric']} | {score} | "
+            f"{len(results['seeds'])} |")
+
+
+def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, row: Optional[str] = None) -> None:
+    """``results.json`` and a one-row ``results.md`` table (``row`` defaults to :func:`markdown_row`)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(header + (row if row is not None else markdown_row(results)) + "\n")
+
+
+__all__ = [
+    "SPLITS", "RESIZE_RATIO", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
+    "best_by_eval_loss", "single_cpu_thread", "progress_bars", "seed_dir", "write_seed_metrics", "mean_std",
+    "format_mean_std", "RESULTS_HEADER", "markdown_row", "write_results",
+]
