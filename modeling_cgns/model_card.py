@@ -193,6 +193,17 @@ def write_model_card(save_directory: str, config, **card_info) -> str:
     return path
 
 
+def save_export(model, save_directory: str, image_processor=None, **card_info) -> str:
+    """A downstream (or any) export in one call: ``model.save_pretrained`` with its model card filled from
+    ``card_info`` (see :func:`build_model_card`), plus the image processor, so that
+    ``pipeline("image-classification", model=save_directory)`` and ``AutoImageProcessor`` work on it."""
+    model.model_card_info.update({k: v for k, v in card_info.items() if v is not None})
+    model.save_pretrained(save_directory)
+    if image_processor is not None:
+        image_processor.save_pretrained(save_directory)
+    return save_directory
+
+
 def read_front_matter(path: str) -> Dict[str, Any]:
     """The YAML front matter of a card written here (one JSON value per ``key: value`` line)."""
     with open(path, encoding="utf-8") as handle:
@@ -207,5 +218,5 @@ def read_front_matter(path: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["build_model_card", "write_model_card", "read_front_matter", "tower_description", "PACKAGE_NAME",
+__all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description", "PACKAGE_NAME",
            "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]
