@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PretrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -166,8 +166,11 @@ class CGNSProcessor(ProcessorMixin):
                                         **kwargs):
         tokenizer_subfolder = os.path.join(subfolder, cls.tokenizer_subfolder) if subfolder else cls.tokenizer_subfolder
         try:
+            # The subfolder has no config.json: a blank config stops AutoTokenizer looking for one there (which,
+            # for a Hub repo id, fails), so tokenizer_config.json alone names the class.
             return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
-                                                           subfolder=tokenizer_subfolder, **kwargs)
+                                                           subfolder=tokenizer_subfolder,
+                                                           **{"config": PretrainedConfig(), **kwargs})
         except (OSError, ValueError):
             # exports written before the tokenizer moved to its subfolder
             return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
