@@ -213,6 +213,16 @@ class CGNSForImageClassificationTest(CGNSCommonSkips, ModelTesterMixin, unittest
     def setUp(self):
         self.model_tester = CGNSClassificationModelTester(self)
 
+    @unittest.skip(reason="a frozen-tower head loads from a CGNS export folder/id (config checked first), not from a "
+                          "bare state_dict with no checkpoint")
+    def test_from_pretrained_no_checkpoint(self):
+        pass
+
+    @unittest.skip(reason="by design a checkpoint missing image-tower weights is refused, not re-initialised "
+                          "(tests/test_classification.py)")
+    def test_model_weights_reload_no_missing_tied_weights(self):
+        pass
+
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         inputs = copy.deepcopy(inputs_dict)
         if return_labels:
