@@ -601,14 +601,15 @@ def pretraining_card_info(run: PretrainingRun, training_time_s: Optional[float] 
             "metrics": {"validation": run.last_eval_metrics, "last training window": run.last_train_logs}}
 
 
-def export_model(run: PretrainingRun, training_time_s: Optional[float] = None) -> str:
+def export_model(run: PretrainingRun) -> str:
     """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included), the
     processor and the model card (README.md), loadable with ``CGNSModel.from_pretrained`` /
     ``AutoModel.from_pretrained`` after ``import modeling_cgns``."""
     accelerator = run.accelerator
     final_dir = os.path.join(run.output_dir, "final")
     accelerator.wait_for_everyone()
-    run.unwrapped_model.model_card_info.update(pretraining_card_info(run, training_time_s))
+    card_info = run.unwrapped_model.model_card_info
+    card_info.update(pretraining_card_info(run, card_info.get("training_time_s")))
     run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                                         save_function=accelerator.save)
     if accelerator.is_main_process:
@@ -646,7 +647,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     try:
         started = time.perf_counter()
         train(run, default_callbacks(config.training))
-        final_dir = export_model(run, training_time_s=time.perf_counter() - started)
+        run.unwrapped_model.model_card_info["training_time_s"] = time.perf_counter() - started
+        final_dir = export_model(run)
     finally:
         accelerator.end_training()       # closes the trackers and tears down the process group
     return {
