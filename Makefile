@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: demo test test-slow test-all ablation install bench clean
+.PHONY: demo test test-slow test-all test-hf ablation install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+# transformers' own generic model/config tests against CGNS (tests_hf/): the test files come from the
+# transformers sdist, fetched by pip into the ignored .hf_tests/ (with their one extra dependency).
+# A separate tier: about 7 min on 2 shared CPU cores (measured), too long for `make test`.
+test-hf: install
+	$(BIN)/python tests_hf/fetch_transformers_tests.py --dest .hf_tests
+	$(BIN)/python -m pytest tests_hf -m hf_common -q $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m "slow" -q $(PYTEST_ARGS)
@@ -50,4 +57,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:
-	rm -rf outputs .pytest_cache build *.egg-info
+	rm -rf outputs .pytest_cache build *.egg-info .hf_tests

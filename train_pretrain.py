@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -583,7 +584,7 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
                        "a fresh optimiser and schedule)")
     freeze_text_layers(model, training_args.freeze_text_layers)
     if training_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_sampler = train_loader.sampler
     model, train_loader, eval_loader = accelerator.prepare(model, train_loader, eval_loader)
     run = PretrainingRun(args=config, accelerator=accelerator, model=model, processor=processor,
@@ -903,12 +904,27 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
 # export
 # --------------------------------------------------------------------------------------------------
 
+def pretraining_card_info(run: PretrainingRun, training_time_s: Optional[float] = None) -> Dict[str, Any]:
+    """What the model card of ``final/`` reports: data, training time and facts, last metrics."""
+    data, training = run.args.data, run.args.training
+    return {"data": {"dataset": data.dataset, "share of train split used": data.data_pct},
+            "training_time_s": training_time_s,
+            "training": {"optimiser steps": run.progress.global_step, "epochs": run.progress.epoch,
+                         "stage 1 / stage 2 epochs": f"{training.stage1_epochs} / {training.stage2_epochs}",
+                         "global batch": run.global_batch_size, "learning rate": training.learning_rate,
+                         "processes": run.accelerator.num_processes, "seed": training.seed},
+            "metrics": {"validation": run.last_eval_metrics, "last training window": run.last_train_logs}}
+
+
 def export_model(run: PretrainingRun) -> str:
-    """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included) and the
-    processor, loadable with ``CGNSModel.from_pretrained`` / ``AutoModel.from_pretrained``."""
+    """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included), the
+    processor and the model card (README.md), loadable with ``CGNSModel.from_pretrained`` /
+    ``AutoModel.from_pretrained`` after ``import modeling_cgns``."""
     accelerator = run.accelerator
     final_dir = os.path.join(run.output_dir, "final")
     accelerator.wait_for_everyone()
+    card_info = run.unwrapped_model.model_card_info
+    card_info.update(pretraining_card_info(run, card_info.get("training_time_s")))
     run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
                                         save_function=accelerator.save)
     if accelerator.is_main_process:
@@ -945,7 +961,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if config.training.report_to != "none":
         accelerator.init_trackers("cgns_pretrain", config=_tracker_config(config))
     try:
+        started = time.perf_counter()
         train(run, default_callbacks(config.training))
+        run.unwrapped_model.model_card_info["training_time_s"] = time.perf_counter() - started
         final_dir = export_model(run)
     finally:
         accelerator.end_training()       # closes the trackers and tears down the process group
@@ -1000,5 +1018,6 @@ __all__ = [
     "evaluate",
     "train",
     "export_model",
+    "pretraining_card_info",
     "main",
 ]

@@ -43,6 +43,7 @@ from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, lo
                                markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
                                training_arguments, write_results, write_seed_metrics)
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
+from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
 
 logger = logging.getLogger("downstream.classification")
@@ -327,7 +328,10 @@ def run(args: argparse.Namespace) -> Dict:
         if args.save_model:
             if standardization is not None:
                 fold_standardization(model, *standardization)
-            model.save_pretrained(os.path.join(directory, "model"))
+            # with its image processor (pipeline("image-classification") works on it) and model card
+            save_export(model, os.path.join(directory, "model"), image_processor, base_model=args.model,
+                        data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
+                        training={"seed": seed, "init": args.init, "mode": args.mode}, metrics=per_seed[seed])
         # the checkpoints only served to restore the best head, which is evaluated now
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
         main_value = per_seed[seed]["test"][spec.metric]

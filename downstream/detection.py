@@ -34,6 +34,7 @@ import copy
 from dataclasses import dataclass, field
 import logging
 import math
+import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -44,9 +45,10 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 import data_scripts
-from downstream.common import SPLITS, format_mean_std, mean_std, write_results, write_seed_metrics
+from downstream.common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
 from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, MAX_DETECTIONS, average_precision_per_threshold,
                                              mean_average_precision)
+from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_detection import CLASS_LOSS_NORMALIZATIONS, CGNSForObjectDetection
 from modeling_cgns.processing_cgns import to_unit_range
 
@@ -412,6 +414,10 @@ def run(args: argparse.Namespace) -> Dict:
         test = {**detection_metrics(predictions, targets), "loss": test_loss}
         per_seed[seed] = {"test": test, **training}
         write_seed_metrics(per_seed[seed], args.output_dir, seed)
+        if getattr(args, "save_model", False):
+            save_export(model, os.path.join(seed_dir(args.output_dir, seed), "model"), base_model=args.model,
+                        data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
+                        training={"seed": seed, "init": args.init}, metrics={"test": test})
         logger.info("seed %d: test mAP %s, with MGCA quirks %s (best epoch %s)", seed, test["map"],
                     test["map_mgca"], training["best_epoch"])
 

@@ -42,6 +42,7 @@ from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, lo
                                markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
                                write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
+from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
 from modeling_cgns.processing_cgns import to_unit_range
 
@@ -325,7 +326,9 @@ def run(args: argparse.Namespace) -> Dict:
         per_seed[seed] = evaluate_segmenter(trainer, datasets_by_split["test"])
         write_seed_metrics(per_seed[seed], args.output_dir, seed)
         if getattr(args, "save_model", False):
-            model.save_pretrained(os.path.join(directory, "model"))
+            save_export(model, os.path.join(directory, "model"), image_processor, base_model=args.model,
+                        data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
+                        training={"seed": seed, "init": args.init}, metrics=per_seed[seed])
         # the checkpoints only served to restore the best decoder, which is evaluated now
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
         test = per_seed[seed]["test"]

@@ -21,6 +21,7 @@ VISION_FAMILIES = {
 TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 HARD_NEGATIVE_MODES = ("additive", "reference")
 RECONSTRUCTION_TARGETS = ("image", "masked")
+DEFAULT_MAX_TEXT_LENGTH = 256
 CLUSTER_UPDATE_TIMINGS = ("before_loss", "after_step")
 CLUSTER_INIT_SOURCES = ("batch", "queue")
 HEAD_INITS = ("pytorch", "normal")
@@ -57,7 +58,8 @@ class CGNSConfig(PretrainedConfig):
         predictor_hidden_dim (`int`, None): SimSiam predictor bottleneck; default projection_dim // 2.
         logit_scale_init_value (`float`, ln 10): initial log inverse temperature of the global loss (tau 0.1).
         logit_scale_max (`float`, 100): the exponentiated scale is clamped at this value (CLIP).
-        max_text_length (`int`, 256): word pieces per report, [CLS]/[SEP] included.
+        max_text_length (`int`, None): word pieces per report, [CLS]/[SEP] included; when not given,
+            256 or the text tower's `max_position_embeddings` if that is smaller.
         local_text_temperature (`float`, 1.0): temperature of the sentence-level InfoNCE (reference: 1).
         use_clustering (`bool`, True): cross-modal k-means hard negatives and false-negative handling.
         num_clusters (`int`, 128): K.
@@ -110,7 +112,7 @@ class CGNSConfig(PretrainedConfig):
         predictor_hidden_dim: Optional[int] = None,
         logit_scale_init_value: float = math.log(10.0),
         logit_scale_max: float = 100.0,
-        max_text_length: int = 256,
+        max_text_length: Optional[int] = None,
         local_text_temperature: float = 1.0,
         use_clustering: bool = True,
         num_clusters: int = 128,
@@ -164,6 +166,10 @@ class CGNSConfig(PretrainedConfig):
         self.predictor_hidden_dim = predictor_hidden_dim if predictor_hidden_dim is not None else projection_dim // 2
         self.logit_scale_init_value = logit_scale_init_value
         self.logit_scale_max = logit_scale_max
+        if max_text_length is None:
+            # A default that was not asked for follows the text tower instead of failing validation.
+            max_positions = getattr(text_config, "max_position_embeddings", None)
+            max_text_length = min(DEFAULT_MAX_TEXT_LENGTH, max_positions) if max_positions else DEFAULT_MAX_TEXT_LENGTH
         self.max_text_length = max_text_length
         self.local_text_temperature = local_text_temperature
         self.use_clustering = use_clustering

@@ -29,9 +29,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    import torch.distributed.nn.functional as dist_fn
+    # The supported autograd-aware collective (torch.distributed.nn.functional.all_gather is deprecated):
+    # forward all_gather_into_tensor, backward reduce_scatter (sum) to the owner of each slice.
+    from torch.distributed import _functional_collectives as funcol
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    gathered = funcol.all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return funcol.wait_tensor(gathered)
 
 
 @torch.no_grad()

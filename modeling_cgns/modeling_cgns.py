@@ -6,19 +6,26 @@ Everything the reference computes per sample is batched here with padding masks;
 per-sample versions live in tests as parity oracles.
 """
 import math
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from . import losses
 from .clustering import CrossModalKMeans
 from .configuration_cgns import CGNSConfig
+
+logger = logging.get_logger(__name__)
+# CrossModalKMeans buffers holding features; every other one is the bool ``initialized`` or a long counter.
+_CLUSTERING_FLOAT_BUFFERS = ("centroid_vectors", "queue")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,6 +273,11 @@ class CGNSOutput(ModelOutput):
             in batch order — the anchors and positives of the local text loss and the k-means input.
         reconstruction: (B, C, H, W) CM-MIR output when ``reconstruct=True``; token_mask (B, P) the masked tokens.
         retrieval: dict of detached scalars i2t_acc1, i2t_acc5, t2i_acc1, t2i_acc5 and logit_scale.
+        vision_hidden_states / text_hidden_states: the towers' per-layer hidden states when
+            ``output_hidden_states=True`` (timm ``forward_intermediates`` maps; BERT (B, L, H) per layer).
+
+    As a tuple (``return_dict=False`` or ``out.to_tuple()``) only the fields that are set appear, in the
+    order above: with ``return_loss=True`` the loss is index 0.
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -288,6 +300,8 @@ class CGNSOutput(ModelOutput):
     reconstruction: Optional[torch.FloatTensor] = None
     token_mask: Optional[torch.BoolTensor] = None
     retrieval: Optional[Dict[str, torch.Tensor]] = None
+    vision_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    text_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
 
     def named_losses(self) -> Dict[str, torch.Tensor]:
         """Every loss term that was computed, by name (for logging)."""
@@ -302,6 +316,60 @@ class CGNSPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # Both towers run under SDPA (BERT and the timm wrapper declare it); the CGNS heads call
+    # F.scaled_dot_product_attention themselves. Flash/flex attention are BERT-only, so not declared.
+    _supports_sdpa = True
+
+    # which model card an export of this class gets (modeling_cgns.model_card.KINDS)
+    model_card_kind = "pretraining"
+
+    # ---------------------------------------------------------------- model card and Hub upload
+    @property
+    def model_card_info(self) -> Dict:
+        """What the training script knows for the card (``data``, ``training_time_s``, ``training``, ``metrics``,
+        ``downstream``, ``base_model``; see :func:`modeling_cgns.model_card.build_model_card`). Not saved in
+        the config: a card is written by every ``save_pretrained``."""
+        return self.__dict__.setdefault("_model_card_info", {})
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
+                        push_to_hub: bool = False, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus the model card ``README.md``; with ``push_to_hub=True``
+        the card is uploaded with the weights (transformers' own push would write its generic card)."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "commit_description", "create_pr",
+                                          "revision", "private") if k in kwargs} if push_to_hub else {}
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                         **kwargs)
+        if is_main_process:
+            repo_id = hub.pop("repo_id", None)
+            self._write_model_card(save_directory, repo_id)
+            if push_to_hub:
+                self._upload_export(save_directory, repo_id or os.path.basename(os.path.normpath(str(save_directory))),
+                                    token=kwargs.get("token"), **hub)
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size="50GB", tags=None):
+        """Upload the weights, config and model card (this package's card, not transformers' generic one)."""
+        with tempfile.TemporaryDirectory() as folder:
+            super().save_pretrained(folder, max_shard_size=max_shard_size)
+            self._write_model_card(folder, repo_id)
+            return self._upload_export(folder, repo_id, token=token, private=private, commit_message=commit_message,
+                                       commit_description=commit_description, revision=revision, create_pr=create_pr)
+
+    def _write_model_card(self, folder, repo_id: Optional[str] = None) -> str:
+        from .model_card import write_model_card
+
+        info = dict(self.model_card_info)
+        if repo_id:
+            info["repo_id"] = repo_id
+        return write_model_card(folder, self.config, kind=self.model_card_kind, **info)
+
+    def _upload_export(self, folder, repo_id: str, token=None, private: Optional[bool] = None, **commit):
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return self._upload_modified_files(folder, repo_id, files_timestamps={}, token=token, **commit)
 
     def _init_weights(self, module):
         # Only the heads reach this method (each tower is a PreTrainedModel with its own _init_weights).
@@ -310,6 +378,12 @@ class CGNSPreTrainedModel(PreTrainedModel):
             _pytorch_default_init(module)
         else:
             super()._init_weights(module)
+        if isinstance(module, CrossModalKMeans):
+            # Uninitialised k-means state (fresh model, or a checkpoint without ``clustering.*``): never the
+            # garbage of an empty tensor, never ``initialized=True`` without centroids. Every buffer's fresh
+            # value is zero (centroids, queue, flags, counters, and the seed CGNSModel builds it with).
+            for buffer in module.buffers(recurse=False):
+                init.zeros_(buffer)
         if isinstance(module, CGNSModel):
             # A.3: projection weights ~ N(0, in_dim^-1/2) (biases: PyTorch default, or 0 with head_init "normal");
             # logit scale at ln(1/tau_0).
@@ -390,6 +464,9 @@ class CGNSModel(CGNSPreTrainedModel):
     (logit-scale clamp, the "after_step" k-means updates, dead-cluster re-seeding).
     """
 
+    # The k-means state loads as float32 under ``from_pretrained(dtype=bf16/fp16)`` (see _keep_clustering_float32).
+    _keep_in_fp32_modules_strict = ["clustering"]
+
     def __init__(self, config: CGNSConfig, vision_model: Optional[nn.Module] = None,
                  text_model: Optional[nn.Module] = None):
         super().__init__(config)
@@ -431,6 +508,45 @@ class CGNSModel(CGNSPreTrainedModel):
             self.image_mask_token = None
             self.decoder = None
         self.post_init()
+
+    # ---------------------------------------------------------------- k-means state: loading and dtype
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, plus: a checkpoint without the k-means state (``clustering.*``)
+        loads with *uninitialised* clusters (``_init_weights`` resets them) and says so in a warning; the
+        clustering buffers are float32 whatever ``dtype`` the rest of the model is loaded in."""
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                              output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info["missing_keys"] if k.startswith("clustering."))
+        if missing:
+            logger.warning(f"{pretrained_model_name_or_path}: the checkpoint has no k-means state ({', '.join(missing)} "
+                           f"missing); the clusters start uninitialised and re-initialise during training")
+        model._keep_clustering_float32()
+        return (model, info) if return_info else model
+
+    def _keep_clustering_float32(self, originals: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        # Momentum updates of 1e-3 vanish in bf16/fp16 (8/11-bit mantissas): the k-means state stays float32.
+        # ``originals`` are the float32 buffers before a cast, so their values come back exactly. The
+        # fp32 loading plan (_keep_in_fp32_modules_strict) also turns the flag and counters into floats:
+        # they go back to bool / long (counts are exact in float32 up to 2**24).
+        buffers = self.clustering._buffers
+        for name, buffer in buffers.items():
+            if buffer is None:
+                continue
+            wanted = torch.float32 if name in _CLUSTERING_FLOAT_BUFFERS else (
+                torch.bool if name == "initialized" else torch.long)
+            if buffer.dtype != wanted:
+                source = originals.get(name, buffer) if originals else buffer
+                buffers[name] = source.to(device=buffer.device, dtype=wanted)
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)``, ``.half()``, ``.bfloat16()`` all end here; device moves pass through unchanged.
+        originals = {name: b for name, b in self.clustering._buffers.items()
+                     if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        self._keep_clustering_float32(originals)
+        return self
 
     # ---------------------------------------------------------------- construction helpers
     @classmethod
@@ -474,19 +590,24 @@ class CGNSModel(CGNSPreTrainedModel):
         model.text_model.load_state_dict(text_state, strict=False)
         return model
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Activation checkpointing in both towers (the heads are small)."""
-        self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        self.vision_model.timm_model.set_grad_checkpointing(True)
-
-    def gradient_checkpointing_disable(self):
-        self.text_model.gradient_checkpointing_disable()
-        self.vision_model.timm_model.set_grad_checkpointing(False)
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                    every_n_layers: int = 1):
+        """The hook behind ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable`` and
+        ``TrainingArguments(gradient_checkpointing=True)``: each tower switches its own checkpointing
+        (BERT layers via transformers, the timm tower via ``set_grad_checkpointing``); the heads are small."""
+        self.text_model._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func,
+                                                    every_n_layers=every_n_layers)
+        if self.vision_model.supports_gradient_checkpointing:
+            self.vision_model._set_gradient_checkpointing(enable=enable)
 
     # ---------------------------------------------------------------- encoders
     def encode_image(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """pixel_values (B, 3, H, W) -> (global image embedding (B, D) normalised, local tokens V (B, P, D) normalised)."""
-        features = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self._encode_image(pixel_values)[:2]
+
+    def _encode_image(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        vision_out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states or None)
+        features = vision_out.last_hidden_state
         if self.config.vision_kind == "grid":
             tokens = features.flatten(2).transpose(1, 2)        # spatial flatten, row-major (never a raw reshape)
             global_raw = self.attention_pool(tokens)
@@ -495,18 +616,25 @@ class CGNSModel(CGNSPreTrainedModel):
             tokens = features[:, self.num_prefix_tokens:]
         image_embeds = F.normalize(self.global_image_projection(global_raw), dim=-1)
         local_image = F.normalize(self.local_image_projection(tokens), dim=-1)
-        return image_embeds, local_image
+        hidden_states = tuple(vision_out.hidden_states) if output_hidden_states else None
+        return image_embeds, local_image, hidden_states
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor,
                     token_type_ids: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (report embedding (B, D) normalised, sentences T (B, S, D), sentence_mask (B, S))."""
+        return self._encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[:3]
+
+    def _encode_text(self, input_ids, attention_mask, sentence_index, token_type_ids=None,
+                     output_hidden_states: bool = False):
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        tokens = F.normalize(self.local_text_projection(hidden), dim=-1)
+        text_out = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=output_hidden_states or None, **kwargs)
+        tokens = F.normalize(self.local_text_projection(text_out.last_hidden_state), dim=-1)
         sentences, sentence_mask = segment_mean(tokens, sentence_index, attention_mask)
         text_embeds = F.normalize(self.sentence_pool(sentences, sentence_mask), dim=-1)
-        return text_embeds, sentences, sentence_mask
+        hidden_states = tuple(text_out.hidden_states) if output_hidden_states else None
+        return text_embeds, sentences, sentence_mask, hidden_states
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised global image embeddings (B, D)."""
@@ -635,13 +763,40 @@ class CGNSModel(CGNSPreTrainedModel):
         token_type_ids: Optional[torch.Tensor] = None,
         return_loss: Optional[bool] = True,
         reconstruct: bool = False,
-        **kwargs: Any,
-    ) -> CGNSOutput:
-        """See the class docstring; all inputs are batch-first, ``sentence_index`` (B, L) from :class:`CGNSProcessor`."""
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> Union[CGNSOutput, Tuple]:
+        """See the class docstring; all inputs are batch-first, ``sentence_index`` (B, L) from :class:`CGNSProcessor`.
+
+        ``output_hidden_states`` adds both towers' hidden states; ``return_dict=False`` returns
+        ``CGNSOutput.to_tuple()`` (loss first when computed). Unknown keyword arguments raise ``TypeError``
+        (a misspelt ``reconstruct`` must not silently drop the CM-MIR loss). ``output_attentions`` and
+        ``labels`` are refused with a reason: the timm image tower exposes no attention maps, and the
+        contrastive objective's targets are the batch pairing itself.
+        """
         cfg = self.config
-        image_embeds, local_image = self.encode_image(pixel_values)
-        text_embeds, sentences, sentence_mask = self.encode_text(input_ids, attention_mask, sentence_index,
-                                                                 token_type_ids)
+        if labels is not None:
+            raise ValueError("CGNSModel takes no labels: image i and report i of the batch are the positive pair, "
+                             "so the targets are implicit (use return_loss=True). Classification labels belong "
+                             "to CGNSForImageClassification.")
+        if output_attentions if output_attentions is not None else cfg.output_attentions:
+            raise ValueError("CGNSModel cannot return attentions: the timm image tower exposes no attention maps "
+                             "(text attentions: call model.text_model(..., output_attentions=True) directly)")
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else cfg.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
+        out = self._forward(pixel_values, input_ids, attention_mask, sentence_index, token_type_ids,
+                            return_loss, reconstruct, output_hidden_states)
+        return out if return_dict else out.to_tuple()
+
+    def _forward(self, pixel_values, input_ids, attention_mask, sentence_index, token_type_ids, return_loss,
+                 reconstruct, output_hidden_states) -> CGNSOutput:
+        cfg = self.config
+        image_embeds, local_image, vision_hidden_states = self._encode_image(pixel_values, output_hidden_states)
+        text_embeds, sentences, sentence_mask, text_hidden_states = self._encode_text(
+            input_ids, attention_mask, sentence_index, token_type_ids, output_hidden_states)
         text_to_image, image_to_text = self.cross_attention(local_image, sentences, sentence_mask)
         text_sentence_features = sentences[sentence_mask]
         cross_sentence_features = image_to_text[sentence_mask]
@@ -652,17 +807,19 @@ class CGNSModel(CGNSPreTrainedModel):
                 raise ValueError("reconstruct=True needs a model built with use_reconstruction=True")
             reconstruction, token_mask = self.reconstruct_image(local_image, text_to_image)
 
-        out = CGNSOutput(image_embeds=image_embeds, text_embeds=text_embeds, local_image_embeds=local_image,
-                         sentence_embeds=sentences, sentence_mask=sentence_mask,
-                         text_to_image_features=text_to_image, image_to_text_features=image_to_text,
-                         text_sentence_features=text_sentence_features,
-                         cross_sentence_features=cross_sentence_features,
-                         reconstruction=reconstruction, token_mask=token_mask)
+        # The output is built once, at the end, with every field: a ModelOutput's tuple order is the order in
+        # which fields become non-None, so filling ``loss`` in afterwards would move it to the back.
+        fields = dict(image_embeds=image_embeds, text_embeds=text_embeds, local_image_embeds=local_image,
+                      sentence_embeds=sentences, sentence_mask=sentence_mask,
+                      text_to_image_features=text_to_image, image_to_text_features=image_to_text,
+                      text_sentence_features=text_sentence_features,
+                      cross_sentence_features=cross_sentence_features,
+                      reconstruction=reconstruction, token_mask=token_mask,
+                      vision_hidden_states=vision_hidden_states, text_hidden_states=text_hidden_states)
         logit_scale = self.scaled_logit_scale()
         if not return_loss:
-            out.logits_per_image = logit_scale * image_embeds @ text_embeds.t()
-            out.logits_per_text = out.logits_per_image.t()
-            return out
+            logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+            return CGNSOutput(logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(), **fields)
 
         global_loss, logits_per_image, logits_per_text, labels = losses.global_contrastive_loss(
             image_embeds, text_embeds, logit_scale)
@@ -677,12 +834,13 @@ class CGNSModel(CGNSPreTrainedModel):
             bml_weight=cfg.bml_weight)
         loss = (cfg.global_loss_weight * global_loss + cfg.local_image_loss_weight * local_image_loss
                 + cfg.local_text_loss_weight * local_text_loss)
+        reconstruction_loss = None
         if reconstruct:
             pixel_mask = (self._pixel_mask(token_mask, reconstruction.shape[-2:])
                           if cfg.reconstruction_target == "masked" else None)
-            out.reconstruction_loss = losses.reconstruction_loss(reconstruction, pixel_values,
-                                                                 cfg.reconstruction_weight, pixel_mask)
-            loss = loss + out.reconstruction_loss
+            reconstruction_loss = losses.reconstruction_loss(reconstruction, pixel_values,
+                                                             cfg.reconstruction_weight, pixel_mask)
+            loss = loss + reconstruction_loss
         elif self.decoder is not None and self.training and torch.is_grad_enabled():
             # Stage 1 leaves the decoder out of the loss. Touch its parameters with weight 0 so every
             # parameter is in the graph and DDP runs without find_unused_parameters.
@@ -690,16 +848,12 @@ class CGNSModel(CGNSPreTrainedModel):
 
         i2t = losses.retrieval_accuracy(logits_per_image.detach(), labels)
         t2i = losses.retrieval_accuracy(logits_per_text.detach(), labels)
-        out.loss = loss
-        out.global_loss = global_loss
-        out.local_image_loss = local_image_loss
-        out.local_text_loss = local_text_loss
-        out.bml_loss = text_parts["bml"]
-        out.logits_per_image = logits_per_image
-        out.logits_per_text = logits_per_text
-        out.retrieval = {"i2t_acc1": i2t[1], "i2t_acc5": i2t[5], "t2i_acc1": t2i[1], "t2i_acc5": t2i[5],
-                         "logit_scale": logit_scale.detach()}
-        return out
+        retrieval = {"i2t_acc1": i2t[1], "i2t_acc5": i2t[5], "t2i_acc1": t2i[1], "t2i_acc5": t2i[5],
+                     "logit_scale": logit_scale.detach()}
+        return CGNSOutput(loss=loss, global_loss=global_loss, local_image_loss=local_image_loss,
+                          local_text_loss=local_text_loss, reconstruction_loss=reconstruction_loss,
+                          bml_loss=text_parts["bml"], logits_per_image=logits_per_image,
+                          logits_per_text=logits_per_text, retrieval=retrieval, **fields)
 
     def _reconstruction_parameters(self):
         yield self.image_mask_token

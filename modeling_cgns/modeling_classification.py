@@ -130,6 +130,8 @@ class CGNSForImageClassification(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     ``CGNSForImageClassification(config)`` builds a random tower from a :class:`CGNSConfig`.
     """
 
+    model_card_kind = "classification"
+
     def __init__(self, config: CGNSConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)

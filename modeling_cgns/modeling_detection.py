@@ -290,6 +290,8 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     branch 512 / 1024), scaled by C5 / 2048 otherwise (resnet18: 128 / 256).
     """
 
+    model_card_kind = "detection"
+
     def __init__(self, config: CGNSConfig):
         super().__init__(config)
         if config.vision_kind != "grid":

@@ -179,6 +179,8 @@ class CGNSForSemanticSegmentation(FrozenVisionTowerMixin, CGNSPreTrainedModel):
     ``CGNSForSemanticSegmentation(config)`` for a random tower. Only ``decoder`` and ``head`` train.
     """
 
+    model_card_kind = "segmentation"
+
     def __init__(self, config: CGNSConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)

@@ -10,13 +10,14 @@ sentences with character offsets -> ``sentence_index`` (B, L): the sentence id (
 word piece; -1 on [CLS], [SEP], padding and on anything truncated away (G.24 cannot happen: special
 tokens are never assigned to a sentence).
 """
+import os
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PretrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -126,14 +127,57 @@ class CGNSProcessor(ProcessorMixin):
 
     ``processor(images=..., text=...)`` where ``text`` is a report string (or a list of them), or
     ``sentences=`` lists of already split sentences. Returns ``pixel_values``, ``input_ids``,
-    ``attention_mask`` (and ``token_type_ids``), ``sentence_index``.
+    ``attention_mask`` (and ``token_type_ids``), ``sentence_index``. Without an ``image_processor``
+    the default :class:`CGNSImageProcessor` (224 px crops of 256 px resizes) is used.
     """
 
     attributes = ["image_processor", "tokenizer"]
+    # The tokenizer is saved in this subfolder, not beside processor_config.json: without
+    # ``import modeling_cgns``, ``AutoProcessor`` would otherwise fall back to returning the bare
+    # tokenizer, which silently drops the images. With the subfolder it fails loudly instead.
+    tokenizer_subfolder = "tokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, max_length: int = 256, **kwargs):
         self.max_length = max_length
+        if image_processor is None:
+            image_processor = CGNSImageProcessor()
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """``ProcessorMixin.save_pretrained`` with the tokenizer files in ``tokenizer/`` (see ``tokenizer_subfolder``)."""
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            token = kwargs.get("token")
+            repo_id = create_repo(repo_id, exist_ok=True, token=token, private=kwargs.get("private")).repo_id
+            files_timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+        saved = super().save_pretrained(save_directory, **kwargs)
+        tokenizer_files = self.tokenizer.save_pretrained(os.path.join(save_directory, self.tokenizer_subfolder))
+        for path in tokenizer_files:
+            top_level = os.path.join(save_directory, os.path.basename(path))
+            if os.path.isfile(top_level):
+                os.remove(top_level)
+        if push_to_hub:
+            self._upload_modified_files(save_directory, repo_id, files_timestamps, commit_message=commit_message,
+                                        token=token)
+        return saved
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="",
+                                        **kwargs):
+        tokenizer_subfolder = os.path.join(subfolder, cls.tokenizer_subfolder) if subfolder else cls.tokenizer_subfolder
+        try:
+            # The subfolder has no config.json: a blank config stops AutoTokenizer looking for one there (which,
+            # for a Hub repo id, fails), so tokenizer_config.json alone names the class.
+            return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
+                                                           subfolder=tokenizer_subfolder,
+                                                           **{"config": PretrainedConfig(), **kwargs})
+        except (OSError, ValueError):
+            # exports written before the tokenizer moved to its subfolder
+            return super()._load_tokenizer_from_pretrained(sub_processor_type, pretrained_model_name_or_path,
+                                                           subfolder=subfolder, **kwargs)
 
     @staticmethod
     def split_report(report: Optional[str]) -> List[str]:

@@ -1,0 +1,104 @@
+"""The ``cgns`` console command (installed by ``pip install cgns``; see setup.cfg ``console_scripts``).
+
+::
+
+    cgns prepare <dataset> ...   build a dataset's Arrow files + manifest (data_scripts.<dataset>)
+    cgns pretrain ...            CM-CGNS pretraining (train_pretrain.py)
+    cgns evaluate ...            downstream protocols: linear probe, segmentation, detection (train_downstream.py)
+    cgns visualize ...           loss curves of a pretraining run (metrics.jsonl -> PNG)
+
+Every subcommand documents its options with ``cgns <command> --help``. The work is done by the
+same ``main(argv)`` functions as ``python train_pretrain.py`` etc., imported only when chosen (so
+``cgns --help`` is fast); the top-level scripts are installed as modules (setup.cfg ``py_modules``).
+"""
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+COMMANDS = {
+    "prepare": "build a dataset's Arrow files and manifest from its published files (data_scripts)",
+    "pretrain": "CM-CGNS image-report pretraining, two stages, exports final/ (train_pretrain.py)",
+    "evaluate": "downstream protocols on an export: linear probe, segmentation, detection (train_downstream.py)",
+    "visualize": "plot the loss curves of a pretraining run (its metrics.jsonl) to a PNG",
+}
+
+
+def _exit_code(result) -> int:
+    return result if isinstance(result, int) else 0
+
+
+def prepare(argv: Sequence[str]) -> int:
+    import data_scripts
+
+    parser = argparse.ArgumentParser(
+        prog="cgns prepare", description=COMMANDS["prepare"] + ". The options after the dataset name are the "
+        "dataset builder's own: see `cgns prepare <dataset> --help`.")
+    parser.add_argument("dataset", choices=data_scripts.DATASETS, help="which dataset to build")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the builder's options (--data_dir, "
+                        "--output_dir, --task, ...)")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"data_scripts.{args.dataset}")
+    return _exit_code(module.main(args.options))
+
+
+def _run_script_main(module_name: str, prog: str, argv: Sequence[str]) -> int:
+    # The scripts' parsers take their usage line from sys.argv[0]: show `cgns <command>` there.
+    saved, sys.argv[0] = sys.argv[0], prog
+    try:
+        importlib.import_module(module_name).main(list(argv))    # returns a summary dict
+    finally:
+        sys.argv[0] = saved
+    return 0
+
+
+def pretrain(argv: Sequence[str]) -> int:
+    return _run_script_main("train_pretrain", "cgns pretrain", argv)
+
+
+def evaluate(argv: Sequence[str]) -> int:
+    return _run_script_main("train_downstream", "cgns evaluate", argv)
+
+
+def visualize(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cgns visualize", description=COMMANDS["visualize"] + ".")
+    parser.add_argument("run", help="a pretraining output_dir (holding metrics.jsonl) or a metrics.jsonl file")
+    parser.add_argument("--output", default=None,
+                        help="PNG to write; default loss_curves.png beside metrics.jsonl")
+    args = parser.parse_args(argv)
+    metrics = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
+    if not os.path.isfile(metrics):
+        parser.error(f"no metrics file at {metrics!r} (pass a pretraining output_dir or its metrics.jsonl)")
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(metrics)), "loss_curves.png")
+    path = importlib.import_module("pretrain_callbacks").plot_loss_curves(metrics, output)
+    print(path)
+    return 0
+
+
+DISPATCH: Dict[str, Callable[[Sequence[str]], int]] = {
+    "prepare": prepare, "pretrain": pretrain, "evaluate": evaluate, "visualize": visualize}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgns", description="CM-CGNS: chest X-ray image-report pretraining and evaluation on the Hugging Face "
+        "stack.", epilog="Run `cgns <command> --help` for the options of a command.")
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in DISPATCH:
+        build_parser().parse_args(argv[:1])      # prints the usage (or the help) and exits
+    return DISPATCH[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "COMMANDS", "DISPATCH", "build_parser"]
