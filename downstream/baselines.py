@@ -101,8 +101,8 @@ def is_token_tower(model: str) -> bool:
 
 
 def format_mean_std(stat: Dict) -> str:
-    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"``: train_downstream's format (a test keeps them
-    equal), repeated so that the sweep itself never imports torch."""
+    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"``: downstream.common's format (a test keeps
+    them equal), repeated so that the sweep itself never imports torch."""
     return "undefined" if stat["mean"] is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 

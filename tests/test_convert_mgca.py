@@ -526,7 +526,7 @@ def test_baseline_sweep_runs_every_cell_and_writes_one_row_per_table(fake_runner
 
 def test_baseline_sweep_marks_detection_na_for_vit_and_matches_train_downstream_format(fake_runner, vit_export,
                                                                                         tmp_path):
-    import train_downstream as td
+    from downstream import common
     from downstream import baselines
 
     rows = baselines.main(["--model", str(vit_export[-1]), "--output_dir", str(tmp_path / "runs"), "--table",
@@ -537,7 +537,7 @@ def test_baseline_sweep_marks_detection_na_for_vit_and_matches_train_downstream_
     text = (tmp_path / "new.md").read_text()
     assert baselines.table_header("dense") in text and baselines.marker("dense") in text
     for stat in ({"mean": 0.8765, "std": 0.0123}, {"mean": None, "std": None}):
-        assert baselines.format_mean_std(stat) == td.format_mean_std(stat)
+        assert baselines.format_mean_std(stat) == common.format_mean_std(stat)
 
 
 @pytest.mark.slow
