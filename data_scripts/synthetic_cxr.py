@@ -829,8 +829,8 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224, lesion_cont
     """Render study ``index`` of the synthetic dataset with generator ``seed``.
 
     ``lesion_contrast_scale`` multiplies every lesion contrast (``DIFFICULTY``) for this study; the
-    random draws are the same, so only the lesions' intensity changes (their masks and boxes may
-    differ slightly: they are thresholds of the drawn density).
+    random draws are the same, so only the lesions' intensity changes (findings, report, masks and boxes
+    are those of the default: a mask is a threshold of the blob's shape, not of its contrast).
 
     Returns a dict with
       ``image``: uint8 (S, S); ``study_id``: str;

@@ -203,6 +203,8 @@ def test_lesion_contrast_scale_brightens_only_the_lesions(tmp_path):
     plain, easy = sc.generate_study(lesion, 0, 64), sc.generate_study(lesion, 0, 64, lesion_contrast_scale=3.0)
     assert sc.DIFFICULTY == base_dict  # the override is undone
     assert plain["report"] == easy["report"] and plain["findings"] == easy["findings"]
+    assert np.array_equal(plain["boxes"], easy["boxes"])
+    assert np.array_equal(plain["opacity_mask"], easy["opacity_mask"])
     box = np.round(np.asarray(plain["boxes"][0]) * 64).astype(int)
     region = (slice(box[1], box[3]), slice(box[0], box[2]))
     diff = easy["image"].astype(float) - plain["image"].astype(float)
