@@ -47,7 +47,9 @@ gave 167 images/s when the core was free (65-70 images/s while other jobs kept t
 average at 5 on the two cores).
 
 Calibration: all lesion contrasts and noise levels live in the module-level ``DIFFICULTY`` dict;
-``DIFFICULTY["lesion_contrast_scale"]`` scales every lesion contrast at once.
+``DIFFICULTY["lesion_contrast_scale"]`` scales every lesion contrast at once; the load option
+``lesion_contrast_scale`` (default 1.0, cached under its own config id) multiplies it for one dataset,
+e.g. ``lesion_contrast_scale=3`` for easier lesions (the synthetic detection run of docs/detection.md).
 """
 import hashlib
 import os
@@ -823,8 +825,12 @@ def split_of(index: int, n: int) -> str:
     return "test"
 
 
-def generate_study(index: int, seed: int = 0, image_size: int = 224) -> dict:
+def generate_study(index: int, seed: int = 0, image_size: int = 224, lesion_contrast_scale: float = 1.0) -> dict:
     """Render study ``index`` of the synthetic dataset with generator ``seed``.
+
+    ``lesion_contrast_scale`` multiplies every lesion contrast (``DIFFICULTY``) for this study; the
+    random draws are the same, so only the lesions' intensity changes (findings, report, masks and boxes
+    are those of the default: a mask is a threshold of the blob's shape, not of its contrast).
 
     Returns a dict with
       ``image``: uint8 (S, S); ``study_id``: str;
@@ -843,6 +849,15 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224) -> dict:
     image_size = int(image_size)
     if image_size < _MIN_SIZE:
         raise ValueError(f"image_size must be >= {_MIN_SIZE}, got {image_size}")
+    if not float(lesion_contrast_scale) > 0:
+        raise ValueError(f"lesion_contrast_scale must be > 0, got {lesion_contrast_scale}")
+    if float(lesion_contrast_scale) != 1.0:
+        base = DIFFICULTY["lesion_contrast_scale"]
+        DIFFICULTY["lesion_contrast_scale"] = float(base) * float(lesion_contrast_scale)
+        try:
+            return generate_study(index, seed, image_size)
+        finally:
+            DIFFICULTY["lesion_contrast_scale"] = base
     rngs = _rngs(seed, index)
     scenario, findings = _sample_findings(rngs["scenario"])
     catheter = bool(rngs["scenario"].random() < 0.15)
@@ -951,13 +966,16 @@ def _row(task: str, st: dict) -> dict:
 
 
 class SyntheticCXRConfig(datasets.BuilderConfig):
-    """BuilderConfig with the generator options: ``num_images``, ``image_size``, ``generator_seed``."""
+    """BuilderConfig with the generator options: ``num_images``, ``image_size``, ``generator_seed``,
+    ``lesion_contrast_scale``."""
 
-    def __init__(self, num_images: int = 2000, image_size: int = 224, generator_seed: int = 0, **kwargs):
+    def __init__(self, num_images: int = 2000, image_size: int = 224, generator_seed: int = 0,
+                 lesion_contrast_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.num_images = int(num_images)
         self.image_size = int(image_size)
         self.generator_seed = int(generator_seed)
+        self.lesion_contrast_scale = float(lesion_contrast_scale)
 
 
 class SyntheticCXR(CGNSBuilder):
@@ -983,11 +1001,15 @@ class SyntheticCXR(CGNSBuilder):
     def _examples(self, indices: range):
         cfg = self.config
         for i in indices:
-            yield i, _row(cfg.name, generate_study(i, cfg.generator_seed, cfg.image_size))
+            yield i, _row(cfg.name, generate_study(i, cfg.generator_seed, cfg.image_size,
+                                                   cfg.lesion_contrast_scale))
 
 
-def _config_id(task: str, num_images: int, image_size: int, generator_seed: int) -> str:
-    return f"{task}-n{int(num_images)}-s{int(image_size)}-seed{int(generator_seed)}"
+def _config_id(task: str, num_images: int, image_size: int, generator_seed: int,
+               lesion_contrast_scale: float = 1.0) -> str:
+    # the default keeps the ids (and caches) of datasets prepared before the option existed
+    contrast = "" if float(lesion_contrast_scale) == 1.0 else f"-c{float(lesion_contrast_scale):g}"
+    return f"{task}-n{int(num_images)}-s{int(image_size)}-seed{int(generator_seed)}{contrast}"
 
 
 def _cache_root(cache_dir: Optional[str]) -> str:
@@ -996,8 +1018,8 @@ def _cache_root(cache_dir: Optional[str]) -> str:
 
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
          cache_dir: Optional[str] = None, num_images: int = 2000, image_size: int = 224,
-         generator_seed: int = 0, download_mode=None, verbose: bool = True, force_prepare: bool = False,
-         **options) -> "datasets.DatasetDict":
+         generator_seed: int = 0, lesion_contrast_scale: float = 1.0, download_mode=None, verbose: bool = True,
+         force_prepare: bool = False, **options) -> "datasets.DatasetDict":
     """Build (or reuse) the synthetic dataset for ``task`` and return its DatasetDict.
 
     ``data_dir`` is ignored (nothing is read); any other option is an error, as for the real
@@ -1010,11 +1032,14 @@ def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, see
     check_options(DATASET_NAME, SyntheticCXR, options)
     if task in TASKS and int(num_images) < 10:
         raise ValueError(f"num_images must be >= 10 (80/10/10 splits), got {num_images}")
+    if not float(lesion_contrast_scale) > 0:
+        raise ValueError(f"lesion_contrast_scale must be > 0, got {lesion_contrast_scale}")
     return prepare_and_load(SyntheticCXR, task, None, data_pct, seed, _cache_root(cache_dir),
                             download_mode=download_mode, verbose=verbose, force_prepare=force_prepare,
-                            config_id=_config_id(task, num_images, image_size, generator_seed),
+                            config_id=_config_id(task, num_images, image_size, generator_seed,
+                                                 lesion_contrast_scale),
                             num_images=int(num_images), image_size=int(image_size),
-                            generator_seed=int(generator_seed))
+                            generator_seed=int(generator_seed), lesion_contrast_scale=float(lesion_contrast_scale))
 
 
 def _save_png(array: np.ndarray, path: str) -> None:

@@ -195,6 +195,39 @@ def test_difficulty_is_a_calibration_dict():
         assert key in sc.DIFFICULTY
 
 
+def test_lesion_contrast_scale_brightens_only_the_lesions(tmp_path):
+    # find a study with a boxed lesion and a normal one (no finding at all)
+    lesion = next(i for i in range(60) if len(sc.generate_study(i, 0, 64)["boxes"]))
+    normal = next(i for i in range(60) if not sc.generate_study(i, 0, 64)["findings"])
+    base_dict = dict(sc.DIFFICULTY)
+    plain, easy = sc.generate_study(lesion, 0, 64), sc.generate_study(lesion, 0, 64, lesion_contrast_scale=3.0)
+    assert sc.DIFFICULTY == base_dict  # the override is undone
+    assert plain["report"] == easy["report"] and plain["findings"] == easy["findings"]
+    assert np.array_equal(plain["boxes"], easy["boxes"])
+    assert np.array_equal(plain["opacity_mask"], easy["opacity_mask"])
+    box = np.round(np.asarray(plain["boxes"][0]) * 64).astype(int)
+    region = (slice(box[1], box[3]), slice(box[0], box[2]))
+    diff = easy["image"].astype(float) - plain["image"].astype(float)
+    assert diff[region].mean() > 2.0  # the lesion is denser, so brighter on the film
+    outside = np.ones((64, 64), bool)
+    for b in np.round(np.asarray(easy["boxes"]) * 64).astype(int).tolist() + box[None].tolist():
+        outside[max(b[1] - 3, 0):b[3] + 3, max(b[0] - 3, 0):b[2] + 3] = False
+    assert np.abs(diff[outside]).mean() < 0.25 * diff[region].mean()
+    assert np.array_equal(sc.generate_study(normal, 0, 64)["image"],
+                          sc.generate_study(normal, 0, 64, lesion_contrast_scale=3.0)["image"])
+    with pytest.raises(ValueError, match="lesion_contrast_scale"):
+        sc.generate_study(lesion, 0, 64, lesion_contrast_scale=0.0)
+    # a load option with its own cache entry; the default keeps the old config id
+    kw = dict(task="detection", cache_dir=str(tmp_path), num_images=20, image_size=64)
+    a = load_cgns_dataset("synthetic_cxr", **kw)
+    b = load_cgns_dataset("synthetic_cxr", lesion_contrast_scale=3.0, **kw)
+    assert a["train"]["image_id"] == b["train"]["image_id"]
+    assert any(np.asarray(x).tobytes() != np.asarray(y).tobytes()
+               for x, y in zip(a["train"]["image"], b["train"]["image"]))
+    assert sc._config_id("detection", 20, 64, 0) == "detection-n20-s64-seed0"
+    assert sc._config_id("detection", 20, 64, 0, 3.0) == "detection-n20-s64-seed0-c3"
+
+
 # ---------------------------------------------------------------------------------------------- builder
 def _expected_features(task):
     from datasets import ClassLabel, Features, Image, List, Value
