@@ -90,6 +90,7 @@ class PretrainingRun:
     checkpoint_history: List[Tuple[int, str]] = field(default_factory=list)
     last_train_logs: Dict[str, float] = field(default_factory=dict)
     last_eval_metrics: Dict[str, float] = field(default_factory=dict)
+    text_cache: Any = None                     # modeling_cgns.text_cache.FrozenTextFeatureCache when enabled
 
     @property
     def unwrapped_model(self):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, HfArgumentParser
 
 from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSPretrainingCollator, CGNSProcessor
+from modeling_cgns.text_cache import FrozenTextFeatureCache
 from pretrain_callbacks import (
     CheckpointCallback,
     ClusterReassignmentCallback,
@@ -157,6 +158,10 @@ class PretrainingArguments:
     gradient_checkpointing: bool = False
     freeze_text_layers: int = field(default=0, metadata={
         "help": "freeze the text tower's embeddings + first N layers (-1: all; 0: fine-tune everything, reference)"})
+    cache_text_features: bool = field(default=False, metadata={
+        "help": "with --freeze_text_layers -1: run the frozen text tower once per distinct report (in eval mode, "
+                "no dropout) and reuse its output in later epochs (modeling_cgns/text_cache.py); for datasets "
+                "whose reports fit in memory"})
     max_steps: int = field(default=-1, metadata={
         "help": "stop after this many optimiser steps (the schedules still follow the epochs); -1 = off"})
     do_eval: bool = field(default=True, metadata={"help": "validate at every epoch end"})
@@ -177,11 +182,16 @@ class PretrainingArguments:
     sentence_check_batches: int = field(default=20, metadata={
         "help": "stop if none of the first N train batches holds a sentence (0: off)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | none"})
+    log_level: str = field(default="info", metadata={
+        "help": "info: progress lines (stage switches, checkpoints) beside the progress bar | warning: only "
+                "the bar, warnings and errors (the demo)"})
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms"})
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.log_level not in ("info", "warning"):
+            raise ValueError(f"log_level must be info or warning, got {self.log_level!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"report_to must be tensorboard or none, got {self.report_to!r}")
         if self.stage1_epochs < 0 or self.stage2_epochs < 0 or self.stage1_epochs + self.stage2_epochs == 0:
@@ -197,6 +207,10 @@ class PretrainingArguments:
             raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
         if self.per_device_eval_batch_size is None:
             self.per_device_eval_batch_size = self.per_device_train_batch_size
+        if self.cache_text_features and self.freeze_text_layers != -1:
+            raise ValueError(f"--cache_text_features needs the whole text tower frozen (--freeze_text_layers -1), "
+                             f"got --freeze_text_layers {self.freeze_text_layers}: a tower that trains changes "
+                             f"its output every step")
 
 
 @dataclass
@@ -274,7 +288,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
     "save_total_limit", "report_to", "do_eval", "per_device_eval_batch_size", "max_steps",
     "dataloader_num_workers", "cache_dir", "data_dir", "gradient_checkpointing", "deterministic",
-    "nonfinite_grad", "sentence_check_batches"})
+    "nonfinite_grad", "sentence_check_batches", "log_level"})
 # what a run writes into output_dir; --overwrite_output_dir deletes these before a fresh start
 RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "loss_curves.png")
 
@@ -583,13 +597,17 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
         logger.warning("use_reconstruction=False: stage 2 trains without CM-MIR (the stage-1 objective with "
                        "a fresh optimiser and schedule)")
     freeze_text_layers(model, training_args.freeze_text_layers)
+    text_cache = None
+    if training_args.cache_text_features:
+        text_cache = FrozenTextFeatureCache(model.text_model).attach()
+        logger.info("text tower frozen and cached: it runs once per distinct report, in eval mode")
     if training_args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     train_sampler = train_loader.sampler
     model, train_loader, eval_loader = accelerator.prepare(model, train_loader, eval_loader)
     run = PretrainingRun(args=config, accelerator=accelerator, model=model, processor=processor,
                          train_dataloader=train_loader, eval_dataloader=eval_loader,
-                         train_sampler=train_sampler, output_dir=training_args.output_dir)
+                         train_sampler=train_sampler, output_dir=training_args.output_dir, text_cache=text_cache)
 
     resume_dir = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.resume_from_checkpoint and resume_dir is None:
@@ -942,9 +960,10 @@ def _tracker_config(config: PretrainingConfig) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the whole recipe; returns a summary (steps, last metrics, output paths)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    for name in (__name__, "pretrain_callbacks"):      # our progress lines, not every library's INFO
-        logging.getLogger(name).setLevel(logging.INFO)
     config = parse_args(argv)
+    level = logging.INFO if config.training.log_level == "info" else logging.WARNING
+    for name in (__name__, "pretrain_callbacks"):      # our progress lines, not every library's INFO
+        logging.getLogger(name).setLevel(level)
     accelerator = build_accelerator(config.training)
     set_seed(config.training.seed, device_specific=True, deterministic=config.training.deterministic)
     prepare_output_dir(config, accelerator)     # refuses a mixed-up output_dir before args.json is rewritten
@@ -964,6 +983,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         started = time.perf_counter()
         train(run, default_callbacks(config.training))
         run.unwrapped_model.model_card_info["training_time_s"] = time.perf_counter() - started
+        if run.text_cache is not None:
+            stats = run.text_cache.stats()
+            logger.info(f"text feature cache: {stats['rows']} reports ({stats['megabytes']:.0f} MB), "
+                        f"{stats['hits']} hits, {stats['misses']} misses")
+            run.text_cache.detach()
         final_dir = export_model(run)
     finally:
         accelerator.end_training()       # closes the trackers and tears down the process group
