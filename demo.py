@@ -1,34 +1,63 @@
 """`make demo`: the whole CGNS pipeline on the embedded synthetic chest X-rays, offline, on a CPU.
 
-1. generate the synthetic image-report pairs and their labels (data_scripts.synthetic_cxr);
-2. pretrain with ``accelerate launch train_pretrain.py --config configs/demo.json`` (two stages,
-   clustering on) and export ``final/`` with ``save_pretrained``;
-3. linear-probe the export at 1 %, 10 % and 100 % of the training labels, and a randomly initialised
-   tower of the same architecture the same way (train_downstream.py, cached features, Trainer);
-4. print the table (macro AUROC per label fraction, pretrained vs random, retrieval acc@1) and write
-   ``<output_dir>/results.md``, ``results.json`` and ``results.png`` (loss curves per term, AUROC vs labels).
+Phases (one progress bar each, a short summary after each, the results table last):
 
-``--ablation`` (``make ablation``) repeats steps 2-3 with parts of the objective switched off (no
-clustering, no CM-MIR, global loss only) and prints the ablation table.
+1. data: generate the synthetic image-report pairs and their labels (data_scripts.synthetic_cxr);
+2. pretraining: ``accelerate launch train_pretrain.py --config configs/demo.json`` (two stages,
+   clustering on), export ``final/`` with ``save_pretrained``; the same model before any training
+   (same seed, same towers) is exported as the random-init baseline;
+3. evaluation of both on the synthetic test split: image<->report retrieval (Recall@1/5/10),
+   zero-shot classification from prompts (macro AUROC) and the pointing game of the local
+   cross-attention (docs/evaluation.md);
+4. linear probes of both frozen image encoders at 1 %, 10 % and 100 % of the training labels,
+   protocol-faithful (E.1) and on standardised features (train_downstream.py, cached features);
+5. report: ``<output_dir>/results.json`` (every number, read from the protocols' own results files),
+   ``results.md`` (tables written from results.json), ``results.png`` (loss curves, retrieval /
+   zero-shot / grounding, probes) and ``clustering.png`` (clustering diagnostics over training).
+
+``--ablation`` (``make ablation``) instead pretrains every variant of ``ABLATIONS`` with each of
+``--ablation_seeds`` (default 3 seeds), evaluates each on retrieval, zero-shot, grounding and the
+probe, and writes ``ablation.md`` / ``ablation.json``: mean ± std per variant and, per component,
+whether removing it separates from seed noise (Welch's t-test against the full model).
 """
 import argparse
+import contextlib
+import io
 import json
+import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FRACTIONS = (0.01, 0.1, 1.0)
+# variant -> train_pretrain.py overrides (None: no pretraining, the untrained model of the same seed)
 ABLATIONS = {
     "CGNS (full)": [],
     "no clustering": ["--use_clustering", "false"],
+    "no false-negative handling": ["--bml_weight", "0", "--remove_false_negatives", "false"],
     "no CM-MIR": ["--use_reconstruction", "false"],
     "global loss only": ["--use_clustering", "false", "--use_reconstruction", "false",
                          "--local_image_loss_weight", "0", "--local_text_loss_weight", "0"],
+    "random init": None,
 }
+# what each ablation row removes, for the per-component statement
+COMPONENTS = {
+    "no clustering": "clustering-guided hard negatives (and the BML that needs the clusters)",
+    "no false-negative handling": "false-negative handling (BML)",
+    "no CM-MIR": "cross-modal masked image reconstruction",
+    "global loss only": "all local terms (local alignment, clustering, CM-MIR)",
+    "random init": "pretraining itself",
+}
+# the headline metrics of one evaluated model: (results.json key, label); all fractions, shown in %
+METRICS = (
+    ("i2t_R@1", "i2t R@1 (%)"), ("t2i_R@1", "t2i R@1 (%)"), ("zero_shot_auroc", "zero-shot AUROC (%)"),
+    ("pointing_game", "pointing game (%)"), ("probe_auroc", "probe AUROC (%)"),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,18 +66,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (mean ± std)")
-    p.add_argument("--ablation", action="store_true", help="also run the objective ablations")
-    p.add_argument("--ablation_fraction", type=float, default=0.1)
     p.add_argument("--probe_max_epochs", type=int, default=100)
+    p.add_argument("--ablation", action="store_true", help="run the ablation (make ablation) instead of the demo")
+    p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="pretraining seeds per ablation variant (mean ± std over them)")
+    p.add_argument("--ablation_fraction", type=float, default=0.1, help="label fraction of the ablation's probe")
+    p.add_argument("--ablation_variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+                   metavar="VARIANT", help="subset of: " + ", ".join(ABLATIONS))
     p.add_argument("--num_processes", type=int, default=1,
                    help="pretraining processes (>1 starts a real multi-process gloo run on CPU)")
+    p.add_argument("--verbose", action="store_true", help="show every log line of the steps")
     p.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[],
                    help="extra train_pretrain.py overrides, e.g. --pretrain_args --num_images 200 --stage1_epochs 1")
     return p.parse_args(argv)
 
 
+# --------------------------------------------------------------------------------------------------
+# console
+# --------------------------------------------------------------------------------------------------
+
 def banner(text: str) -> None:
     print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+
+
+def phase_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="job", dynamic_ncols=True, leave=True)
+
+
+@contextlib.contextmanager
+def quiet_step(verbose: bool, log_path: str):
+    """Run an in-process step with its stdout/stderr (library bars, log lines) sent to ``log_path``."""
+    if verbose:
+        yield
+        return
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        handler = logging.StreamHandler(log)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
 
 
 def read_config(path: str) -> Dict:
@@ -74,18 +135,22 @@ def generate_data(config: Dict, cache_dir: str, pretrain_args: List[str]) -> Dic
     render_size = int(config.get("render_size") or round(image_size * 256 / 224))
     options = dict(num_images=override(pretrain_args, "num_images", int(config.get("num_images", 2000))),
                    image_size=override(pretrain_args, "render_size", render_size))
-    for task in ("pretraining", "classification"):
+    sizes = {}
+    for task in ("pretraining", "classification", "grounding"):
         dd = data_scripts.load_cgns_dataset("synthetic_cxr", task=task, cache_dir=cache_dir, **options)
-        print(f"synthetic_cxr/{task}: " + ", ".join(f"{split}={len(ds)}" for split, ds in dd.items()), flush=True)
-    return options
+        sizes[task] = {split: len(ds) for split, ds in dd.items()}
+    return {"options": options, "sizes": sizes}
 
 
-def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str], num_processes: int) -> str:
-    """``accelerate launch train_pretrain.py --config ...``; returns the export folder."""
+def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str], num_processes: int,
+             verbose: bool, log_path: Optional[str] = None) -> str:
+    """``accelerate launch train_pretrain.py --config ...``; returns the export folder. With ``log_path``
+    the run's whole output (its progress bar included) goes to that file instead of the console."""
     import torch
 
+    threads = max(1, (os.cpu_count() or 1) // max(1, num_processes))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads)]
     if num_processes > 1:
         # `--cpu --num_processes 2` would silently start ONE process (ENVIRONMENT.md)
         launcher += ["--multi_gpu", "--num_processes", str(num_processes)]
@@ -93,28 +158,86 @@ def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str]
         launcher += ["--num_processes", "1"] + ([] if torch.cuda.is_available() else ["--cpu"])
     # a re-run of the demo replaces the previous one (train_pretrain refuses that without the flag)
     command = launcher + [os.path.join(ROOT, "train_pretrain.py"), "--config", config_path,
-                          "--output_dir", output_dir, "--cache_dir", cache_dir, "--overwrite_output_dir", "true"] + extra
-    print("$ " + " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch"), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+                          "--output_dir", output_dir, "--cache_dir", cache_dir, "--overwrite_output_dir", "true"]
+    if not verbose:
+        command += ["--log_level", "warning"]
+    command += extra
+    shown = "$ " + " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
+    env = dict(os.environ)
+    if not verbose:
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"   # the towers' "Loading weights" / "Writing shards" bars
+    if log_path is None:
+        print(shown, flush=True)
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
+    else:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(shown + "\n")
+            log.flush()
+            result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode:
+            raise RuntimeError(f"pretraining failed (exit {result.returncode}); its output is in {log_path}")
     return os.path.join(output_dir, "final")
 
 
-def probe(model_dir: str, init: str, fraction: float, output_dir: str, cache_dir: str, data_options: Dict,
-          seeds: List[int], max_epochs: int) -> Dict:
+def export_untrained(config_path: str, extra: List[str], output_dir: str) -> str:
+    """The model ``train_pretrain.py`` starts from (same config, overrides and seed), saved untrained:
+    the random-init baseline of the encoder-only evaluations."""
+    import train_pretrain
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    PartialState()  # train_pretrain's helpers log through accelerate, which needs its state
+    # one process: train_pretrain's device_specific seed (seed + process index 0) is the seed itself
+
+    config = train_pretrain.parse_args(["--config", config_path, "--output_dir", output_dir] + extra)
+    set_seed(config.training.seed)
+    model = train_pretrain.build_model(config.model)
+    processor = train_pretrain.build_processor(model, config.model, config.data)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def run_downstream(argv: List[str]) -> Dict:
     import train_downstream
 
-    argv = ["--task", "classification", "--dataset", "synthetic_cxr", "--data_pct", str(fraction),
-            "--model", model_dir, "--init", init, "--output_dir", output_dir, "--cache_dir", cache_dir,
-            "--max_epochs", str(max_epochs), "--seeds", *map(str, seeds),
-            "--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
-    print(f"$ python train_downstream.py {' '.join(argv)}", flush=True)
     return train_downstream.main(argv)
 
 
-def last_eval_metrics(pretrain_dir: str) -> Dict:
-    records = read_metrics(pretrain_dir)
-    evals = [r for r in records if r.get("split") == "eval"]
-    return evals[-1] if evals else {}
+def evaluate_encoder(model_dir: str, output_dir: str, cache_dir: str, data_options: Dict) -> Dict:
+    """Retrieval, zero-shot and grounding of one export on the synthetic test split; their results files
+    go to ``output_dir/{retrieval,zero_shot,grounding}/results.json``."""
+    options = ["--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
+    common = ["--dataset", "synthetic_cxr", "--split", "test", "--model", model_dir, "--cache_dir", cache_dir,
+              "--quiet", "true", *options]
+    out = {}
+    for task, dataset_task in (("retrieval", "grounding"), ("zero_shot", "classification"),
+                               ("grounding", "grounding")):
+        run_downstream(["--task", task, "--dataset_task", dataset_task,
+                        "--output_dir", os.path.join(output_dir, task), *common])
+        out[task] = os.path.join(output_dir, task, "results.json")
+    return out
+
+
+def probe(model_dir: str, init: str, fraction: float, standardize: bool, output_dir: str, cache_dir: str,
+          data_options: Dict, seeds: List[int], max_epochs: int) -> str:
+    argv = ["--task", "classification", "--dataset", "synthetic_cxr", "--data_pct", str(fraction),
+            "--model", model_dir, "--init", init, "--output_dir", output_dir, "--cache_dir", cache_dir,
+            "--max_epochs", str(max_epochs), "--seeds", *map(str, seeds), "--quiet", "true",
+            "--standardize_features", str(standardize).lower(),
+            "--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
+    run_downstream(argv)
+    return os.path.join(output_dir, "results.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# reading the results files (every number of the tables comes from here)
+# --------------------------------------------------------------------------------------------------
+
+def read_json(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_metrics(pretrain_dir: str) -> List[Dict]:
@@ -125,12 +248,31 @@ def read_metrics(pretrain_dir: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def auroc(result: Dict) -> Dict:
-    return result["summary"]["auroc"]
+def encoder_summary(files: Dict[str, str]) -> Dict:
+    """The headline numbers of one evaluated model, read from its three results files."""
+    retrieval = read_json(files["retrieval"])
+    zero_shot = read_json(files["zero_shot"])
+    grounding = read_json(files["grounding"])
+    r, g = retrieval["test"], grounding["test"]
+    return {
+        "num_pairs": retrieval["num_pairs"], "retrieval_chance_R@1": 1.0 / retrieval["num_pairs"],
+        **{key: r[key] for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+                                   "i2t_median_rank", "t2i_median_rank")},
+        "zero_shot_auroc": zero_shot["test"]["auroc"], "zero_shot_auroc_per_class": zero_shot["test"]["auroc_per_class"],
+        "pointing_game": g["pointing_game"], "uniform_pointing_game": g["uniform_pointing_game"],
+        "attention_mass_in_box": g["attention_mass_in_box"],
+        "uniform_attention_mass_in_box": g["uniform_attention_mass_in_box"], "grounding_queries": g["num_queries"],
+        "files": files,
+    }
+
+
+def probe_summary(path: str) -> Dict:
+    result = read_json(path)
+    return {"auroc": result["summary"]["auroc"], "file": path}
 
 
 # --------------------------------------------------------------------------------------------------
-# reporting
+# tables and pictures (written from results.json only)
 # --------------------------------------------------------------------------------------------------
 
 def fmt(stat: Dict) -> str:
@@ -139,80 +281,364 @@ def fmt(stat: Dict) -> str:
     return format_mean_std(stat)
 
 
-def results_table(probes: Dict, fractions: List[float], retrieval: Dict) -> str:
-    header = "| encoder | " + " | ".join(f"AUROC @ {100 * f:g} % labels" for f in fractions) + " |"
-    lines = [header, "|---|" + "---|" * len(fractions)]
-    for init, name in (("pretrained", "CGNS-pretrained"), ("random", "random init")):
-        lines.append(f"| {name} | " + " | ".join(fmt(auroc(probes[init][f])) for f in fractions) + " |")
-    deltas = []
-    for f in fractions:
-        a, b = auroc(probes["pretrained"][f])["mean"], auroc(probes["random"][f])["mean"]
-        deltas.append("n/a" if a is None or b is None else f"{100 * (a - b):+.1f}")
-    lines.append("| difference (points) | " + " | ".join(deltas) + " |")
-    acc = retrieval.get("i2t_acc1"), retrieval.get("t2i_acc1")
-    batch = retrieval.get("retrieval_candidates")
-    chance = f" (chance {100 / batch:.1f} %)" if batch else ""
-    if acc[0] is not None:
-        lines.append("")
-        lines.append(f"Validation retrieval acc@1 of the pretrained model: image→report {100 * acc[0]:.1f} %, "
-                     f"report→image {100 * acc[1]:.1f} %{chance}.")
+def pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def encoder_table(results: Dict) -> str:
+    enc = results["encoders"]
+    p, r = enc["pretrained"], enc["random"]
+    lines = ["| synthetic test split | CGNS-pretrained | random init | chance / uniform |", "|---|---|---|---|"]
+    chance = pct(p["retrieval_chance_R@1"])
+    for key, label in (("i2t_R@1", "image→report R@1 (%)"), ("t2i_R@1", "report→image R@1 (%)"),
+                       ("i2t_R@5", "image→report R@5 (%)"), ("t2i_R@5", "report→image R@5 (%)")):
+        base = chance if key.endswith("@1") else pct(min(1.0, 5 * p["retrieval_chance_R@1"]))
+        lines.append(f"| {label} | {pct(p[key])} | {pct(r[key])} | {base} |")
+    lines.append(f"| image→report / report→image R@1 ÷ chance | {p['i2t_R@1'] / p['retrieval_chance_R@1']:.1f}x / "
+                 f"{p['t2i_R@1'] / p['retrieval_chance_R@1']:.1f}x | {r['i2t_R@1'] / r['retrieval_chance_R@1']:.1f}x"
+                 f" / {r['t2i_R@1'] / r['retrieval_chance_R@1']:.1f}x | 1.0x |")
+    lines.append(f"| zero-shot macro AUROC (%) | {pct(p['zero_shot_auroc'])} | {pct(r['zero_shot_auroc'])} | 50.0 |")
+    lines.append(f"| pointing game (%) | {pct(p['pointing_game'])} | {pct(r['pointing_game'])} | "
+                 f"{pct(p['uniform_pointing_game'])} |")
+    lines.append(f"| attention mass in box (%) | {pct(p['attention_mass_in_box'])} | {pct(r['attention_mass_in_box'])} | "
+                 f"{pct(p['uniform_attention_mass_in_box'])} |")
+    lines.append("")
+    lines.append(f"{p['num_pairs']} test pairs (chance R@1 = 1/{p['num_pairs']}); {p['grounding_queries']} grounding "
+                 f"queries (report sentences naming a drawn finding with a box).")
     return "\n".join(lines)
 
 
-def plot(pretrain_dir: str, probes: Dict, fractions: List[float], path: str) -> None:
+def probe_table(results: Dict) -> str:
+    fractions = results["fractions"]
+    probes = results["probes"]
+    lines = ["| linear probe (test macro AUROC, %) | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]
+    for mode, mode_name in (("protocol", "protocol (E.1)"), ("standardized", "standardised features")):
+        for init, name in (("pretrained", "CGNS-pretrained"), ("random", "random init")):
+            lines.append(f"| {name}, {mode_name} | "
+                         + " | ".join(fmt(probes[mode][init][str(f)]["auroc"]) for f in fractions) + " |")
+        deltas = []
+        for f in fractions:
+            a = probes[mode]["pretrained"][str(f)]["auroc"]["mean"]
+            b = probes[mode]["random"][str(f)]["auroc"]["mean"]
+            deltas.append("n/a" if a is None or b is None else f"{100 * (a - b):+.1f}")
+        lines.append(f"| difference, {mode_name} (points) | " + " | ".join(deltas) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(results["pretrain_dir"]) if r.get("split") == "train"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    ax = axes[0]
+    for term in ("loss", "global_loss", "local_image_loss", "local_text_loss", "reconstruction_loss"):
+        points = [(r["step"], r[term]) for r in records if r.get(term) is not None and "step" in r]
+        if points:
+            ax.plot(*zip(*points), label=term)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.set_title("CGNS pretraining (stage 2 adds CM-MIR)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    enc = results["encoders"]
+    names = ["i2t R@1", "t2i R@1", "i2t R@5", "t2i R@5", "zero-shot\nAUROC", "pointing\ngame"]
+    keys = ["i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "zero_shot_auroc", "pointing_game"]
+    p = enc["pretrained"]
+    baselines = [p["retrieval_chance_R@1"]] * 2 + [min(1.0, 5 * p["retrieval_chance_R@1"])] * 2 + \
+                [0.5, p["uniform_pointing_game"]]
+    xs = list(range(len(keys)))
+    ax.bar([x - 0.27 for x in xs], [100 * enc["pretrained"][k] for k in keys], width=0.27, label="CGNS-pretrained")
+    ax.bar(xs, [100 * enc["random"][k] for k in keys], width=0.27, label="random init")
+    ax.bar([x + 0.27 for x in xs], [100 * b for b in baselines], width=0.27, color="lightgray",
+           label="chance / uniform")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title("Synthetic test split: retrieval, zero-shot, grounding")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    fractions = results["fractions"]
+    for mode, style in (("protocol", "-"), ("standardized", "--")):
+        for init, name in (("pretrained", "CGNS-pretrained"), ("random", "random init")):
+            stats = [results["probes"][mode][init][str(f)]["auroc"] for f in fractions]
+            ys = [float("nan") if s["mean"] is None else 100 * s["mean"] for s in stats]
+            err = [100 * (s["std"] or 0.0) for s in stats]
+            ax.errorbar([100 * f for f in fractions], ys, yerr=err, marker="o", capsize=3, linestyle=style,
+                        label=f"{name} ({'standardised' if mode == 'standardized' else 'E.1'})")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of training labels")
+    ax.set_ylabel("test macro AUROC (5 findings), %")
+    ax.set_title("Linear probe on the frozen image encoder")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+CLUSTER_KEYS = (("cluster/empty_clusters", "empty clusters"), ("cluster/assignment_entropy", "assignment entropy (nats)"),
+                ("cluster/anchor_positive_same_cluster", "anchor/positive same-cluster share"))
+
+
+def plot_clustering(pretrain_dir: str, path: str) -> bool:
+    """Clustering diagnostics over training (from metrics.jsonl); False when the run logged none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [r for r in read_metrics(pretrain_dir) if r.get("split") == "train"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for term in ("loss", "global_loss", "local_image_loss", "local_text_loss", "reconstruction_loss"):
-        points = [(r["step"], r[term]) for r in records if r.get(term) is not None and "step" in r]
-        if points:
-            ax1.plot(*zip(*points), label=term)
-    ax1.set_xlabel("optimiser step")
-    ax1.set_ylabel("training loss")
-    ax1.set_title("CGNS pretraining (stage 2 adds CM-MIR)")
-    ax1.legend(fontsize=8)
-    for init, name in (("pretrained", "CGNS-pretrained"), ("random", "random init")):
-        means = [auroc(probes[init][f])["mean"] for f in fractions]
-        stds = [auroc(probes[init][f])["std"] or 0.0 for f in fractions]
-        xs = [100 * f for f in fractions]
-        ys = [float("nan") if m is None else m for m in means]
-        ax2.errorbar(xs, ys, yerr=stds, marker="o", capsize=3, label=name)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("% of training labels")
-    ax2.set_ylabel("test macro AUROC (5 findings)")
-    ax2.set_title("Linear probe on the frozen image encoder")
-    ax2.legend()
+    series = {key: [(r["step"], r[key]) for r in records if key in r and "step" in r] for key, _ in CLUSTER_KEYS}
+    if not any(series.values()):
+        return False
+    fig, axes = plt.subplots(1, len(CLUSTER_KEYS), figsize=(15, 3.8))
+    for ax, (key, label) in zip(axes, CLUSTER_KEYS):
+        if series[key]:
+            ax.plot(*zip(*series[key]), marker=".")
+        ax.set_title(label)
+        ax.set_xlabel("optimiser step")
+    fig.suptitle("Cross-modal k-means over training (full CGNS run)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def pretrain_summary(pretrain_dir: str) -> Dict:
+    records = read_metrics(pretrain_dir)
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    out = {"steps": train[-1]["step"] if train else 0}
+    for term in ("global_loss", "local_image_loss", "local_text_loss"):
+        values = [r[term] for r in train if r.get(term) is not None]
+        if values:
+            out[term] = {"first": values[0], "last": values[-1]}
+    if evals:
+        out["validation"] = {k: evals[-1].get(k) for k in ("i2t_acc1", "t2i_acc1", "global_loss")}
+    return out
+
+
+def write_report(results: Dict, output_dir: str) -> str:
+    """results.md (and the console table) from results.json's content."""
+    table = encoder_table(results) + "\n\n" + probe_table(results)
+    with open(os.path.join(output_dir, "results.md"), "w") as fh:
+        fh.write("# CGNS demo results (synthetic_cxr, CPU)\n\n")
+        fh.write("Encoder-only evaluations on the synthetic test split (retrieval, zero-shot, grounding; "
+                 "docs/evaluation.md), pretrained vs the same model before pretraining:\n\n")
+        fh.write(encoder_table(results) + "\n\n")
+        fh.write(f"Linear probes (test macro AUROC over the 5 CheXpert-style findings, mean ± std over seeds "
+                 f"{results['probe_seeds']}), protocol-faithful (E.1) and on standardised features:\n\n")
+        fh.write(probe_table(results) + "\n\n")
+        fh.write(f"Main pipeline {results['seconds_total'] / 60:.1f} min (pretraining "
+                 f"{results['seconds_pretrain'] / 60:.1f} min). Plots: results.png, clustering.png, "
+                 f"loss_curves.png. Export: {results['export']}\n")
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
-# main
+# main pipeline
 # --------------------------------------------------------------------------------------------------
 
-def run_pipeline(args, name: str, extra: List[str], fractions: List[float], data_options: Dict,
-                 cache_dir: str, random_probes: Optional[Dict] = None) -> Dict:
-    run_dir = os.path.join(args.output_dir, name)
+def run_demo(args, config: Dict, data: Dict, cache_dir: str, started: float) -> Dict:
+    run_dir = os.path.join(args.output_dir, "cgns")
     pretrain_dir = os.path.join(run_dir, "pretrain")
-    banner(f"[{name}] pretraining (two stages) with accelerate launch")
+    logs = os.path.join(args.output_dir, "logs")
+
+    banner("[2/5] pretraining: two stages with accelerate launch (one bar; details in metrics.jsonl)")
     start = time.time()
-    export = pretrain(args.config, pretrain_dir, cache_dir, args.pretrain_args + extra, args.num_processes)
+    export = pretrain(args.config, pretrain_dir, cache_dir, args.pretrain_args, args.num_processes, args.verbose)
     pretrain_seconds = time.time() - start
-    probes = {"pretrained": {}, "random": dict(random_probes or {})}
-    for init in ("pretrained", "random"):
-        for f in fractions:
-            if f in probes[init]:
+    untrained = os.path.join(run_dir, "untrained")
+    with quiet_step(args.verbose, os.path.join(logs, "untrained.log")):
+        export_untrained(args.config, args.pretrain_args, untrained)
+    ps = pretrain_summary(pretrain_dir)
+    line = f"pretraining: {ps['steps']} steps in {pretrain_seconds / 60:.1f} min"
+    for term in ("global_loss", "local_text_loss", "local_image_loss"):
+        if term in ps:
+            line += f"; {term} {ps[term]['first']:.2f} -> {ps[term]['last']:.2f}"
+    print(line, flush=True)
+
+    banner("[3/5] retrieval, zero-shot and grounding on the synthetic test split (pretrained, random init)")
+    files = {}
+    bar = phase_bar(2, "evaluation")
+    for name, model_dir in (("pretrained", export), ("random", untrained)):
+        with quiet_step(args.verbose, os.path.join(logs, f"evaluation_{name}.log")):
+            files[name] = evaluate_encoder(model_dir, os.path.join(run_dir, "evaluation", name), cache_dir,
+                                           data["options"])
+        bar.update(1)
+    bar.close()
+    encoders = {name: encoder_summary(f) for name, f in files.items()}
+    p = encoders["pretrained"]
+    print(f"pretrained: R@1 i2t {pct(p['i2t_R@1'])} % / t2i {pct(p['t2i_R@1'])} % (chance "
+          f"{pct(p['retrieval_chance_R@1'])} %), zero-shot AUROC {pct(p['zero_shot_auroc'])}, pointing game "
+          f"{pct(p['pointing_game'])} % (uniform {pct(p['uniform_pointing_game'])} %)", flush=True)
+
+    banner(f"[4/5] linear probes at {', '.join(f'{100 * f:g} %' for f in args.fractions)} of the labels, "
+           f"seeds {args.seeds}")
+    probes = {"protocol": {"pretrained": {}, "random": {}}, "standardized": {"pretrained": {}, "random": {}}}
+    jobs = [(mode, init, f) for mode in probes for init in ("pretrained", "random") for f in args.fractions]
+    bar = phase_bar(len(jobs), "linear probes")
+    for mode, init, f in jobs:
+        out = os.path.join(run_dir, "probe", f"{mode}_{init}_{f:g}")
+        with quiet_step(args.verbose, os.path.join(logs, "probes.log")):
+            path = probe(export, init, f, mode == "standardized", out, cache_dir, data["options"], args.seeds,
+                         args.probe_max_epochs)
+        probes[mode][init][str(f)] = probe_summary(path)
+        bar.update(1)
+    bar.close()
+    tenth = str(args.fractions[len(args.fractions) // 2])
+    print("probe AUROC at " + f"{100 * float(tenth):g} % labels: " + ", ".join(
+        f"{init} {fmt(probes['protocol'][init][tenth]['auroc'])}" for init in ("pretrained", "random")), flush=True)
+
+    banner("[5/5] report")
+    results = {
+        "config": args.config, "pretrain_args": args.pretrain_args, "data": data, "export": export,
+        "untrained_export": untrained, "pretrain_dir": pretrain_dir, "pretraining": ps,
+        "seconds_pretrain": pretrain_seconds, "fractions": args.fractions, "probe_seeds": args.seeds,
+        "encoders": encoders, "probes": probes,
+    }
+    results["seconds_total"] = time.time() - started
+    with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    # everything below reads results.json, not the variables above
+    results = read_json(os.path.join(args.output_dir, "results.json"))
+    plot_results(results, os.path.join(args.output_dir, "results.png"))
+    plot_clustering(pretrain_dir, os.path.join(args.output_dir, "clustering.png"))
+    loss_curves = os.path.join(pretrain_dir, "loss_curves.png")
+    if os.path.exists(loss_curves):
+        shutil.copy(loss_curves, os.path.join(args.output_dir, "loss_curves.png"))
+    table = write_report(results, args.output_dir)
+    results["table"] = table
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# ablation
+# --------------------------------------------------------------------------------------------------
+
+def variant_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
+    root = os.path.join(args.output_dir, "ablation")
+    logs = os.path.join(args.output_dir, "logs")
+    f = args.ablation_fraction
+    runs: Dict[str, List[Dict]] = {}
+    jobs = [(name, seed) for name in args.ablation_variants for seed in args.ablation_seeds]
+    banner(f"ablation: {len(args.ablation_variants)} variants x {len(args.ablation_seeds)} pretraining seeds "
+           f"({len(jobs)} runs), probe at {100 * f:g} % labels")
+    bar = phase_bar(len(jobs), "ablation runs")
+    for name, seed in jobs:
+        extra = ABLATIONS[name]
+        run_dir = os.path.join(root, variant_slug(name), f"seed_{seed}")
+        seed_args = args.pretrain_args + ["--seed", str(seed)]
+        start = time.time()
+        if extra is None:
+            with quiet_step(args.verbose, os.path.join(logs, "ablation.log")):
+                model_dir = export_untrained(args.config, seed_args, os.path.join(run_dir, "untrained"))
+            pretrain_dir = None
+        else:
+            # each run's own pretraining bar goes to the log too: the ablation's bar counts runs
+            model_dir = pretrain(args.config, os.path.join(run_dir, "pretrain"), cache_dir, seed_args + extra,
+                                 args.num_processes, args.verbose,
+                                 None if args.verbose else os.path.join(logs, "ablation.log"))
+            pretrain_dir = os.path.join(run_dir, "pretrain")
+        with quiet_step(args.verbose, os.path.join(logs, "ablation.log")):
+            files = evaluate_encoder(model_dir, os.path.join(run_dir, "evaluation"), cache_dir, data["options"])
+            probe_file = probe(model_dir, "pretrained", f, False, os.path.join(run_dir, "probe"), cache_dir,
+                               data["options"], args.seeds, args.probe_max_epochs)
+        summary = encoder_summary(files)
+        summary["probe_auroc"] = probe_summary(probe_file)["auroc"]["mean"]
+        summary.update(seed=seed, pretrain_dir=pretrain_dir, seconds=time.time() - start)
+        runs.setdefault(name, []).append(summary)
+        bar.update(1)
+    bar.close()
+    result = {"fraction": f, "seeds": args.ablation_seeds, "probe_seeds": args.seeds, "runs": runs}
+    with open(os.path.join(args.output_dir, "ablation.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    result = read_json(os.path.join(args.output_dir, "ablation.json"))
+    full_runs = runs.get("CGNS (full)") or []
+    if full_runs and full_runs[0]["pretrain_dir"]:
+        plot_clustering(full_runs[0]["pretrain_dir"], os.path.join(args.output_dir, "ablation_clustering.png"))
+    table = ablation_table(result)
+    with open(os.path.join(args.output_dir, "ablation.md"), "w") as fh:
+        fh.write("# CGNS ablation (synthetic_cxr, CPU)\n\n" + table + "\n")
+    result["table"] = table
+    return result
+
+
+def mean_std(values: Sequence[float]) -> Dict:
+    import numpy as np
+
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def separation(full: Sequence[float], variant: Sequence[float]) -> Dict:
+    """Welch's t-test of the full model against a variant (two-sided; p < 0.05 = separates from noise)."""
+    from scipy import stats
+
+    a = [v for v in full if v is not None]
+    b = [v for v in variant if v is not None]
+    if len(a) < 2 or len(b) < 2:
+        return {"difference": None, "p_value": None, "separates": None}
+    diff = float(sum(a) / len(a) - sum(b) / len(b))
+    if max(a) == min(a) and max(b) == min(b):
+        return {"difference": diff, "p_value": 0.0 if diff else 1.0, "separates": bool(diff)}
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return {"difference": diff, "p_value": p, "separates": p < 0.05}
+
+
+def ablation_table(result: Dict) -> str:
+    runs = result["runs"]
+    header = "| variant | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [header, "|---|" + "---|" * len(METRICS)]
+    for name, records in runs.items():
+        cells = []
+        for key, _ in METRICS:
+            stat = mean_std([r[key] for r in records])
+            cells.append("n/a" if stat["mean"] is None else
+                         f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(runs.values()))
+    chance = first[0]["retrieval_chance_R@1"]
+    uniform = mean_std([r["uniform_pointing_game"] for r in first])["mean"]
+    lines.append(f"| chance / uniform | {100 * chance:.1f} | {100 * chance:.1f} | 50.0 | {100 * uniform:.1f} | 50.0 |")
+    lines.append("")
+    lines.append(f"Mean ± std over pretraining seeds {result['seeds']} (probe at {100 * result['fraction']:g} % "
+                 f"labels, probe seeds {result['probe_seeds']} averaged within each run).")
+    statements = []
+    full = runs.get("CGNS (full)")
+    if full:
+        for name, component in COMPONENTS.items():
+            if name not in runs:
                 continue
-            banner(f"[{name}] linear probe: {init} encoder, {100 * f:g} % of the labels")
-            probes[init][f] = probe(export, init, f, os.path.join(run_dir, "probe", f"{init}_{f:g}"), cache_dir,
-                                    data_options, args.seeds, args.probe_max_epochs)
-    return {"probes": probes, "retrieval": last_eval_metrics(pretrain_dir), "pretrain_dir": pretrain_dir,
-            "export": export, "pretrain_seconds": pretrain_seconds}
+            parts = []
+            for key, label in METRICS:
+                s = separation([r[key] for r in full], [r[key] for r in runs[name]])
+                if s["separates"] is None:
+                    continue
+                direction = "full better" if s["difference"] > 0 else "full worse"
+                verdict = f"separates ({direction}, p = {s['p_value']:.3f})" if s["separates"] else \
+                    f"within noise (p = {s['p_value']:.2f})"
+                parts.append(f"{label}: Δ {100 * s['difference']:+.1f}, {verdict}")
+            statements.append(f"* **{component}** (full vs {name}): " + "; ".join(parts) + ".")
+    if statements:
+        lines.append("")
+        lines.append("Per component, Welch's t-test of the full model against the variant without it "
+                     "(two-sided, p < 0.05 counts as separating from seed noise):")
+        lines.append("")
+        lines.extend(statements)
+    return "\n".join(lines)
 
 
 def main(argv=None) -> Dict:
@@ -221,64 +647,35 @@ def main(argv=None) -> Dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, ROOT)
+    if not args.verbose:
+        logging.basicConfig(level=logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
     config = read_config(args.config)
     cache_dir = os.path.join(args.output_dir, "data")
 
-    banner("CGNS demo: synthetic chest X-rays -> two-stage pretraining -> linear probes (CPU, offline)")
-    data_options = generate_data(config, cache_dir, args.pretrain_args)
+    title = "ablation" if args.ablation else "demo"
+    banner(f"[1/5] CGNS {title}: synthetic chest X-rays (CPU, offline)")
+    with quiet_step(args.verbose, os.path.join(args.output_dir, "logs", "data.log")):
+        data = generate_data(config, cache_dir, args.pretrain_args)
+    print("synthetic_cxr: " + "; ".join(f"{task} " + ", ".join(f"{s}={n}" for s, n in splits.items())
+                                        for task, splits in data["sizes"].items()), flush=True)
 
-    main_run = run_pipeline(args, "cgns", [], args.fractions, data_options, cache_dir)
-    table = results_table(main_run["probes"], args.fractions, main_run["retrieval"])
-    plot(main_run["pretrain_dir"], main_run["probes"], args.fractions, os.path.join(args.output_dir, "results.png"))
-    loss_curves = os.path.join(main_run["pretrain_dir"], "loss_curves.png")
-    if os.path.exists(loss_curves):
-        shutil.copy(loss_curves, os.path.join(args.output_dir, "loss_curves.png"))
-    elapsed = time.time() - started
-    summary = {"table": table, "seconds_total": elapsed, "seconds_pretrain": main_run["pretrain_seconds"],
-               "export": main_run["export"],
-               "auroc": {init: {str(f): auroc(main_run["probes"][init][f]) for f in args.fractions}
-                         for init in ("pretrained", "random")},
-               "retrieval": {k: main_run["retrieval"].get(k) for k in ("i2t_acc1", "i2t_acc5", "t2i_acc1",
-                                                                        "t2i_acc5")}}
-
-    ablation_table = None
     if args.ablation:
-        f = args.ablation_fraction
-        rows = []
-        random_probe = {f: main_run["probes"]["random"][f]} if f in main_run["probes"]["random"] else {}
-        for name, extra in ABLATIONS.items():
-            result = main_run if not extra and f in main_run["probes"]["pretrained"] else None
-            if result is None:
-                result = run_pipeline(args, "ablation_" + name.replace(" ", "_").replace("(", "").replace(")", ""),
-                                      extra, [f], data_options, cache_dir, random_probes=random_probe)
-            random_probe = {f: result["probes"]["random"][f]}
-            acc = result["retrieval"].get("i2t_acc1")
-            rows.append(f"| {name} | {fmt(auroc(result['probes']['pretrained'][f]))} | "
-                        f"{'n/a' if acc is None else f'{100 * acc:.1f}'} |")
-        rows.append(f"| random init (no pretraining) | {fmt(auroc(random_probe[f]))} | – |")
-        ablation_table = (f"| objective | AUROC @ {100 * f:g} % labels | val retrieval i2t acc@1 (%) |\n|---|---|---|\n"
-                          + "\n".join(rows))
-        summary["ablation_table"] = ablation_table
+        result = run_ablation(args, data, cache_dir)
+        banner("Ablation")
+        print(result["table"])
+        print(f"\ntotal {(time.time() - started) / 60:.1f} min; written "
+              f"{os.path.join(args.output_dir, 'ablation.md')}")
+        return result
 
-    with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as fh:
-        fh.write("# CGNS demo results (synthetic_cxr, CPU)\n\n")
-        fh.write(f"Test macro AUROC over the 5 CheXpert-style findings, linear probe on the frozen image encoder, "
-                 f"mean ± std over seeds {args.seeds}.\n\n{table}\n\n")
-        if ablation_table:
-            fh.write(f"## Ablation\n\n{ablation_table}\n\n")
-        fh.write(f"Main pipeline {elapsed / 60:.1f} min (pretraining {main_run['pretrain_seconds'] / 60:.1f} min). "
-                 f"Plots: results.png, loss_curves.png. Export: {main_run['export']}\n")
+    results = run_demo(args, config, data, cache_dir, started)
     banner("Results")
-    print(table)
-    if ablation_table:
-        print("\nAblation\n" + ablation_table)
-    print(f"\ntotal {(time.time() - started) / 60:.1f} min; written {os.path.join(args.output_dir, 'results.md')} "
-          f"and results.png")
-    return summary
+    print(results["table"])
+    print(f"\ntotal {(time.time() - started) / 60:.1f} min; written {os.path.join(args.output_dir, 'results.md')}, "
+          f"results.png, clustering.png")
+    return results
 
 
 if __name__ == "__main__":

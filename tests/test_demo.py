@@ -1,31 +1,107 @@
-"""A tiny end-to-end run of the demo pipeline: synthetic data -> accelerate launch pretraining -> probes."""
+"""The demo pipeline end to end (tiny sizes), and the ablation's statistics on constructed numbers."""
 import json
 import os
 
+import pytest
+
 import demo
 
+TINY_PRETRAIN = [
+    "--pretrain_args", "--num_images", "40", "--image_size", "64", "--projection_dim", "32",
+    "--num_clusters", "4", "--decoder_channels", "16", "8", "--per_device_train_batch_size", "8",
+    "--max_text_length", "48", "--stage1_epochs", "1", "--stage2_epochs", "1", "--logging_steps", "1",
+    "--report_to", "none",
+]
 
-def test_demo_pipeline_end_to_end(tmp_path):
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    summary = demo.main([
-        "--output_dir", str(out), "--fractions", "0.1", "1", "--seeds", "0", "--probe_max_epochs", "2",
-        "--pretrain_args", "--num_images", "40", "--image_size", "64", "--projection_dim", "32",
-        "--num_clusters", "4", "--decoder_channels", "16", "8", "--per_device_train_batch_size", "8",
-        "--max_text_length", "48", "--stage1_epochs", "1", "--stage2_epochs", "1", "--logging_steps", "1",
-        "--report_to", "none",
-    ])
-    for name in ("results.md", "results.json", "results.png"):
+    summary = demo.main(["--output_dir", str(out), "--fractions", "0.1", "1", "--seeds", "0",
+                         "--probe_max_epochs", "2", *TINY_PRETRAIN])
+    for name in ("results.md", "results.json", "results.png", "clustering.png"):
         assert (out / name).exists(), name
     assert (out / "cgns" / "pretrain" / "final" / "model.safetensors").exists()
+    assert (out / "cgns" / "untrained" / "model.safetensors").exists()
     results = json.loads((out / "results.json").read_text())
-    for init in ("pretrained", "random"):
-        for fraction in ("0.1", "1.0"):
-            stat = results["auroc"][init][fraction]
-            assert stat["mean"] is None or 0.0 <= stat["mean"] <= 1.0
-    assert set(results["retrieval"]) == {"i2t_acc1", "i2t_acc5", "t2i_acc1", "t2i_acc5"}
-    assert results["retrieval"]["i2t_acc1"] is not None
     text = (out / "results.md").read_text()
-    assert "CGNS-pretrained" in text and "random init" in text and "AUROC @ 10 % labels" in text
-    assert summary["table"] in text
+    assert demo.encoder_table(results) in text and demo.probe_table(results) in text
+    assert summary["table"] == demo.encoder_table(results) + "\n\n" + demo.probe_table(results)
+
+    # every encoder number in results.json is the one in the protocol's own results file, and the table
+    # shows it (no number typed by hand)
+    for init in ("pretrained", "random"):
+        enc = results["encoders"][init]
+        retrieval = json.loads(open(enc["files"]["retrieval"]).read())
+        zero_shot = json.loads(open(enc["files"]["zero_shot"]).read())
+        grounding = json.loads(open(enc["files"]["grounding"]).read())
+        assert enc["i2t_R@1"] == retrieval["test"]["i2t_R@1"]
+        assert enc["t2i_R@1"] == retrieval["test"]["t2i_R@1"]
+        assert enc["retrieval_chance_R@1"] == pytest.approx(1 / retrieval["num_pairs"])
+        assert enc["zero_shot_auroc"] == zero_shot["test"]["auroc"]
+        assert enc["pointing_game"] == grounding["test"]["pointing_game"]
+    pre, rnd = results["encoders"]["pretrained"], results["encoders"]["random"]
+    assert f"| zero-shot macro AUROC (%) | {100 * pre['zero_shot_auroc']:.1f} | {100 * rnd['zero_shot_auroc']:.1f} |" \
+        in text
+    assert f"| pointing game (%) | {100 * pre['pointing_game']:.1f} | {100 * rnd['pointing_game']:.1f} |" in text
+    for mode in ("protocol", "standardized"):
+        for init in ("pretrained", "random"):
+            for fraction in ("0.1", "1.0"):
+                entry = results["probes"][mode][init][fraction]
+                on_disk = json.loads(open(entry["file"]).read())
+                assert entry["auroc"] == on_disk["summary"]["auroc"]
+                assert on_disk["standardize_features"] is (mode == "standardized")
+    assert "standardised features" in text and "protocol (E.1)" in text
+
+    # the console reads as a report: the phases in order, the final table last, no probe bars
+    console = capsys.readouterr()
+    printed = console.out
+    positions = [printed.index(f"[{k}/5]") for k in range(1, 6)]
+    assert positions == sorted(positions)
+    assert printed.rstrip().splitlines()[-1].startswith("total ")
+    assert printed.index("Results") > positions[-1]
+    assert "features train" not in console.err and "retrieval images" not in console.err
     records = [json.loads(line) for line in open(os.path.join(out, "cgns", "pretrain", "metrics.jsonl"))]
     assert any("reconstruction_loss" in r for r in records if r.get("split") == "train")
+
+
+def test_separation_known_answers():
+    same = demo.separation([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert same == {"difference": 0.0, "p_value": 1.0, "separates": False}
+    apart = demo.separation([0.80, 0.81, 0.79], [0.50, 0.51, 0.49])
+    assert apart["separates"] and apart["difference"] == pytest.approx(0.30)
+    assert apart["p_value"] < 1e-3
+    noisy = demo.separation([0.60, 0.70, 0.50], [0.55, 0.65, 0.62])
+    assert not noisy["separates"] and noisy["p_value"] > 0.5
+    assert demo.separation([0.5], [0.4])["separates"] is None  # one seed: no statement
+
+
+def test_ablation_table_states_each_component():
+    def run(value, seed):
+        return {"i2t_R@1": value, "t2i_R@1": value, "zero_shot_auroc": 0.5 + value, "pointing_game": 0.2,
+                "probe_auroc": 0.6 + value, "retrieval_chance_R@1": 0.008, "uniform_pointing_game": 0.15,
+                "seed": seed}
+
+    result = {"fraction": 0.1, "seeds": [0, 1, 2], "probe_seeds": [0], "runs": {
+        "CGNS (full)": [run(v, s) for s, v in enumerate((0.10, 0.11, 0.12))],
+        "no CM-MIR": [run(v, s) for s, v in enumerate((0.10, 0.12, 0.11))],
+        "random init": [run(v, s) for s, v in enumerate((0.008, 0.009, 0.010))],
+    }}
+    table = demo.ablation_table(result)
+    assert "| CGNS (full) | 11.0 ± 1.0 | 11.0 ± 1.0 | 61.0 ± 1.0 | 20.0 ± 0.0 | 71.0 ± 1.0 |" in table
+    cm_mir = next(line for line in table.splitlines() if line.startswith("* **cross-modal masked"))
+    assert "i2t R@1 (%): Δ +0.0, within noise" in cm_mir
+    random_line = next(line for line in table.splitlines() if line.startswith("* **pretraining itself"))
+    assert "i2t R@1 (%): Δ +10.1, separates (full better" in random_line
+    assert "no clustering" not in table  # variants that were not run get no statement
+
+
+@pytest.mark.slow
+def test_ablation_tiny_end_to_end(tmp_path):
+    out = tmp_path / "ablation"
+    result = demo.main(["--ablation", "--output_dir", str(out), "--ablation_variants", "CGNS (full)", "random init",
+                        "--ablation_seeds", "0", "1", "--seeds", "0", "--probe_max_epochs", "2", *TINY_PRETRAIN])
+    assert (out / "ablation.md").exists() and (out / "ablation.json").exists()
+    assert (out / "ablation_clustering.png").exists()
+    assert [r["seed"] for r in result["runs"]["CGNS (full)"]] == [0, 1]
+    assert result["runs"]["random init"][0]["pretrain_dir"] is None
+    assert "* **pretraining itself** (full vs random init)" in (out / "ablation.md").read_text()
