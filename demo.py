@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.json"))
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (mean ± std)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (mean ± std)")
     p.add_argument("--probe_max_epochs", type=int, default=100)
     p.add_argument("--ablation", action="store_true", help="run the ablation (make ablation) instead of the demo")
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1, 2],

@@ -53,9 +53,11 @@ e.g. ``lesion_contrast_scale=3`` for easier lesions (the synthetic detection run
 """
 import hashlib
 import os
+from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import datasets  # only the builder / load() use it; generate_study() is plain numpy
+
 import numpy as np
 
 from modeling_cgns.sentences import report_text, split_sentences
@@ -1001,8 +1003,36 @@ class SyntheticCXR(CGNSBuilder):
     def _examples(self, indices: range):
         cfg = self.config
         for i in indices:
-            yield i, _row(cfg.name, generate_study(i, cfg.generator_seed, cfg.image_size,
-                                                   cfg.lesion_contrast_scale))
+            yield i, _row(cfg.name, _cached_study(i, cfg.generator_seed, cfg.image_size, cfg.lesion_contrast_scale))
+
+
+# Preparing several tasks of the same studies in one process (the demo prepares pretraining,
+# classification and grounding) renders each study once: a study is a pure function of
+# (index, seed, size, contrast), and the rows built from it do not modify it. Bounded by bytes.
+_STUDY_CACHE: "OrderedDict[tuple, dict]" = OrderedDict()
+_STUDY_CACHE_BYTES = [0]
+STUDY_CACHE_LIMIT_BYTES = 256 * 2 ** 20
+
+
+def _study_bytes(study: dict) -> int:
+    return sum(v.nbytes for v in study.values() if isinstance(v, np.ndarray))
+
+
+def _cached_study(index: int, seed: int, image_size: int, lesion_contrast_scale: float) -> dict:
+    key = (int(index), int(seed), int(image_size), float(lesion_contrast_scale))
+    study = _STUDY_CACHE.get(key)
+    if study is not None:
+        _STUDY_CACHE.move_to_end(key)
+        return study
+    study = generate_study(index, seed, image_size, lesion_contrast_scale)
+    size = _study_bytes(study)
+    if size <= STUDY_CACHE_LIMIT_BYTES:
+        _STUDY_CACHE[key] = study
+        _STUDY_CACHE_BYTES[0] += size
+        while _STUDY_CACHE_BYTES[0] > STUDY_CACHE_LIMIT_BYTES:
+            _, old = _STUDY_CACHE.popitem(last=False)
+            _STUDY_CACHE_BYTES[0] -= _study_bytes(old)
+    return study
 
 
 def _config_id(task: str, num_images: int, image_size: int, generator_seed: int,

@@ -360,3 +360,38 @@ def test_sentence_findings_name_the_drawn_finding_and_carry_its_boxes():
         for tag in st["box_findings"]:
             assert st["sentence_findings"].count(tag) == 2
     assert boxed > 10
+
+
+def test_preparing_several_tasks_renders_each_study_once(tmp_path, monkeypatch):
+    calls = []
+    real = sc.generate_study
+
+    def counting(index, *args, **kwargs):
+        calls.append(index)
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(sc, "generate_study", counting)
+    monkeypatch.setattr(sc, "_STUDY_CACHE", type(sc._STUDY_CACHE)())
+    monkeypatch.setattr(sc, "_STUDY_CACHE_BYTES", [0])
+    options = dict(num_images=20, image_size=48, cache_dir=str(tmp_path))
+    grounding = load_cgns_dataset("synthetic_cxr", task="grounding", **options)
+    classification = load_cgns_dataset("synthetic_cxr", task="classification", **options)
+    assert sorted(calls) == list(range(20))  # the second task rendered nothing again
+    # and its rows are what a fresh rendering gives
+    for split in ("train", "test"):
+        for row in classification[split].select(range(2)):
+            index = int(row["image_id"].split("-")[-1])
+            fresh = real(index, 0, 48)
+            assert row["labels"] == fresh["chexpert"].tolist()
+    assert len(grounding["test"]) == len(classification["test"]) == 2
+
+
+def test_study_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(sc, "_STUDY_CACHE", type(sc._STUDY_CACHE)())
+    monkeypatch.setattr(sc, "_STUDY_CACHE_BYTES", [0])
+    one = sc._study_bytes(sc.generate_study(0, 0, 64))
+    monkeypatch.setattr(sc, "STUDY_CACHE_LIMIT_BYTES", int(one * 2.5))
+    for i in range(5):
+        sc._cached_study(i, 0, 64, 1.0)
+    assert len(sc._STUDY_CACHE) == 2 and sc._STUDY_CACHE_BYTES[0] <= sc.STUDY_CACHE_LIMIT_BYTES
+    assert list(sc._STUDY_CACHE) == [(3, 0, 64, 1.0), (4, 0, 64, 1.0)]
