@@ -22,10 +22,8 @@ whether removing it separates from seed noise (Welch's t-test against the full m
 """
 import argparse
 import contextlib
-import io
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -205,12 +203,15 @@ def run_downstream(argv: List[str]) -> Dict:
     return train_downstream.main(argv)
 
 
+def dataset_options_argv(data_options: Dict) -> List[str]:
+    return ["--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
+
+
 def evaluate_encoder(model_dir: str, output_dir: str, cache_dir: str, data_options: Dict) -> Dict:
     """Retrieval, zero-shot and grounding of one export on the synthetic test split; their results files
     go to ``output_dir/{retrieval,zero_shot,grounding}/results.json``."""
-    options = ["--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
     common = ["--dataset", "synthetic_cxr", "--split", "test", "--model", model_dir, "--cache_dir", cache_dir,
-              "--quiet", "true", *options]
+              "--quiet", "true", *dataset_options_argv(data_options)]
     out = {}
     for task, dataset_task in (("retrieval", "grounding"), ("zero_shot", "classification"),
                                ("grounding", "grounding")):
@@ -225,8 +226,7 @@ def probe(model_dir: str, init: str, fraction: float, standardize: bool, output_
     argv = ["--task", "classification", "--dataset", "synthetic_cxr", "--data_pct", str(fraction),
             "--model", model_dir, "--init", init, "--output_dir", output_dir, "--cache_dir", cache_dir,
             "--max_epochs", str(max_epochs), "--seeds", *map(str, seeds), "--quiet", "true",
-            "--standardize_features", str(standardize).lower(),
-            "--dataset_options", *(f"{k}={v}" for k, v in data_options.items())]
+            "--standardize_features", str(standardize).lower(), *dataset_options_argv(data_options)]
     run_downstream(argv)
     return os.path.join(output_dir, "results.json")
 
@@ -281,6 +281,11 @@ def fmt(stat: Dict) -> str:
     return format_mean_std(stat)
 
 
+def retrieval_chance(summary: Dict, k: int) -> float:
+    """Recall@k of a random ranking over the summary's test pairs."""
+    return min(1.0, k * summary["retrieval_chance_R@1"])
+
+
 def pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -289,10 +294,9 @@ def encoder_table(results: Dict) -> str:
     enc = results["encoders"]
     p, r = enc["pretrained"], enc["random"]
     lines = ["| synthetic test split | CGNS-pretrained | random init | chance / uniform |", "|---|---|---|---|"]
-    chance = pct(p["retrieval_chance_R@1"])
     for key, label in (("i2t_R@1", "image→report R@1 (%)"), ("t2i_R@1", "report→image R@1 (%)"),
                        ("i2t_R@5", "image→report R@5 (%)"), ("t2i_R@5", "report→image R@5 (%)")):
-        base = chance if key.endswith("@1") else pct(min(1.0, 5 * p["retrieval_chance_R@1"]))
+        base = pct(retrieval_chance(p, int(key[-1])))
         lines.append(f"| {label} | {pct(p[key])} | {pct(r[key])} | {base} |")
     lines.append(f"| image→report / report→image R@1 ÷ chance | {p['i2t_R@1'] / p['retrieval_chance_R@1']:.1f}x / "
                  f"{p['t2i_R@1'] / p['retrieval_chance_R@1']:.1f}x | {r['i2t_R@1'] / r['retrieval_chance_R@1']:.1f}x"
@@ -349,7 +353,7 @@ def plot_results(results: Dict, path: str) -> None:
     names = ["i2t R@1", "t2i R@1", "i2t R@5", "t2i R@5", "zero-shot\nAUROC", "pointing\ngame"]
     keys = ["i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "zero_shot_auroc", "pointing_game"]
     p = enc["pretrained"]
-    baselines = [p["retrieval_chance_R@1"]] * 2 + [min(1.0, 5 * p["retrieval_chance_R@1"])] * 2 + \
+    baselines = [retrieval_chance(p, 1)] * 2 + [retrieval_chance(p, 5)] * 2 + \
                 [0.5, p["uniform_pointing_game"]]
     xs = list(range(len(keys)))
     ax.bar([x - 0.27 for x in xs], [100 * enc["pretrained"][k] for k in keys], width=0.27, label="CGNS-pretrained")
@@ -573,16 +577,6 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
     return result
 
 
-def mean_std(values: Sequence[float]) -> Dict:
-    import numpy as np
-
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def separation(full: Sequence[float], variant: Sequence[float]) -> Dict:
     """Welch's t-test of the full model against a variant (two-sided; p < 0.05 = separates from noise)."""
     from scipy import stats
@@ -599,6 +593,8 @@ def separation(full: Sequence[float], variant: Sequence[float]) -> Dict:
 
 
 def ablation_table(result: Dict) -> str:
+    from downstream.common import mean_std
+
     runs = result["runs"]
     header = "| variant | " + " | ".join(label for _, label in METRICS) + " |"
     lines = [header, "|---|" + "---|" * len(METRICS)]
@@ -606,8 +602,7 @@ def ablation_table(result: Dict) -> str:
         cells = []
         for key, _ in METRICS:
             stat = mean_std([r[key] for r in records])
-            cells.append("n/a" if stat["mean"] is None else
-                         f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}")
+            cells.append("n/a" if stat["mean"] is None else fmt(stat))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = next(iter(runs.values()))
     chance = first[0]["retrieval_chance_R@1"]

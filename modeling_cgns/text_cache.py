@@ -66,14 +66,14 @@ class FrozenTextFeatureCache:
                                           token_type_ids=token_type_ids, output_hidden_states=output_hidden_states,
                                           output_attentions=output_attentions, **kwargs)
         batch, length = input_ids.shape
-        lengths = attention_mask.sum(dim=1).tolist()
+        valid = attention_mask.detach().bool()
+        valid_cpu = valid.cpu()
         ids_cpu = input_ids.detach().cpu()
         types_cpu = token_type_ids.detach().cpu() if token_type_ids is not None else None
         keys = []
-        for row, n in enumerate(lengths):
-            n = int(n)
-            ids = ids_cpu[row][attention_mask[row].bool().cpu()]
-            types = types_cpu[row][attention_mask[row].bool().cpu()] if types_cpu is not None else ids[:0]
+        for row in range(batch):
+            ids = ids_cpu[row][valid_cpu[row]]
+            types = types_cpu[row][valid_cpu[row]] if types_cpu is not None else ids[:0]
             keys.append((ids.numpy().tobytes(), types.numpy().tobytes()))
         missing = [row for row, key in enumerate(keys) if key not in self.entries]
         self.hits += batch - len(missing)
@@ -89,13 +89,11 @@ class FrozenTextFeatureCache:
                         token_type_ids=token_type_ids[rows] if token_type_ids is not None else None)
             finally:
                 self.tower.train(was_training)
-            hidden = out.last_hidden_state
             for j, row in enumerate(missing):
-                valid = attention_mask[row].bool()
-                self.entries[keys[row]] = hidden[j][valid].detach().to("cpu", torch.float32).clone()
+                self.entries[keys[row]] = out.last_hidden_state[j][valid[row]].detach().to("cpu", torch.float32)
+        # boolean indexing visits the valid tokens row by row, the order the entries are concatenated in
+        rows = torch.cat([self.entries[key] for key in keys])
         dtype = next(self.tower.parameters()).dtype
-        hidden_size = self.entries[keys[0]].shape[-1]
-        last = torch.zeros(batch, length, hidden_size, dtype=dtype, device=input_ids.device)
-        for row, key in enumerate(keys):
-            last[row][attention_mask[row].bool()] = self.entries[key].to(last.device, dtype)
+        last = torch.zeros(batch, length, rows.shape[-1], dtype=dtype, device=input_ids.device)
+        last[valid] = rows.to(last.device, dtype)
         return BaseModelOutput(last_hidden_state=last)
