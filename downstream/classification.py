@@ -13,7 +13,10 @@ Modes: the default caches the features (the tower is frozen and the evaluation t
 deterministic, so recomputing them every epoch gives the same numbers at many times the cost);
 ``--augment`` recomputes the training features every step with the training transform (random
 crop and the MoCo-v2-style augmentation of E.1); ``--no_cache`` runs the tower every step without
-augmentation (the reference the cached mode is checked against).
+augmentation (the reference the cached mode is checked against). The extracted features are kept
+on disk (``--feature_cache_dir``, one safetensors file per model, init, split and transform), so a
+later run on the same export (other seeds or ``--data_pct``, ``--standardize_features``) reads them
+instead of running the tower again; ``--no_feature_cache`` turns that off.
 
 The dataset's TaskSpec (``data_scripts.get_task_spec``) decides the loss and the metric: macro
 AUROC for multi-label / binary tasks (CheXpert, RSNA, synthetic), top-1 accuracy for single-label
@@ -30,6 +33,7 @@ import logging
 import shutil
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -42,6 +46,7 @@ import data_scripts
 from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
                                markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
                                training_arguments, write_results, write_seed_metrics)
+from downstream.encoding import cache_key, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
@@ -53,6 +58,23 @@ DEFAULTS = {"max_epochs": 100, "batch_size": 48, "lr": 5e-4, "weight_decay": 1e-
 MODES = ("cached", "augment", "uncached")
 # The probe's Trainer: checkpoints hold only the head (see FrozenTowerTrainer).
 LinearProbeTrainer = FrozenTowerTrainer
+
+
+@dataclass(kw_only=True)
+class ClassificationArguments:
+    """Options of the linear probe only (``--task classification``)."""
+
+    _argument_group_name = "Linear-probe options (--task classification)"
+
+    feature_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "classification: folder of the cached frozen features, one safetensors file per model, init, "
+                "split and preprocessing, reused by later runs (other seeds, --standardize_features, the same "
+                "validation / test splits at another --data_pct) (default: <cache_dir or ~/.cache/cgns>/features)"})
+    no_feature_cache: bool = field(default=False, metadata={
+        "help": "classification: extract the features afresh and write no cache file"})
+
+
+ARGUMENTS = ClassificationArguments
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -195,6 +217,35 @@ def extract_features(model: CGNSForImageClassification, images: ImageDataset, ba
     return FeatureDataset(torch.cat(features), torch.cat(labels))
 
 
+def feature_cache_dir(args) -> str:
+    if getattr(args, "feature_cache_dir", None):
+        return args.feature_cache_dir
+    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
+                                                                                  "cgns")
+    return os.path.join(root, "features")
+
+
+def feature_cache_paths(args, dataset_dict, image_processor: CGNSImageProcessor) -> Dict[str, Optional[str]]:
+    """Per split, ``<feature_cache_dir>/probe-<hash>.safetensors`` (None with ``--no_feature_cache``).
+
+    The hash covers the export's files (path, size, modification time), ``init`` (with the seed that
+    draws a random tower), the split's rows (dataset fingerprint and length, so a ``data_pct`` subset
+    is its own entry while validation and test are shared) and the evaluation transform.
+    """
+    if getattr(args, "no_feature_cache", False):
+        return {split: None for split in SPLITS}
+    tower = {"init": args.init} if args.init == "pretrained" else {"init": args.init, "seed": args.seeds[0]}
+    paths = {}
+    for split in SPLITS:
+        key = cache_key(kind="probe-features", model=model_identity(args.model), tower=tower,
+                        dataset=args.dataset, dataset_task=args.dataset_task, split=split,
+                        fingerprint=dataset_dict[split]._fingerprint, rows=len(dataset_dict[split]),
+                        image_size=image_processor.image_size, resize_size=image_processor.resize_size,
+                        image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+        paths[split] = os.path.join(feature_cache_dir(args), f"probe-{key}.safetensors")
+    return paths
+
+
 def standardize_features(datasets_by_split: Dict[str, "FeatureDataset"], eps: float = 1e-6):
     """Z-score every split's cached features with the train split's per-dimension mean and std (in place)."""
     train = datasets_by_split["train"].features
@@ -214,10 +265,12 @@ def fold_standardization(model: CGNSForImageClassification, mean: torch.Tensor, 
 
 def build_datasets(model: CGNSForImageClassification, dataset_dict, image_processor: CGNSImageProcessor,
                    problem_type: str, mode: str, batch_size: int = 48, num_workers: int = 0,
-                   quiet: bool = False) -> Dict[str, Dataset]:
+                   quiet: bool = False, cache_paths: Optional[Dict[str, Optional[str]]] = None
+                   ) -> Dict[str, Dataset]:
     """The train / validation / test datasets the Trainer sees in ``mode`` (cached, augment, uncached).
 
     Validation and test use the evaluation transform in every mode, so ``augment`` caches them too.
+    ``cache_paths`` (per split, see :func:`feature_cache_paths`) keeps the extracted features on disk.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -225,8 +278,16 @@ def build_datasets(model: CGNSForImageClassification, dataset_dict, image_proces
     if mode == "uncached":
         return images
     cached_splits = SPLITS if mode == "cached" else ("validation", "test")
-    out = {split: extract_features(model, images[split], batch_size, num_workers, f"features {split}", quiet)
-           for split in cached_splits}
+    cache_paths = cache_paths or {}
+
+    def features(split: str) -> FeatureDataset:
+        def compute():
+            extracted = extract_features(model, images[split], batch_size, num_workers, f"features {split}", quiet)
+            return {"features": extracted.features, "labels": extracted.labels}
+        tensors = cached_tensors(cache_paths.get(split), compute, f"features {split}")
+        return FeatureDataset(tensors["features"], tensors["labels"])
+
+    out = {split: features(split) for split in cached_splits}
     if mode == "augment":
         out["train"] = ImageDataset(dataset_dict["train"], image_processor, problem_type, train=True,
                                     augmentation=moco_augmentation(image_processor.image_size))
@@ -316,7 +377,8 @@ def run(args: argparse.Namespace) -> Dict:
         model.to("cuda")
     image_processor = load_image_processor(args.model, model.config)
     datasets_by_split = build_datasets(model, dataset_dict, image_processor, spec.problem_type, args.mode,
-                                       args.batch_size, args.num_workers, args.quiet)
+                                       args.batch_size, args.num_workers, args.quiet,
+                                       feature_cache_paths(args, dataset_dict, image_processor))
     standardization = standardize_features(datasets_by_split) if args.standardize_features else None
 
     per_seed = {}
@@ -358,7 +420,8 @@ def run(args: argparse.Namespace) -> Dict:
 run_protocol = run  # the name before the downstream/ package
 
 __all__ = [
-    "DEFAULTS", "MODES", "run", "run_protocol", "check_arguments", "load_data", "check_classification_data",
+    "DEFAULTS", "MODES", "ARGUMENTS", "ClassificationArguments", "feature_cache_dir", "feature_cache_paths",
+    "run", "run_protocol", "check_arguments", "load_data", "check_classification_data",
     "build_model", "build_datasets", "extract_features", "standardize_features", "fold_standardization",
     "ImageDataset", "FeatureDataset", "moco_augmentation", "LinearProbeTrainer", "make_compute_metrics",
     "train_probe", "evaluate_probe", "summarise",

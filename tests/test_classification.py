@@ -213,6 +213,29 @@ def test_training_changes_only_the_head(tmp_path):
     assert not model.vision_model.training
 
 
+def test_train_mode_keeps_every_tower_module_in_eval():
+    """train() takes a short path when nothing changes; every path leaves all tower modules in eval."""
+    model = CGNSForImageClassification(probe_config(num_labels=5, problem_type="multi_label_classification"))
+
+    def tower_modes():
+        return {m.training for m in model.vision_model.modules()}
+
+    for calls in ([True], [True, True, True], [False, True], [True, False, True, True]):
+        for mode in calls:
+            model.train(mode)
+        assert model.training is calls[-1] and model.classifier.training is calls[-1]
+        assert tower_modes() == {False}
+    model.vision_model.train()               # a user puts the tower in train mode: the next call undoes it
+    model.train()
+    assert tower_modes() == {False}
+    model.train()
+    model.classifier.eval()                  # a head switched by hand follows the next call
+    model.train()
+    assert model.classifier.training and tower_modes() == {False}
+    model.eval()
+    assert not model.training and not model.classifier.training and tower_modes() == {False}
+
+
 # --------------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +374,42 @@ def test_end_to_end_cached_equals_uncached(export_dir, cache_dir, tmp_path):
     assert a["best_validation_loss"] == pytest.approx(b["best_validation_loss"], abs=1e-5)
     for name, value in a["test"]["auroc_per_class"].items():
         assert value == pytest.approx(b["test"]["auroc_per_class"][name], abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::modeling_cgns.metrics.UndefinedMetricWarning")
+def test_feature_cache_is_reused_per_model_init_and_split(export_dir, tmp_path, monkeypatch):
+    """A second run reads the features it would extract (same numbers); another data_pct re-extracts only
+    train; another init all splits; --no_feature_cache extracts and writes nothing."""
+    extracted = []
+    real = probe.extract_features
+
+    def counting(model, images, *args, **kwargs):
+        extracted.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "extract_features", counting)
+    data_cache = tmp_path / "data"
+    features_dir = data_cache / "features"
+    common = ("--seeds", "0", "--max_epochs", "2", "--patience", "5")
+
+    def run(name, *extra):
+        extracted.clear()
+        results = td.main(synthetic_argv(export_dir, str(data_cache), tmp_path / name, *common, *extra))
+        return results, list(extracted), len(list(features_dir.glob("probe-*.safetensors")))
+
+    first, calls, files = run("first", "--data_pct", "0.5")
+    assert calls == [40, 10, 10] and files == 3
+    again, calls, files = run("again", "--data_pct", "0.5")
+    assert calls == [] and files == 3
+    assert again["seeds"]["0"]["test_loss"] == first["seeds"]["0"]["test_loss"]
+    assert again["seeds"]["0"]["test"] == first["seeds"]["0"]["test"]
+    _, calls, files = run("full", "--data_pct", "1.0")
+    assert calls == [80] and files == 4
+    _, calls, files = run("random", "--data_pct", "1.0", "--init", "random")
+    assert calls == [80, 10, 10] and files == 7
+    uncached, calls, files = run("uncached", "--data_pct", "0.5", "--no_feature_cache")
+    assert calls == [40, 10, 10] and files == 7
+    assert uncached["seeds"]["0"]["test_loss"] == pytest.approx(first["seeds"]["0"]["test_loss"], abs=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore::modeling_cgns.metrics.UndefinedMetricWarning")
