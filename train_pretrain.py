@@ -156,6 +156,10 @@ class PretrainingArguments:
     mixed_precision: str = field(default="no", metadata={
         "help": "no | fp16 | bf16 (forced to no without a GPU)"})
     gradient_checkpointing: bool = False
+    channels_last: bool = field(default=False, metadata={
+        "help": "keep the image tower's convolution weights (and so its activations) in channels-last memory "
+                "format: faster ResNet steps on CPUs (oneDNN) and tensor-core GPUs, the same numbers to float "
+                "rounding (BENCHMARKS.md); exports and checkpoints are unchanged"})
     freeze_text_layers: int = field(default=0, metadata={
         "help": "freeze the text tower's embeddings + first N layers (-1: all; 0: fine-tune everything, reference)"})
     cache_text_features: bool = field(default=False, metadata={
@@ -287,7 +291,7 @@ def save_args(config: PretrainingConfig, accelerator: Accelerator) -> None:
 RESUME_SAFE_FIELDS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
     "save_total_limit", "report_to", "do_eval", "per_device_eval_batch_size", "max_steps",
-    "dataloader_num_workers", "cache_dir", "data_dir", "gradient_checkpointing", "deterministic",
+    "dataloader_num_workers", "cache_dir", "data_dir", "gradient_checkpointing", "channels_last", "deterministic",
     "nonfinite_grad", "sentence_check_batches", "log_level"})
 # what a run writes into output_dir; --overwrite_output_dir deletes these before a fresh start
 RUN_OUTPUTS = ("checkpoints", "final", "tensorboard", "metrics.jsonl", "loss_curves.png")
@@ -603,6 +607,9 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
         logger.info("text tower frozen and cached: it runs once per distinct report, in eval mode")
     if training_args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if training_args.channels_last:
+        # only 4-D tensors change layout; convolutions follow their weight's format, so the inputs need not
+        model.vision_model.to(memory_format=torch.channels_last)
     train_sampler = train_loader.sampler
     model, train_loader, eval_loader = accelerator.prepare(model, train_loader, eval_loader)
     run = PretrainingRun(args=config, accelerator=accelerator, model=model, processor=processor,
