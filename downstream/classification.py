@@ -46,7 +46,7 @@ import data_scripts
 from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
                                markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
                                training_arguments, write_results, write_seed_metrics)
-from downstream.encoding import cache_key, cached_tensors, model_identity
+from downstream.encoding import cache_key, cache_subdir, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
@@ -218,11 +218,7 @@ def extract_features(model: CGNSForImageClassification, images: ImageDataset, ba
 
 
 def feature_cache_dir(args) -> str:
-    if getattr(args, "feature_cache_dir", None):
-        return args.feature_cache_dir
-    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
-                                                                                  "cgns")
-    return os.path.join(root, "features")
+    return cache_subdir(args, "feature_cache_dir", "features")
 
 
 def feature_cache_paths(args, dataset_dict, image_processor: CGNSImageProcessor) -> Dict[str, Optional[str]]:

@@ -85,6 +85,15 @@ def model_identity(model_name_or_path: str) -> Dict:
     return identity
 
 
+def cache_subdir(args, override_field: str, name: str) -> str:
+    """``args.<override_field>`` when set, else ``<cache_dir or ~/.cache/cgns>/<name>``."""
+    if getattr(args, override_field, None):
+        return getattr(args, override_field)
+    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
+                                                                                  "cgns")
+    return os.path.join(root, name)
+
+
 def cache_key(**parts) -> str:
     """A short stable hash of JSON-serialisable ``parts``."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -204,6 +213,6 @@ class EncoderEvaluationArguments:
 
 __all__ = [
     "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity",
-    "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
+    "cache_subdir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
     "encode_reports", "report_sentences", "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

@@ -21,8 +21,9 @@ import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, cache_key, cached_tensors, encode_images, encode_reports,
-                       load_model_and_processor, model_identity, pick_split, report_sentences, require_dataset)
+from .encoding import (EncoderEvaluationArguments, cache_key, cache_subdir, cached_tensors, encode_images,
+                       encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
+                       require_dataset)
 
 logger = logging.getLogger("downstream.retrieval")
 
@@ -48,11 +49,7 @@ def embedding_cache_path(args, split_name: str, split, processor) -> str:
 
 
 def embedding_cache_dir(args) -> str:
-    if getattr(args, "embedding_cache_dir", None):
-        return args.embedding_cache_dir
-    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
-                                                                                  "cgns")
-    return os.path.join(root, "embeddings")
+    return cache_subdir(args, "embedding_cache_dir", "embeddings")
 
 
 def usable_pairs(split) -> Tuple[List[int], List[List[str]]]:
