@@ -150,6 +150,26 @@ def test_data_pct_subsamples_train(assets, tmp_path):
     assert batch["pixel_values"].shape == (4, 3, 64, 64)
 
 
+def test_lesion_contrast_scale_reaches_the_synthetic_builder(assets, tmp_path):
+    import data_scripts.synthetic_cxr as synthetic
+
+    config = train_pretrain.parse_args(["--config", assets["config"], "--dataset", "synthetic_cxr",
+                                        "--num_images", "10", "--lesion_contrast_scale", "3",
+                                        "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)])
+    splits = train_pretrain.load_pretraining_data(config.data, 64)
+    assert len(splits["train"]) == 8
+    size = train_pretrain.resize_size_for(config.data, 64)
+    for index in range(2):   # the images are the builder's at that contrast, not at the default one
+        stored = np.asarray(splits["train"][index]["image"].convert("L"))
+        easy = synthetic.generate_study(index, 0, size, lesion_contrast_scale=3.0)["image"]
+        np.testing.assert_array_equal(stored, np.asarray(easy))
+    # a real dataset has no such knob: refused before anything is read
+    config = train_pretrain.parse_args(["--config", assets["config"], "--lesion_contrast_scale", "2",
+                                        "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="synthetic_cxr dataset only"):
+        train_pretrain.load_pretraining_data(config.data, 64)
+
+
 # --------------------------------------------------------------------------------------------------
 # the whole recipe
 # --------------------------------------------------------------------------------------------------
