@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (mean ± std)")
     p.add_argument("--probe_max_epochs", type=int, default=100)
+    p.add_argument("--probe_jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="probe runs side by side, each in its own process with cpu_count / probe_jobs threads "
+                        "(a cached probe trains on one thread, so two use both cores of a 2-core machine); "
+                        "1 runs them one after the other in this process (as --verbose does)")
     p.add_argument("--ablation", action="store_true", help="run the ablation (make ablation) instead of the demo")
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="pretraining seeds per ablation variant (mean ± std over them)")
@@ -133,6 +137,10 @@ def generate_data(config: Dict, cache_dir: str, pretrain_args: List[str]) -> Dic
     render_size = int(config.get("render_size") or round(image_size * 256 / 224))
     options = dict(num_images=override(pretrain_args, "num_images", int(config.get("num_images", 2000))),
                    image_size=override(pretrain_args, "render_size", render_size))
+    # the same (easier) lesions the pretraining saw, for every downstream task of the demo
+    contrast = override(pretrain_args, "lesion_contrast_scale", float(config.get("lesion_contrast_scale", 1.0)))
+    if contrast != 1.0:
+        options["lesion_contrast_scale"] = contrast
     sizes = {}
     for task in ("pretraining", "classification", "grounding"):
         dd = data_scripts.load_cgns_dataset("synthetic_cxr", task=task, cache_dir=cache_dir, **options)
@@ -221,14 +229,48 @@ def evaluate_encoder(model_dir: str, output_dir: str, cache_dir: str, data_optio
     return out
 
 
-def probe(model_dir: str, init: str, fraction: float, standardize: bool, output_dir: str, cache_dir: str,
-          data_options: Dict, seeds: List[int], max_epochs: int) -> str:
-    argv = ["--task", "classification", "--dataset", "synthetic_cxr", "--data_pct", str(fraction),
+def probe_argv(model_dir: str, init: str, fraction: float, standardize: bool, output_dir: str, cache_dir: str,
+               data_options: Dict, seeds: List[int], max_epochs: int) -> List[str]:
+    return ["--task", "classification", "--dataset", "synthetic_cxr", "--data_pct", str(fraction),
             "--model", model_dir, "--init", init, "--output_dir", output_dir, "--cache_dir", cache_dir,
             "--max_epochs", str(max_epochs), "--seeds", *map(str, seeds), "--quiet", "true",
             "--standardize_features", str(standardize).lower(), *dataset_options_argv(data_options)]
-    run_downstream(argv)
+
+
+def probe(model_dir: str, init: str, fraction: float, standardize: bool, output_dir: str, cache_dir: str,
+          data_options: Dict, seeds: List[int], max_epochs: int) -> str:
+    run_downstream(probe_argv(model_dir, init, fraction, standardize, output_dir, cache_dir, data_options, seeds,
+                              max_epochs))
     return os.path.join(output_dir, "results.json")
+
+
+def run_parallel(commands: List[Sequence[str]], log_paths: List[str], workers: int, on_done) -> None:
+    """``python train_downstream.py <argv>`` for every argv, ``workers`` at a time, each with
+    ``cpu_count // workers`` threads and its output in its log file; ``on_done(i)`` after command i ends.
+    A failure stops the phase with the failing command's log named (the others still finish)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_DISABLE_PROGRESS_BARS="1")
+    script = os.path.join(ROOT, "train_downstream.py")
+
+    def one(i: int) -> int:
+        os.makedirs(os.path.dirname(log_paths[i]), exist_ok=True)
+        with open(log_paths[i], "w") as log:
+            return subprocess.run([sys.executable, script, *commands[i]], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(one, i): i for i in range(len(commands))}
+        for future in as_completed(futures):
+            i = futures[future]
+            if future.result():
+                failed.append(log_paths[i])
+            else:
+                on_done(i)
+    if failed:
+        raise RuntimeError(f"{len(failed)} probe job(s) failed; their output is in {', '.join(sorted(failed))}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,16 +527,24 @@ def run_demo(args, config: Dict, data: Dict, cache_dir: str, started: float) -> 
     banner(f"[4/5] linear probes at {', '.join(f'{100 * f:g} %' for f in args.fractions)} of the labels, "
            f"seeds {args.seeds}")
     probes = {"protocol": {"pretrained": {}, "random": {}}, "standardized": {"pretrained": {}, "random": {}}}
-    jobs = [(mode, init, f) for mode in probes for init in ("pretrained", "random") for f in args.fractions]
+    # the two inits first, side by side: each job of an init after its first reads the features it cached
+    jobs = [(mode, init, f) for f in args.fractions for mode in probes for init in ("pretrained", "random")]
+    outs = [os.path.join(run_dir, "probe", f"{mode}_{init}_{f:g}") for mode, init, f in jobs]
     bar = phase_bar(len(jobs), "linear probes")
-    for mode, init, f in jobs:
-        out = os.path.join(run_dir, "probe", f"{mode}_{init}_{f:g}")
-        with quiet_step(args.verbose, os.path.join(logs, "probes.log")):
-            path = probe(export, init, f, mode == "standardized", out, cache_dir, data["options"], args.seeds,
-                         args.probe_max_epochs)
-        probes[mode][init][str(f)] = probe_summary(path)
-        bar.update(1)
+    if args.probe_jobs > 1 and not args.verbose:
+        commands = [probe_argv(export, init, f, mode == "standardized", out, cache_dir, data["options"],
+                               args.seeds, args.probe_max_epochs) for (mode, init, f), out in zip(jobs, outs)]
+        logs_per_job = [os.path.join(logs, "probes", os.path.basename(out) + ".log") for out in outs]
+        run_parallel(commands, logs_per_job, args.probe_jobs, lambda i: bar.update(1))
+    else:
+        for (mode, init, f), out in zip(jobs, outs):
+            with quiet_step(args.verbose, os.path.join(logs, "probes.log")):
+                probe(export, init, f, mode == "standardized", out, cache_dir, data["options"], args.seeds,
+                      args.probe_max_epochs)
+            bar.update(1)
     bar.close()
+    for (mode, init, f), out in zip(jobs, outs):
+        probes[mode][init][str(f)] = probe_summary(os.path.join(out, "results.json"))
     tenth = str(args.fractions[len(args.fractions) // 2])
     print("probe AUROC at " + f"{100 * float(tenth):g} % labels: " + ", ".join(
         f"{init} {fmt(probes['protocol'][init][tenth]['auroc'])}" for init in ("pretrained", "random")), flush=True)

@@ -114,7 +114,7 @@ def cached_tensors(path: Optional[str], compute, description: str) -> Dict[str, 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        temporary = path + ".partial"
+        temporary = f"{path}.{os.getpid()}.partial"   # per process: two runs may fill one cache at once
         save_file(tensors, temporary)
         os.replace(temporary, path)           # atomic: a killed run never leaves half a cache file
         logger.info("%s: cached in %s", description, path)

@@ -51,6 +51,9 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
                 assert entry["auroc"] == on_disk["summary"]["auroc"]
                 assert on_disk["standardize_features"] is (mode == "standardized")
     assert "standardised features" in text and "protocol (E.1)" in text
+    # on a machine with 2+ cores the probes ran two at a time, each job in its own process and log
+    if (os.cpu_count() or 1) >= 2:
+        assert len(list((out / "logs" / "probes").glob("*.log"))) == 8
 
     # the console reads as a report: the phases in order, the final table last, no probe bars
     console = capsys.readouterr()
@@ -62,6 +65,15 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert "features train" not in console.err and "retrieval images" not in console.err
     records = [json.loads(line) for line in open(os.path.join(out, "cgns", "pretrain", "metrics.jsonl"))]
     assert any("reconstruction_loss" in r for r in records if r.get("split") == "train")
+
+
+def test_parallel_probe_failure_names_its_log(tmp_path):
+    done = []
+    logs = [str(tmp_path / "ok.log"), str(tmp_path / "bad.log")]
+    with pytest.raises(RuntimeError, match="bad.log"):
+        demo.run_parallel([["--help"], ["--task", "no_such_task"]], logs, 2, done.append)
+    assert done == [0]                      # the good job still finished and was counted
+    assert "no_such_task" in open(logs[1]).read()
 
 
 def test_separation_known_answers():
