@@ -80,7 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="show every log line of the steps")
     p.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[],
                    help="extra train_pretrain.py overrides, e.g. --pretrain_args --num_images 200 --stage1_epochs 1")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.probe_jobs < 1:
+        p.error(f"--probe_jobs must be at least 1, got {args.probe_jobs}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------

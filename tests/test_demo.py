@@ -67,6 +67,12 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert any("reconstruction_loss" in r for r in records if r.get("split") == "train")
 
 
+def test_probe_jobs_below_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--probe_jobs", "0"])
+    assert "--probe_jobs must be at least 1" in capsys.readouterr().err
+
+
 def test_parallel_probe_failure_names_its_log(tmp_path):
     done = []
     logs = [str(tmp_path / "ok.log"), str(tmp_path / "bad.log")]
