@@ -138,12 +138,11 @@ def generate_data(config: Dict, cache_dir: str, pretrain_args: List[str]) -> Dic
     # render at the size the pretraining script renders (its resize size), so every step shares one cache
     image_size = override(pretrain_args, "image_size", int(config.get("image_size", 224)))
     render_size = int(config.get("render_size") or round(image_size * 256 / 224))
+    # the lesion contrast the pretraining saw, for every downstream task of the demo
     options = dict(num_images=override(pretrain_args, "num_images", int(config.get("num_images", 2000))),
-                   image_size=override(pretrain_args, "render_size", render_size))
-    # the same (easier) lesions the pretraining saw, for every downstream task of the demo
-    contrast = override(pretrain_args, "lesion_contrast_scale", float(config.get("lesion_contrast_scale", 1.0)))
-    if contrast != 1.0:
-        options["lesion_contrast_scale"] = contrast
+                   image_size=override(pretrain_args, "render_size", render_size),
+                   lesion_contrast_scale=override(pretrain_args, "lesion_contrast_scale",
+                                                  float(config.get("lesion_contrast_scale", 1.0))))
     sizes = {}
     for task in ("pretraining", "classification", "grounding"):
         dd = data_scripts.load_cgns_dataset("synthetic_cxr", task=task, cache_dir=cache_dir, **options)

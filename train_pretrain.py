@@ -132,7 +132,7 @@ class DataArguments:
         "help": "synthetic_cxr only: rendered image side; default resize_size"})
     lesion_contrast_scale: float = field(default=1.0, metadata={
         "help": "synthetic_cxr only: multiplies every lesion contrast (1 = the calibrated difficulty; "
-                "the demo uses 2)"})
+                "the demo uses 3)"})
     resize_size: Optional[int] = field(default=None, metadata={
         "help": "longest side before the square pad and crop; default round(image_size * 256 / 224)"})
     dataloader_num_workers: int = field(default=0, metadata={
@@ -466,9 +466,8 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
         options = {}
         if data_args.dataset == "synthetic_cxr":
             options = {"num_images": data_args.num_images,
-                       "image_size": data_args.render_size or resize_size_for(data_args, image_size)}
-            if data_args.lesion_contrast_scale != 1.0:  # the default keeps the existing cache id
-                options["lesion_contrast_scale"] = data_args.lesion_contrast_scale
+                       "image_size": data_args.render_size or resize_size_for(data_args, image_size),
+                       "lesion_contrast_scale": data_args.lesion_contrast_scale}
         splits = data_scripts.load_cgns_dataset(data_args.dataset, data_args.data_dir, task="pretraining",
                                                 data_pct=data_args.data_pct, seed=data_args.data_seed,
                                                 cache_dir=data_args.cache_dir, **options)

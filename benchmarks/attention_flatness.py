@@ -33,9 +33,8 @@ def main(argv=None) -> dict:
     split = data_scripts.load_cgns_dataset("synthetic_cxr", task="grounding", cache_dir=args.cache_dir,
                                            **options)[args.split]
     model, processor = load_model_and_processor(args.model)
-    counts = {"sentences_with_boxes": 0, "truncated_sentences": 0, "boxes_outside_crop": 0,
-              "images_without_boxes": 0}
-    maps, boxes = grounding.report_sentence_queries(model, processor, split, 32, args.direction, counts)
+    maps, boxes = grounding.report_sentence_queries(model, processor, split, 32, args.direction,
+                                                    grounding.new_query_counts())
     stack = np.stack([np.asarray(m, dtype=np.float64) for m in maps])
     grid = stack.shape[1]
     argmax = collections.Counter(int(np.argmax(m)) for m in stack)

@@ -150,6 +150,12 @@ def _crop_boxes(boxes, image, image_processor) -> np.ndarray:
     return np.array([b for b in mapped if b is not None], dtype=np.float64).reshape(-1, 4)
 
 
+def new_query_counts() -> Dict[str, int]:
+    """The counters the query builders fill (reported in the results file)."""
+    return {"sentences_with_boxes": 0, "truncated_sentences": 0, "boxes_outside_crop": 0,
+            "images_without_boxes": 0}
+
+
 @torch.no_grad()
 def report_sentence_queries(model, processor, split, batch_size: int, direction: str, counts: Dict[str, int]):
     """(map (g, g), boxes) for every sentence with a box, read with its whole report (``sentence_boxes`` rows)."""
@@ -229,8 +235,7 @@ def run(args) -> Dict:
     columns = set(split.features)
     direction = getattr(args, "attention_direction", "text_to_image")
     model, processor = load_model_and_processor(args.model)
-    counts = {"sentences_with_boxes": 0, "truncated_sentences": 0, "boxes_outside_crop": 0,
-              "images_without_boxes": 0}
+    counts = new_query_counts()
     query_sentences = None
     if {"image", "sentences", "sentence_boxes"} <= columns:
         source = "report sentences"
@@ -267,7 +272,7 @@ def run(args) -> Dict:
 
 
 __all__ = [
-    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "pointing_hit",
-    "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop", "report_sentence_queries",
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "new_query_counts",
+    "pointing_hit", "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop", "report_sentence_queries",
     "prompt_queries", "RESULTS_HEADER",
 ]
