@@ -304,6 +304,8 @@ def encoder_summary(files: Dict[str, str]) -> Dict:
                                    "i2t_median_rank", "t2i_median_rank")},
         "zero_shot_auroc": zero_shot["test"]["auroc"], "zero_shot_auroc_per_class": zero_shot["test"]["auroc_per_class"],
         "pointing_game": g["pointing_game"], "uniform_pointing_game": g["uniform_pointing_game"],
+        "pointing_game_gain": g["pointing_game_gain"], "pointing_game_gain_ci95": g["pointing_game_gain_ci95"],
+        "attention_direction": grounding["attention_direction"],
         "attention_mass_in_box": g["attention_mass_in_box"],
         "uniform_attention_mass_in_box": g["uniform_attention_mass_in_box"], "grounding_queries": g["num_queries"],
         "files": files,
@@ -334,6 +336,11 @@ def pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def gain(summary: Dict) -> str:
+    """Pointing game minus its uniform baseline with the 95 % interval, in points."""
+    return f"{100 * summary['pointing_game_gain']:+.1f} ± {100 * summary['pointing_game_gain_ci95']:.1f}"
+
+
 def encoder_table(results: Dict) -> str:
     enc = results["encoders"]
     p, r = enc["pretrained"], enc["random"]
@@ -348,11 +355,13 @@ def encoder_table(results: Dict) -> str:
     lines.append(f"| zero-shot macro AUROC (%) | {pct(p['zero_shot_auroc'])} | {pct(r['zero_shot_auroc'])} | 50.0 |")
     lines.append(f"| pointing game (%) | {pct(p['pointing_game'])} | {pct(r['pointing_game'])} | "
                  f"{pct(p['uniform_pointing_game'])} |")
+    lines.append(f"| pointing game − uniform (points, 95 % CI) | {gain(p)} | {gain(r)} | 0 |")
     lines.append(f"| attention mass in box (%) | {pct(p['attention_mass_in_box'])} | {pct(r['attention_mass_in_box'])} | "
                  f"{pct(p['uniform_attention_mass_in_box'])} |")
     lines.append("")
     lines.append(f"{p['num_pairs']} test pairs (chance R@1 = 1/{p['num_pairs']}); {p['grounding_queries']} grounding "
-                 f"queries (report sentences naming a drawn finding with a box).")
+                 f"queries (report sentences naming a drawn finding with a box; {p['attention_direction']} attention "
+                 f"maps).")
     return "\n".join(lines)
 
 
@@ -524,7 +533,7 @@ def run_demo(args, config: Dict, data: Dict, cache_dir: str, started: float) -> 
     p = encoders["pretrained"]
     print(f"pretrained: R@1 i2t {pct(p['i2t_R@1'])} % / t2i {pct(p['t2i_R@1'])} % (chance "
           f"{pct(p['retrieval_chance_R@1'])} %), zero-shot AUROC {pct(p['zero_shot_auroc'])}, pointing game "
-          f"{pct(p['pointing_game'])} % (uniform {pct(p['uniform_pointing_game'])} %)", flush=True)
+          f"{pct(p['pointing_game'])} % (uniform {pct(p['uniform_pointing_game'])} %, gain {gain(p)} points)", flush=True)
 
     banner(f"[4/5] linear probes at {', '.join(f'{100 * f:g} %' for f in args.fractions)} of the labels, "
            f"seeds {args.seeds}")

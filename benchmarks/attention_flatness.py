@@ -20,12 +20,13 @@ def main(argv=None) -> dict:
     from downstream import grounding
     from downstream.arguments import parse_option
     from downstream.encoding import load_model_and_processor
+    from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS, DEFAULT_ATTENTION_DIRECTION
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--split", default="test")
-    p.add_argument("--direction", default="text_to_image", choices=["text_to_image", "image_to_text"])
+    p.add_argument("--direction", default=DEFAULT_ATTENTION_DIRECTION, choices=ATTENTION_DIRECTIONS)
     p.add_argument("--dataset_options", nargs="*", default=[])
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)

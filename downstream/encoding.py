@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from modeling_cgns import CGNSModel, CGNSProcessor
-from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS
+from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS, DEFAULT_ATTENTION_DIRECTION
 
 logger = logging.getLogger("downstream")
 
@@ -196,7 +196,7 @@ class EncoderEvaluationArguments:
                 "split (default: <cache_dir or ~/.cache/cgns>/embeddings)"})
     no_embedding_cache: bool = field(default=False, metadata={
         "help": "retrieval / zero_shot: recompute the embeddings and write no cache file"})
-    attention_direction: str = field(default="text_to_image", metadata={
+    attention_direction: str = field(default=DEFAULT_ATTENTION_DIRECTION, metadata={
         "choices": ATTENTION_DIRECTIONS,
         "help": "grounding / visualize: which local cross-attention map (CGNSModel.get_sentence_attention)"})
     images: Optional[List[str]] = field(default=None, metadata={

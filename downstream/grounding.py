@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import data_scripts
+from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
 from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
@@ -43,7 +44,7 @@ DEFAULTS = {"batch_size": 16}
 DATASET_TASK = "grounding"
 
 RESULTS_HEADER = ("| model | dataset | split | queries | attention | pointing game (%) | uniform (%) | "
-                  "mass in box (%) | uniform (%) |\n|---|---|---|---|---|---|---|---|---|\n")
+                  "gain (points, 95 % CI) | mass in box (%) | uniform (%) |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +118,9 @@ def grounding_scores(maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], re
                      ) -> Dict[str, float]:
     """Mean pointing game and attention mass over queries, with the uniform-attention baseline.
 
+    ``pointing_game_gain`` is the mean per-query difference pointing game - uniform, with the half-width
+    ``pointing_game_gain_ci95`` of its 95 % interval (:func:`paired_ci95`).
+
     Args:
         maps: one (g, g) non-negative attention map per query.
         boxes: one (K, 4) array per query, normalised ``[x_min, y_min, x_max, y_max]`` in the map's frame.
@@ -134,9 +138,21 @@ def grounding_scores(maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], re
         masses.append(attention_mass(attention, coverage))
         uniform_hits.append(float(intersects.mean()))
         uniform_masses.append(float(coverage.mean()))
+    gain = np.asarray(hits) - np.asarray(uniform_hits)
     return {"pointing_game": float(np.mean(hits)), "uniform_pointing_game": float(np.mean(uniform_hits)),
+            "pointing_game_gain": float(gain.mean()), "pointing_game_gain_ci95": paired_ci95(gain),
             "attention_mass_in_box": float(np.mean(masses)),
             "uniform_attention_mass_in_box": float(np.mean(uniform_masses)), "num_queries": len(maps)}
+
+
+def paired_ci95(differences: np.ndarray) -> float:
+    """Half-width of the normal-approximation 95 % interval of a mean of per-query differences
+    (``1.96 * sd / sqrt(n)``, sample sd); 0 for a single query. The pointing game beats the uniform
+    baseline where ``pointing_game_gain - pointing_game_gain_ci95 > 0``."""
+    differences = np.asarray(differences, dtype=np.float64)
+    if differences.size < 2:
+        return 0.0
+    return float(1.96 * differences.std(ddof=1) / np.sqrt(differences.size))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ def run(args) -> Dict:
     split_name = pick_split(dataset_dict, args.split)
     split = dataset_dict[split_name]
     columns = set(split.features)
-    direction = getattr(args, "attention_direction", "text_to_image")
+    direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
     model, processor = load_model_and_processor(args.model)
     counts = new_query_counts()
     query_sentences = None
@@ -265,6 +281,7 @@ def run(args) -> Dict:
     }
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {scores['num_queries']} | "
            f"{direction} | {100 * scores['pointing_game']:.1f} | {100 * scores['uniform_pointing_game']:.1f} | "
+           f"{100 * scores['pointing_game_gain']:+.1f} ± {100 * scores['pointing_game_gain_ci95']:.1f} | "
            f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
     logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
@@ -273,6 +290,6 @@ def run(args) -> Dict:
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "new_query_counts",
-    "pointing_hit", "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop", "report_sentence_queries",
-    "prompt_queries", "RESULTS_HEADER",
+    "pointing_hit", "paired_ci95", "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop",
+    "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
 ]

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
+
 from .common import write_results
 from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
                        text_batch)
@@ -251,7 +253,7 @@ def check_arguments(args) -> None:
 def run(args) -> Dict:
     """Examples -> attention overlays; for a trained model also the cluster report and PCA plot."""
     model, processor = load_model_and_processor(args.model)
-    direction = getattr(args, "attention_direction", "text_to_image")
+    direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
     if getattr(args, "images", None):
         examples = examples_from_files(args.images, args.reports or [])
         cluster_examples = examples

@@ -165,7 +165,10 @@ class CGNSLocalCrossAttention(nn.Module):
 
 
 #: What :meth:`CGNSModel.get_sentence_attention` can return (see there).
-ATTENTION_DIRECTIONS = ("text_to_image", "image_to_text")
+ATTENTION_DIRECTIONS = ("image_to_text", "text_to_image")
+#: The grounding map by default: the sentence as the query over the image tokens (A_i2t), the attention
+#: that builds T~ and so is trained by the local text loss (docs/evaluation.md).
+DEFAULT_ATTENTION_DIRECTION = "image_to_text"
 
 
 class CGNSPredictor(nn.Sequential):
@@ -656,15 +659,16 @@ class CGNSModel(CGNSPreTrainedModel):
 
     def get_sentence_attention(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                                attention_mask: torch.Tensor, sentence_index: torch.Tensor,
-                               token_type_ids: Optional[torch.Tensor] = None, direction: str = "text_to_image"
+                               token_type_ids: Optional[torch.Tensor] = None,
+                               direction: str = DEFAULT_ATTENTION_DIRECTION
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each sentence's local cross-attention over the image grid (A.7), for grounding and pictures.
 
         Returns (maps (B, S, P), sentence_mask (B, S)); P is the row-major ``grid_size x grid_size`` grid
         of :meth:`get_local_image_features`, rows of padded sentences are zero. ``direction``:
-        ``"text_to_image"`` -> ``maps[b, s, p]`` is the weight with which image token p takes in sentence s
-        when V~ is built; ``"image_to_text"`` -> the weight with which sentence s attends to token p when
-        T~ is built. Both are sigmoids (not normalised over P).
+        ``"image_to_text"`` (default) -> ``maps[b, s, p]`` is the weight with which sentence s attends to
+        token p when T~ is built (the sentence is the query); ``"text_to_image"`` -> the weight with which
+        image token p takes in sentence s when V~ is built. Both are sigmoids (not normalised over P).
         """
         if direction not in ATTENTION_DIRECTIONS:
             raise ValueError(f"direction must be one of {ATTENTION_DIRECTIONS}, got {direction!r}")

@@ -196,6 +196,16 @@ def test_pointing_game_and_mass_known_answers():
     assert scores["attention_mass_in_box"] == pytest.approx((3 / 18 + 1 / 18 + 3 / 20) / 3)
     assert scores["uniform_attention_mass_in_box"] == pytest.approx(1 / 16)
     assert scores["num_queries"] == 3
+    gains = np.array([1.0, 0.0, 0.5]) - 1 / 16                       # per query: hit - uniform
+    assert scores["pointing_game_gain"] == pytest.approx(gains.mean())
+    sd = np.sqrt(((gains - gains.mean()) ** 2).sum() / 2)             # sample sd, n - 1 = 2
+    assert scores["pointing_game_gain_ci95"] == pytest.approx(1.96 * sd / np.sqrt(3))
+
+
+def test_paired_ci95_known_answers():
+    assert grounding.paired_ci95(np.array([0.25])) == 0.0                 # one query: no spread to estimate
+    assert grounding.paired_ci95(np.full(10, 0.3)) == pytest.approx(0.0)  # no spread
+    assert grounding.paired_ci95(np.array([0.0, 1.0, 0.0, 1.0])) == pytest.approx(1.96 * np.sqrt(1 / 3) / 2)
 
 
 def test_cell_geometry_half_cells_and_overlapping_boxes():
@@ -227,8 +237,9 @@ def test_sentence_attention_is_the_forward_cross_attention():
     batch = tiny_batch(3, image_size=IMAGE_SIZE)
     with torch.no_grad():
         out = model(**batch, return_loss=False)
-        maps, mask = model.get_sentence_attention(**batch)
+        maps, mask = model.get_sentence_attention(**batch, direction="text_to_image")
         maps_i2t, _ = model.get_sentence_attention(**batch, direction="image_to_text")
+        default, _ = model.get_sentence_attention(**batch)
     cross = model.cross_attention
     assert maps.shape == (3, out.sentence_embeds.shape[1], model.grid_size ** 2) and torch.equal(mask, out.sentence_mask)
     assert torch.allclose(maps.transpose(1, 2) @ cross.text_value(out.sentence_embeds), out.text_to_image_features,
@@ -236,6 +247,7 @@ def test_sentence_attention_is_the_forward_cross_attention():
     image_to_text = maps_i2t @ cross.image_value(out.local_image_embeds)
     assert torch.allclose(image_to_text, out.image_to_text_features * mask.unsqueeze(-1), atol=1e-6)
     assert torch.all(maps[~mask] == 0) and torch.all(maps_i2t[~mask] == 0) and torch.all(maps[mask] > 0)
+    assert torch.equal(default, maps_i2t)            # the sentence-as-query map is the default
     with pytest.raises(ValueError, match="direction"):
         model.get_sentence_attention(**batch, direction="sideways")
 
@@ -373,7 +385,8 @@ def test_end_to_end_grounding_counts_every_boxed_sentence(export_dir, cache_dir,
     assert results["grid_size"] == 4 and scores["uniform_pointing_game"] == pytest.approx(np.mean(uniform))
     assert 0.0 <= scores["pointing_game"] <= 1.0 and 0.0 < scores["attention_mass_in_box"] < 1.0
     prompts = run_task("grounding", export_dir, cache_dir, tmp_path / "prompts", "--dataset_task", "detection",
-                       "--split", "train", "--attention_direction", "image_to_text")
+                       "--split", "train", "--attention_direction", "text_to_image")
+    assert results["attention_direction"] == "image_to_text" and prompts["attention_direction"] == "text_to_image"
     assert prompts["query_sentences"] and prompts["test"]["num_queries"] > 0
     assert prompts["test"]["num_queries"] % len(prompts["query_sentences"]) == 0
 
