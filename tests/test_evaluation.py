@@ -391,6 +391,27 @@ def test_end_to_end_grounding_counts_every_boxed_sentence(export_dir, cache_dir,
     assert prompts["test"]["num_queries"] % len(prompts["query_sentences"]) == 0
 
 
+def test_grounding_directions_benchmark_scores_both_maps_like_the_protocol(export_dir, cache_dir, tmp_path):
+    """benchmarks/grounding_directions.py gives, per direction, the protocol's own pointing game."""
+    from benchmarks import grounding_directions
+
+    protocol = {d: run_task("grounding", export_dir, cache_dir, tmp_path / d, "--split", "train",
+                            "--attention_direction", d)["test"] for d in ("image_to_text", "text_to_image")}
+    out = tmp_path / "directions.json"
+    result = grounding_directions.main(["--models", export_dir, "--cache_dir", cache_dir, "--splits", "train",
+                                        "--dataset_options", f"num_images={NUM_IMAGES}", f"image_size={IMAGE_SIZE}",
+                                        "--output_json", str(out)])
+    (row,) = result["rows"]
+    assert row["model"] == export_dir and row["split"] == "train"
+    for direction, scores in protocol.items():
+        assert row[direction]["pointing_game"] == pytest.approx(scores["pointing_game"])
+        assert row[direction]["num_queries"] == scores["num_queries"] > 5
+    assert json.loads(out.read_text())["rows"][0]["image_to_text"]["pointing_game"] == \
+        pytest.approx(protocol["image_to_text"]["pointing_game"])
+    with pytest.raises(SystemExit, match="no such export"):
+        grounding_directions.main(["--models", str(tmp_path / "missing*"), "--cache_dir", cache_dir])
+
+
 def test_end_to_end_visualize_writes_pictures_and_the_cluster_report(export_dir, cache_dir, tmp_path):
     results = run_task("visualize", export_dir, cache_dir, tmp_path, "--num_examples", "2",
                        "--max_cluster_reports", "6", "--cluster_top_sentences", "2")
