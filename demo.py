@@ -305,6 +305,8 @@ def encoder_summary(files: Dict[str, str]) -> Dict:
         "zero_shot_auroc": zero_shot["test"]["auroc"], "zero_shot_auroc_per_class": zero_shot["test"]["auroc_per_class"],
         "pointing_game": g["pointing_game"], "uniform_pointing_game": g["uniform_pointing_game"],
         "pointing_game_gain": g["pointing_game_gain"], "pointing_game_gain_ci95": g["pointing_game_gain_ci95"],
+        "sentence_specificity": g["sentence_specificity"], "sentence_specificity_ci95": g["sentence_specificity_ci95"],
+        "specificity_images": g["specificity_images"],
         "attention_direction": grounding["attention_direction"],
         "attention_mass_in_box": g["attention_mass_in_box"],
         "uniform_attention_mass_in_box": g["uniform_attention_mass_in_box"], "grounding_queries": g["num_queries"],
@@ -336,6 +338,13 @@ def pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def format_specificity(summary: Dict) -> str:
+    """Sentence specificity ``+d ± ci`` in points (``n/a`` without a pair of findings in different cells)."""
+    from downstream.grounding import format_specificity as format_scores
+
+    return format_scores(summary)
+
+
 def gain(summary: Dict) -> str:
     """Pointing game minus its uniform baseline with the 95 % interval, in points."""
     return f"{100 * summary['pointing_game_gain']:+.1f} ± {100 * summary['pointing_game_gain_ci95']:.1f}"
@@ -356,12 +365,14 @@ def encoder_table(results: Dict) -> str:
     lines.append(f"| pointing game (%) | {pct(p['pointing_game'])} | {pct(r['pointing_game'])} | "
                  f"{pct(p['uniform_pointing_game'])} |")
     lines.append(f"| pointing game − uniform (points, 95 % CI) | {gain(p)} | {gain(r)} | 0 |")
+    lines.append(f"| sentence specificity (points, 95 % CI) | {format_specificity(p)} | {format_specificity(r)} | 0 |")
     lines.append(f"| attention mass in box (%) | {pct(p['attention_mass_in_box'])} | {pct(r['attention_mass_in_box'])} | "
                  f"{pct(p['uniform_attention_mass_in_box'])} |")
     lines.append("")
     lines.append(f"{p['num_pairs']} test pairs (chance R@1 = 1/{p['num_pairs']}); {p['grounding_queries']} grounding "
                  f"queries (report sentences naming a drawn finding with a box; {p['attention_direction']} attention "
-                 f"maps).")
+                 f"maps); sentence specificity over the {p['specificity_images']} images with two findings in different "
+                 f"cells (own-finding hit minus the other sentence's map's hit; 0 for a map that ignores the sentence).")
     return "\n".join(lines)
 
 

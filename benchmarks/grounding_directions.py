@@ -3,7 +3,8 @@
 For each export matched by ``--models`` (glob patterns) and each split in ``--splits``, scores the grounding
 queries (report sentences naming a drawn finding with a box, as ``train_downstream.py --task grounding`` does)
 with the ``image_to_text`` map (the sentence attends to the image tokens when T~ is built) and the
-``text_to_image`` map (each image token takes in the sentence when V~ is built), beside the uniform baseline.
+``text_to_image`` map (each image token takes in the sentence when V~ is built), beside the uniform baseline,
+and the sentence specificity of each (``downstream.grounding.sentence_specificity``).
 This is the measurement behind the default ``--attention_direction``:
 
     python benchmarks/grounding_directions.py --cache_dir outputs/demo/data \\
@@ -41,23 +42,27 @@ def main(argv=None) -> dict:
     options = dict(parse_option(item) for item in args.dataset_options)
     dataset = data_scripts.load_cgns_dataset("synthetic_cxr", task="grounding", cache_dir=args.cache_dir, **options)
     rows = []
-    print("| model | split | queries | uniform (%) | " + " | ".join(f"{d} (%)" for d in ATTENTION_DIRECTIONS) + " |")
-    print("|---|---|---|---|" + "---|" * len(ATTENTION_DIRECTIONS))
+    print("| model | split | queries | uniform (%) | "
+          + " | ".join(f"{d} pointing (%) | {d} specificity (points)" for d in ATTENTION_DIRECTIONS) + " |")
+    print("|---|---|---|---|" + "---|---|" * len(ATTENTION_DIRECTIONS))
     for path in paths:
         model, processor = load_model_and_processor(path)
         model.eval()
         for split in args.splits:
             row = {"model": path, "split": split}
             for direction in ATTENTION_DIRECTIONS:
+                image_ids = []
                 with torch.no_grad():
                     maps, boxes = grounding.report_sentence_queries(model, processor, dataset[split], args.batch_size,
-                                                                    direction, grounding.new_query_counts())
+                                                                    direction, grounding.new_query_counts(), image_ids)
                 scores = grounding.grounding_scores(maps, boxes, resolution=processor.image_processor.image_size)
+                scores.update(grounding.sentence_specificity(maps, boxes, image_ids))
                 row[direction] = scores
             first = row[ATTENTION_DIRECTIONS[0]]
             rows.append(row)
             print(f"| {path} | {split} | {first['num_queries']} | {100 * first['uniform_pointing_game']:.1f} | "
-                  + " | ".join(f"{100 * row[d]['pointing_game']:.1f}" for d in ATTENTION_DIRECTIONS) + " |",
+                  + " | ".join(f"{100 * row[d]['pointing_game']:.1f} | {grounding.format_specificity(row[d])}"
+                               for d in ATTENTION_DIRECTIONS) + " |",
                   flush=True)
     result = {"dataset_options": options, "rows": rows}
     if args.output_json:

@@ -17,7 +17,10 @@ query the sentence's attention over the ``g x g`` image grid (``CGNSModel.get_se
 * attention mass in the box: ``sum_c a_c * coverage_c / sum_c a_c``, ``coverage_c`` the fraction of
   cell c inside the union of the boxes (rasterised at about the crop's pixel resolution);
 * uniform baseline: the same two numbers for constant attention (fraction of cells intersecting a
-  box; mean coverage).
+  box; mean coverage);
+* sentence specificity (report-sentence queries only): on images with two findings in different
+  cells, how much more a sentence's map points at its own finding than the other sentence's map does
+  (0 for any map that does not depend on the sentence, e.g. a saliency peak).
 """
 import logging
 import math
@@ -44,7 +47,8 @@ DEFAULTS = {"batch_size": 16}
 DATASET_TASK = "grounding"
 
 RESULTS_HEADER = ("| model | dataset | split | queries | attention | pointing game (%) | uniform (%) | "
-                  "gain (points, 95 % CI) | mass in box (%) | uniform (%) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+                  "gain (points, 95 % CI) | mass in box (%) | uniform (%) | sentence specificity (points, 95 % CI) |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +149,46 @@ def grounding_scores(maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], re
             "uniform_attention_mass_in_box": float(np.mean(uniform_masses)), "num_queries": len(maps)}
 
 
+def sentence_specificity(maps: Sequence[np.ndarray], boxes: Sequence[np.ndarray], image_ids: Sequence[int]
+                         ) -> Dict[str, Optional[float]]:
+    """Does a sentence's map point at its own finding rather than at another finding of the same image?
+
+    For every ordered pair (q, r) of queries of one image whose boxes share no grid cell (two different
+    findings), ``d = hit(map_q, boxes_q) - hit(map_r, boxes_q)`` (``hit`` the pointing game). A map that
+    does not depend on the sentence (the same map for q and r) gives d = 0 on every pair; a map that
+    points at each sentence's own finding gives 1. ``d`` is averaged over each image's pairs, then over
+    images; the 95 % interval is over images (:func:`paired_ci95`).
+
+    Returns ``{"sentence_specificity", "sentence_specificity_ci95", "specificity_images",
+    "specificity_pairs"}``; the first two are None when no image has such a pair.
+    """
+    if not len(maps) == len(boxes) == len(image_ids):
+        raise ValueError(f"{len(maps)} maps, {len(boxes)} box sets and {len(image_ids)} image ids")
+    by_image: Dict[int, List[int]] = {}
+    for q, image in enumerate(image_ids):
+        by_image.setdefault(int(image), []).append(q)
+    per_image, pairs = [], 0
+    for queries in by_image.values():
+        cells = {q: cell_intersects(boxes[q], np.asarray(maps[q]).shape[0]) for q in queries}
+        diffs = [pointing_hit(maps[q], cells[q]) - pointing_hit(maps[r], cells[q])
+                 for q in queries for r in queries if q != r and not (cells[q] & cells[r]).any()]
+        if diffs:
+            per_image.append(float(np.mean(diffs)))
+            pairs += len(diffs)
+    if not per_image:
+        return {"sentence_specificity": None, "sentence_specificity_ci95": None, "specificity_images": 0,
+                "specificity_pairs": 0}
+    return {"sentence_specificity": float(np.mean(per_image)), "sentence_specificity_ci95": paired_ci95(per_image),
+            "specificity_images": len(per_image), "specificity_pairs": pairs}
+
+
+def format_specificity(scores: Dict) -> str:
+    """``+d ± ci`` in points, or ``n/a`` where no image has two findings in different cells (or prompt queries)."""
+    if scores.get("sentence_specificity") is None:
+        return "n/a"
+    return f"{100 * scores['sentence_specificity']:+.1f} ± {100 * scores['sentence_specificity_ci95']:.1f}"
+
+
 def paired_ci95(differences: np.ndarray) -> float:
     """Half-width of the normal-approximation 95 % interval of a mean of per-query differences
     (``1.96 * sd / sqrt(n)``, sample sd); 0 for a single query. The pointing game beats the uniform
@@ -173,11 +217,14 @@ def new_query_counts() -> Dict[str, int]:
 
 
 @torch.no_grad()
-def report_sentence_queries(model, processor, split, batch_size: int, direction: str, counts: Dict[str, int]):
-    """(map (g, g), boxes) for every sentence with a box, read with its whole report (``sentence_boxes`` rows)."""
+def report_sentence_queries(model, processor, split, batch_size: int, direction: str, counts: Dict[str, int],
+                            image_ids: Optional[List[int]] = None):
+    """(map (g, g), boxes) for every sentence with a box, read with its whole report (``sentence_boxes`` rows);
+    with ``image_ids`` given, each query's row index in the split is appended to it."""
     device = next(model.parameters()).device
     grid = model.grid_size
     maps, boxes = [], []
+    row = 0
     for chunk in split.iter(batch_size=batch_size):
         pixel_values = image_batch(processor, chunk["image"], device)
         attention, sentence_mask = model.get_sentence_attention(
@@ -197,6 +244,9 @@ def report_sentence_queries(model, processor, split, batch_size: int, direction:
                     continue
                 maps.append(attention[b, s].reshape(grid, grid))
                 boxes.append(cropped)
+                if image_ids is not None:
+                    image_ids.append(row + b)
+        row += len(chunk["image"])
     return maps, boxes
 
 
@@ -252,10 +302,11 @@ def run(args) -> Dict:
     direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
     model, processor = load_model_and_processor(args.model)
     counts = new_query_counts()
-    query_sentences = None
+    query_sentences, image_ids = None, None
     if {"image", "sentences", "sentence_boxes"} <= columns:
         source = "report sentences"
-        maps, boxes = report_sentence_queries(model, processor, split, args.batch_size, direction, counts)
+        image_ids = []
+        maps, boxes = report_sentence_queries(model, processor, split, args.batch_size, direction, counts, image_ids)
     elif {"image", "boxes"} <= columns:
         if spec.num_labels != 1:
             raise ValueError(f"prompt queries need a one-label detection task; {args.dataset}/{args.dataset_task} "
@@ -274,6 +325,8 @@ def run(args) -> Dict:
         if n and reason != "sentences_with_boxes":
             logger.warning("grounding: %d %s left out", n, reason.replace("_", " "))
     scores = grounding_scores(maps, boxes, resolution=processor.image_processor.image_size)
+    if image_ids is not None:                   # prompts share one box set per image: no specificity to measure
+        scores.update(sentence_specificity(maps, boxes, image_ids))
     results = {
         "task": "grounding", "dataset": args.dataset, "dataset_task": args.dataset_task, "split": split_name,
         "model": args.model, "attention_direction": direction, "queries": source, "query_sentences": query_sentences,
@@ -282,7 +335,8 @@ def run(args) -> Dict:
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {scores['num_queries']} | "
            f"{direction} | {100 * scores['pointing_game']:.1f} | {100 * scores['uniform_pointing_game']:.1f} | "
            f"{100 * scores['pointing_game_gain']:+.1f} ± {100 * scores['pointing_game_gain_ci95']:.1f} | "
-           f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} |")
+           f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} | "
+           f"{format_specificity(scores)} |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
     logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
     return results
@@ -290,6 +344,6 @@ def run(args) -> Dict:
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "new_query_counts",
-    "pointing_hit", "paired_ci95", "attention_mass", "cell_coverage", "cell_intersects", "box_to_crop",
-    "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
+    "pointing_hit", "paired_ci95", "sentence_specificity", "format_specificity", "attention_mass", "cell_coverage", "cell_intersects",
+    "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
 ]

@@ -40,6 +40,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         assert enc["zero_shot_auroc"] == zero_shot["test"]["auroc"]
         assert enc["pointing_game"] == grounding["test"]["pointing_game"]
         assert enc["pointing_game_gain"] == grounding["test"]["pointing_game_gain"]
+        assert enc["sentence_specificity"] == grounding["test"]["sentence_specificity"]
         assert enc["attention_direction"] == grounding["attention_direction"] == "image_to_text"
     pre, rnd = results["encoders"]["pretrained"], results["encoders"]["random"]
     assert f"| zero-shot macro AUROC (%) | {100 * pre['zero_shot_auroc']:.1f} | {100 * rnd['zero_shot_auroc']:.1f} |" \
@@ -47,6 +48,9 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert f"| pointing game (%) | {100 * pre['pointing_game']:.1f} | {100 * rnd['pointing_game']:.1f} |" in text
     assert (f"| pointing game − uniform (points, 95 % CI) | {100 * pre['pointing_game_gain']:+.1f} ± "
             f"{100 * pre['pointing_game_gain_ci95']:.1f} |") in text
+    from downstream.grounding import format_specificity
+    assert f"| sentence specificity (points, 95 % CI) | {format_specificity(pre)} | {format_specificity(rnd)} | 0 |" \
+        in text
     for mode in ("protocol", "standardized"):
         for init in ("pretrained", "random"):
             for fraction in ("0.1", "1.0"):

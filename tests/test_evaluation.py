@@ -202,6 +202,30 @@ def test_pointing_game_and_mass_known_answers():
     assert scores["pointing_game_gain_ci95"] == pytest.approx(1.96 * sd / np.sqrt(3))
 
 
+def test_sentence_specificity_known_answers():
+    left = np.array([[0.0, 0.0, 0.25, 0.25]])            # cell (0, 0) of a 4 x 4 grid
+    right = np.array([[0.75, 0.75, 1.0, 1.0]])           # cell (3, 3)
+    at_left, at_right = np.zeros((4, 4)), np.zeros((4, 4))
+    at_left[0, 0] = at_right[3, 3] = 1.0
+    # image 0: each sentence points at its own finding -> d = 1 on both ordered pairs
+    # image 1: both sentences point at the same (left) finding, a sentence-independent map -> d = 0
+    # image 2: one query only -> no pair; image 3: two sentences naming the same finding -> no pair
+    maps = [at_left, at_right, at_left, at_left, at_left, at_left, at_left]
+    boxes = [left, right, left, right, left, left, left]
+    ids = [0, 0, 1, 1, 2, 3, 3]
+    out = grounding.sentence_specificity(maps, boxes, ids)
+    assert out["specificity_images"] == 2 and out["specificity_pairs"] == 4
+    assert out["sentence_specificity"] == pytest.approx(0.5)
+    assert out["sentence_specificity_ci95"] == pytest.approx(grounding.paired_ci95(np.array([1.0, 0.0])))
+    swapped = grounding.sentence_specificity([at_right, at_left], [left, right], [0, 0])   # each at the other's
+    assert swapped["sentence_specificity"] == pytest.approx(-1.0)
+    none = grounding.sentence_specificity([at_left], [left], [0])
+    assert none["sentence_specificity"] is None and none["specificity_pairs"] == 0
+    assert grounding.format_specificity(none) == "n/a" and grounding.format_specificity(out) == "+50.0 ± 98.0"
+    with pytest.raises(ValueError, match="image ids"):
+        grounding.sentence_specificity([at_left], [left], [0, 1])
+
+
 def test_paired_ci95_known_answers():
     assert grounding.paired_ci95(np.array([0.25])) == 0.0                 # one query: no spread to estimate
     assert grounding.paired_ci95(np.full(10, 0.3)) == pytest.approx(0.0)  # no spread
@@ -372,18 +396,23 @@ def test_end_to_end_zero_shot_uses_the_probe_metrics(export_dir, cache_dir, tmp_
 def test_end_to_end_grounding_counts_every_boxed_sentence(export_dir, cache_dir, tmp_path):
     results = run_task("grounding", export_dir, cache_dir, tmp_path, "--split", "train")
     ip = CGNSImageProcessor(image_size=IMAGE_SIZE, resize_size=72)
-    expected_queries, uniform = 0, []
+    expected_queries, uniform, expected_pairs = 0, [], 0
     for i in range(24):
         study = sc.generate_study(i, 0, IMAGE_SIZE)
+        cells = []
         for boxes in study["sentence_boxes"]:
             cropped = [b for b in (grounding.box_to_crop(b, IMAGE_SIZE, IMAGE_SIZE, IMAGE_SIZE, 72) for b in boxes) if b]
             if cropped:
                 expected_queries += 1
-                uniform.append(grounding.cell_intersects(np.array(cropped), 4).mean())
+                cells.append(grounding.cell_intersects(np.array(cropped), 4))
+                uniform.append(cells[-1].mean())
+        expected_pairs += sum(1 for q in cells for r in cells if q is not r and not (q & r).any())
     scores = results["test"]
     assert scores["num_queries"] == expected_queries > 5
     assert results["grid_size"] == 4 and scores["uniform_pointing_game"] == pytest.approx(np.mean(uniform))
     assert 0.0 <= scores["pointing_game"] <= 1.0 and 0.0 < scores["attention_mass_in_box"] < 1.0
+    assert scores["specificity_pairs"] == expected_pairs      # ordered pairs of findings in different cells
+    assert (scores["sentence_specificity"] is None) == (expected_pairs == 0)
     prompts = run_task("grounding", export_dir, cache_dir, tmp_path / "prompts", "--dataset_task", "detection",
                        "--split", "train", "--attention_direction", "text_to_image")
     assert results["attention_direction"] == "image_to_text" and prompts["attention_direction"] == "text_to_image"
@@ -403,6 +432,17 @@ def test_grounding_directions_benchmark_scores_both_maps_like_the_protocol(expor
                                         "--output_json", str(out)])
     (row,) = result["rows"]
     assert row["model"] == export_dir and row["split"] == "train"
+    # the image index each query comes from (what sentence specificity groups by) is the row of its study
+    import data_scripts
+    split = data_scripts.load_cgns_dataset("synthetic_cxr", task="grounding", cache_dir=cache_dir,
+                                           num_images=NUM_IMAGES, image_size=IMAGE_SIZE)["train"]
+    model, processor = CGNSModel.from_pretrained(export_dir).eval(), CGNSProcessor.from_pretrained(export_dir)
+    image_ids = []
+    maps, _ = grounding.report_sentence_queries(model, processor, split, 5, "image_to_text",
+                                                grounding.new_query_counts(), image_ids)
+    per_study = [sum(1 for b in sc.generate_study(i, 0, IMAGE_SIZE)["sentence_boxes"] if b) for i in range(24)]
+    assert len(image_ids) == len(maps) and image_ids == [i for i, n in enumerate(per_study) for _ in range(n)]
+    assert row["image_to_text"]["specificity_pairs"] == protocol["image_to_text"]["specificity_pairs"]
     for direction, scores in protocol.items():
         assert row[direction]["pointing_game"] == pytest.approx(scores["pointing_game"])
         assert row[direction]["num_queries"] == scores["num_queries"] > 5
