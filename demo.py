@@ -371,8 +371,9 @@ def encoder_table(results: Dict) -> str:
     lines.append("")
     lines.append(f"{p['num_pairs']} test pairs (chance R@1 = 1/{p['num_pairs']}); {p['grounding_queries']} grounding "
                  f"queries (report sentences naming a drawn finding with a box; {p['attention_direction']} attention "
-                 f"maps); sentence specificity over the {p['specificity_images']} images with two findings in different "
-                 f"cells (own-finding hit minus the other sentence's map's hit; 0 for a map that ignores the sentence).")
+                 f"maps); sentence specificity over the {p['specificity_images']} images with two findings in "
+                 f"different cells (own-finding hit minus the other sentence's map's hit; 0 for a map that ignores "
+                 f"the sentence).")
     return "\n".join(lines)
 
 
@@ -544,7 +545,8 @@ def run_demo(args, config: Dict, data: Dict, cache_dir: str, started: float) -> 
     p = encoders["pretrained"]
     print(f"pretrained: R@1 i2t {pct(p['i2t_R@1'])} % / t2i {pct(p['t2i_R@1'])} % (chance "
           f"{pct(p['retrieval_chance_R@1'])} %), zero-shot AUROC {pct(p['zero_shot_auroc'])}, pointing game "
-          f"{pct(p['pointing_game'])} % (uniform {pct(p['uniform_pointing_game'])} %, gain {gain(p)} points)", flush=True)
+          f"{pct(p['pointing_game'])} % (uniform {pct(p['uniform_pointing_game'])} %, gain {gain(p)} points)",
+          flush=True)
 
     banner(f"[4/5] linear probes at {', '.join(f'{100 * f:g} %' for f in args.fractions)} of the labels, "
            f"seeds {args.seeds}")

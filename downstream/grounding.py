@@ -190,9 +190,9 @@ def format_specificity(scores: Dict) -> str:
 
 
 def paired_ci95(differences: np.ndarray) -> float:
-    """Half-width of the normal-approximation 95 % interval of a mean of per-query differences
-    (``1.96 * sd / sqrt(n)``, sample sd); 0 for a single query. The pointing game beats the uniform
-    baseline where ``pointing_game_gain - pointing_game_gain_ci95 > 0``."""
+    """Half-width of the normal-approximation 95 % interval of a mean of independent differences (per query
+    for the pointing-game gain, per image for sentence specificity): ``1.96 * sd / sqrt(n)``, sample sd; 0 for
+    a single value. The pointing game beats the uniform baseline where ``gain - gain_ci95 > 0``."""
     differences = np.asarray(differences, dtype=np.float64)
     if differences.size < 2:
         return 0.0
@@ -344,6 +344,6 @@ def run(args) -> Dict:
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "new_query_counts",
-    "pointing_hit", "paired_ci95", "sentence_specificity", "format_specificity", "attention_mass", "cell_coverage", "cell_intersects",
-    "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
+    "pointing_hit", "paired_ci95", "sentence_specificity", "format_specificity", "attention_mass", "cell_coverage",
+    "cell_intersects", "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
 ]
