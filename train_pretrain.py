@@ -35,9 +35,12 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, HfArgumentParser
 
 from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSPretrainingCollator, CGNSProcessor
+from modeling_cgns.collator import MEANINGS_COLUMN, flat_sentence_meanings, pop_sentence_meanings
 from modeling_cgns.text_cache import FrozenTextFeatureCache
 from pretrain_callbacks import (
     CheckpointCallback,
+    ClusterQuality,
+    ClusterQualityCallback,
     ClusterReassignmentCallback,
     LoggingCallback,
     PretrainingRun,
@@ -487,8 +490,12 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
         missing = {"image", "sentences"} - set(splits[split].column_names)
         if missing:
             raise ValueError(f"{split} split of {data_args.dataset!r} lacks columns {sorted(missing)}")
-    # the collator needs only these two; not decoding the rest saves time per example
-    return {split: splits[split].select_columns(["image", "sentences"]) for split in ("train", "validation")}
+    # the collator needs only these (and the sentence meanings, where the dataset has them, to score the
+    # clustering: docs/clustering.md); not decoding the rest saves time per example
+    columns = ["image", "sentences"]
+    if MEANINGS_COLUMN in splits["train"].column_names and MEANINGS_COLUMN in splits["validation"].column_names:
+        columns.append(MEANINGS_COLUMN)
+    return {split: splits[split].select_columns(columns) for split in ("train", "validation")}
 
 
 def resize_size_for(data_args: DataArguments, image_size: int) -> int:
@@ -737,6 +744,7 @@ def default_callbacks(training_args: PretrainingArguments) -> list:
     return [
         StageSwitchCallback(),
         ClusterReassignmentCallback(training_args.reassign_every),
+        ClusterQualityCallback(training_args.logging_steps),
         logging_callback,
         CheckpointCallback(training_args.save_steps, callbacks=[logging_callback]),
     ]
@@ -857,12 +865,17 @@ def epoch_batches(run: PretrainingRun):
     return run.train_dataloader
 
 
-def micro_batch_record(out) -> Dict[str, Any]:
-    """What callbacks get from one micro-batch: the k-means inputs and the loss terms, detached."""
-    return {"text_sentence_features": out.text_sentence_features.detach(),
-            "cross_sentence_features": out.cross_sentence_features.detach(),
-            "losses": {**{k: v.detach().float() for k, v in out.named_losses().items()},
-                       **{k: v.float() for k, v in out.retrieval.items()}}}
+def micro_batch_record(out, meanings: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+    """What callbacks get from one micro-batch: the k-means inputs, the loss terms, what the local text loss
+    did with the clusters (``out.clustering``) and the sentences' meanings where the data has them, detached."""
+    record = {"text_sentence_features": out.text_sentence_features.detach(),
+              "cross_sentence_features": out.cross_sentence_features.detach(),
+              "losses": {**{k: v.detach().float() for k, v in out.named_losses().items()},
+                         **{k: v.float() for k, v in out.retrieval.items()}},
+              "clustering": out.clustering}
+    if meanings is not None:
+        record["meanings"] = flat_sentence_meanings(meanings, out.sentence_mask)
+    return record
 
 
 @torch.no_grad()
@@ -872,18 +885,23 @@ def evaluate(run: PretrainingRun) -> Dict[str, float]:
     model = run.model
     model.eval()
     totals: Dict[str, torch.Tensor] = {}
+    quality = ClusterQuality(run.unwrapped_model.config.num_clusters)
     batches = 0
     for batch in run.eval_dataloader:
+        meanings = pop_sentence_meanings(batch)
         out = model(**batch, reconstruct=uses_reconstruction(run))
         for name, value in {**out.named_losses(), **out.retrieval}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float()
+        quality.add(micro_batch_record(out, meanings))
         batches += 1
     model.train()
     if not batches:
         return {}
     names = sorted(totals)
     means = run.accelerator.reduce(torch.stack([totals[n] for n in names]) / batches, reduction="mean")
-    return {name: float(value) for name, value in zip(names, means.tolist())}
+    metrics = {name: float(value) for name, value in zip(names, means.tolist())}
+    metrics.update(quality.scores(run.accelerator))
+    return metrics
 
 
 def train(run: PretrainingRun, callbacks: list) -> None:
@@ -904,6 +922,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
         fire(callbacks, "on_epoch_begin", run)
         micro_batches = []
         for batch in epoch_batches(run):
+            meanings = pop_sentence_meanings(batch)
             with accelerator.accumulate(model):
                 out = model(**batch, reconstruct=uses_reconstruction(run))
                 check_losses_finite(run, out)
@@ -917,7 +936,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             progress.step_in_epoch += 1
-            micro_batches.append(micro_batch_record(out))
+            micro_batches.append(micro_batch_record(out, meanings))
             if accelerator.sync_gradients:
                 # a skipped update still consumed its data: the schedule and the step count move on
                 run.scheduler.step()
