@@ -305,7 +305,12 @@ class CrossModalKMeans(nn.Module):
         mean_similarity = (float(sim_stats[:dim] @ sim_stats[dim:2 * dim]) / total ** 2) if total > 0 else math.inf
 
         points = self.clustered(text_features, cross_features)
-        everyone = distributed.all_gather_variable(points)
+        if self.features == "both":
+            # every rank's text rows, then every rank's cross-modal rows: the same order as on one process
+            everyone = torch.cat([distributed.all_gather_variable(text_features),
+                                  distributed.all_gather_variable(cross_features)])
+        else:
+            everyone = distributed.all_gather_variable(points)
         if bool(self.initialized):
             # k-means arithmetic in float32 whatever the buffers' dtype (a model cast to bf16 keeps working)
             centroids = self.centroid_vectors.float()
