@@ -32,6 +32,7 @@ PROTOCOLS = {
     "zero_shot": "downstream.zero_shot",  # prompt classification, AUROC
     "grounding": "downstream.grounding",  # pointing game of the local cross-attention
     "visualize": "downstream.visualize",  # attention overlays, cluster report and plot
+    "clustering": "downstream.clustering",  # false negatives found by the clustering, against sentence meanings
 }
 
 
