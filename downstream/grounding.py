@@ -4,6 +4,8 @@
         --model path/to/cgns_export --output_dir O
     python train_downstream.py --task grounding --dataset rsna --dataset_task detection --data_dir D \
         --model path/to/cgns_export --output_dir O      # queries: the label's positive prompts
+    python train_downstream.py --task grounding --dataset ms_cxr --data_dir MS_CXR \
+        --dataset_options mimic_cxr_dir=MIMIC_CXR_JPG --model path/to/cgns_export --random_init_baseline --output_dir O
 
 A query is a sentence with the boxes of what it names: on the synthetic ``grounding`` task every
 report sentence that names a drawn finding with a box (consolidation, multifocal opacity, nodule),
@@ -20,7 +22,11 @@ query the sentence's attention over the ``g x g`` image grid (``CGNSModel.get_se
   box; mean coverage);
 * sentence specificity (report-sentence queries only): on images with two findings in different
   cells, how much more a sentence's map points at its own finding than the other sentence's map does
-  (0 for any map that does not depend on the sentence, e.g. a saliency peak).
+  (0 for any map that does not depend on the sentence, e.g. a saliency peak);
+* CNR (BioViL) and mIoU over thresholds (BioViL-T) of the same map at the crop's pixels, per finding
+  (``sentence_findings`` of MS-CXR rows; the label for prompts) and averaged, with the uniform map and,
+  with ``--random_init_baseline``, the export's architecture with fresh weights
+  (``modeling_cgns.grounding_metrics``, docs/evaluation.md "Phrase grounding on MS-CXR").
 """
 import logging
 import math

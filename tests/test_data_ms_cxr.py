@@ -141,3 +141,22 @@ def test_builder_refuses_what_is_not_ms_cxr(tmp_path):
     os.remove(os.path.join(data_dir, CSV_FILES["1.0.0"]))
     with pytest.raises(DatasetFormatError, match="is not MS-CXR"):
         load(tmp_path, data_dir, mimic_dir)
+
+
+def test_synthetic_studies_in_the_published_layout_load_without_a_skip(tmp_path):
+    """benchmarks/ms_cxr_synthetic.py (the layout behind the measured numbers in docs/evaluation.md) writes what
+    the builder reads: every sentence that names a boxed finding is one phrase with that finding's boxes."""
+    from benchmarks import ms_cxr_synthetic
+    from data_scripts.synthetic_cxr import generate_study
+
+    out = ms_cxr_synthetic.write_layout(str(tmp_path / "layout"), num_studies=12, start=500, image_size=64,
+                                        lesion_contrast_scale=1.0)
+    ds = load(tmp_path, out["ms_cxr"], out["mimic"])
+    manifest = read_manifest(manifest_dir(str(tmp_path / "cache"), "ms_cxr", "grounding"))
+    assert manifest["skipped_counts"] == {} and manifest["inputs"]["csv rows"] == out["rows"] == accounted(ds, manifest)
+    assert len(ds["test"]) == out["phrases"] == sum(1 for i in range(500, 512)
+                                                    for b in generate_study(i, 0, 64)["sentence_boxes"] if b) > 0
+    row = ds["test"][0]
+    study = generate_study(int(row["dicom_id"][len("synth"):]), 0, 64)
+    boxes = dict(zip(study["sentences"], study["sentence_boxes"]))[row["sentences"][0]]
+    assert row["sentence_boxes"][0] == [pytest.approx(b, abs=0.5 / 64) for b in boxes]   # pixel rounding only
