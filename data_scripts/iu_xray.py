@@ -19,6 +19,7 @@ installed package at run time, and the evaluation writes aggregate numbers only.
 Command: ``python -m data_scripts.iu_xray --evaluate_labeller --output iu_labeller.json``.
 """
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -122,12 +123,12 @@ def mesh_labels(terms: Sequence[str]) -> Optional[Dict[str, int]]:
 
 def archive_path() -> str:
     """Path of ``NLMCXR_reports.tgz`` inside the installed torchxrayvision; a clear error when absent."""
-    try:
-        import torchxrayvision
-    except ImportError as err:
+    # located, not imported: importing torchxrayvision loads torch and takes seconds
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the IU-Xray reports are read from the torchxrayvision package, which is not "
-                                "installed (pip install torchxrayvision)") from err
-    path = os.path.join(os.path.dirname(torchxrayvision.__file__), "data", ARCHIVE_NAME)
+                                "installed (pip install torchxrayvision)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", ARCHIVE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: this torchxrayvision version does not ship the IU-Xray reports")
     return path
@@ -162,20 +163,23 @@ def load_reports(path: Optional[str] = None, max_reports: Optional[int] = None,
     A member that cannot be read or parsed is skipped and described in ``errors`` when a list is given,
     else raises."""
     path = path or archive_path()
-    with tarfile.open(path, "r:gz") as archive:
-        members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".xml")]
-        members.sort(key=lambda m: (len(os.path.basename(m.name)), os.path.basename(m.name)))
-        if max_reports is not None:
-            members = members[:max_reports]
-        reports = []
-        for member in members:
-            try:
-                handle = archive.extractfile(member)
-                reports.append(parse_report(handle.read(), member.name))
-            except (ValueError, OSError, tarfile.TarError) as err:
-                if errors is None:
-                    raise
-                errors.append(f"{member.name}: {err}")
+    raw: Dict[str, bytes] = {}
+    # one sequential pass: random access into a gzip stream would decompress it again for every member
+    with tarfile.open(path, "r|gz") as archive:
+        for member in archive:
+            if member.isfile() and member.name.endswith(".xml"):
+                raw[member.name] = archive.extractfile(member).read()
+    names = sorted(raw, key=lambda n: (len(os.path.basename(n)), os.path.basename(n)))
+    if max_reports is not None:
+        names = names[:max_reports]
+    reports = []
+    for name in names:
+        try:
+            reports.append(parse_report(raw[name], name))
+        except ValueError as err:
+            if errors is None:
+                raise
+            errors.append(f"{name}: {err}")
     return reports
 
 

@@ -162,15 +162,18 @@ _mention("Lung Opacity",
          r"increased (?:interstitial|lung|pulmonary) markings)\b")
 
 # --- Lung Lesion ---
+_mention(("Lung Opacity", "Lung Lesion"),
+         r"\b(?:(?:nodular|masslike|mass like|fibronodular) (?:opacity|opacities|opacification|density|densities|"
+         r"infiltrates?|scarring|changes?)|fibronodular)\b")
 _mention("Lung Lesion",
-         r"\b(?:nodule|nodules|nodular (?:opacity|opacities|density|densities|lesion|lesions)|nodular|"
+         r"\b(?:nodule|nodules|nodular lesions?|nodular|masslike|"
          r"mass|masses|tumor|tumors|tumour|neoplasm|neoplasms|carcinoma|cancer|malignancy|malignancies|"
-         r"metastasis|metastases|metastatic disease|cavitary lesion|cavitary lesions|cavitation|cavity|"
+         r"metastasis|metastases|metastatic disease|cavitary lesion|cavitary lesions|cavitation|"
+         r"(?<!thoracic )(?<!pleural )(?<!abdominal )(?<!glenoid )(?<!chest )cavity|"
          r"(?:lung|pulmonary|parenchymal|cavitary|spiculated) lesions?)\b")
 
-_mention((), r"\b(?<!non )(?:densely |partially |small |tiny )?calcified (?:\w+ ){0,2}(?:nodules?|nodular "
-         r"(?:opacity|opacities|density|densities)|granulomas?|granulomata)\b|\bgranulomas?\b|\bgranulomata\b",
-         None, False)
+# a granuloma (healed infection) is not a lung lesion; a calcified nodule still is (as in CheXpert)
+_mention((), r"\b(?:calcified )?(?:granulomas?|granulomata|histoplasmomas?)\b", None, False)
 
 # --- Edema ---
 _mention("Edema",
@@ -220,6 +223,11 @@ _mention("Pleural Other", r"\b(?:pleural (?:thickening|plaque|plaques|scarring|s
 
 # --- Fracture ---
 _mention("Fracture", r"\b(?:fracture|fractures|fractured|fx|fractures or dislocations)\b")
+# a broken device is not a bone fracture
+_DEVICE_PART = r"(?:screws?|leads?|wires?|catheter|catheters|plates?|rods?|xxxx)"
+_mention("Support Devices", r"\b" + _DEVICE_PART + r" (?:(?:is|are|appears?|now) )?fractured\b|\bfractured (?:\w+ ){0,2}"
+         + _DEVICE_PART + r"\b|\bfracture of (?:the )?(?:\w+ ){0,3}" + _DEVICE_PART + r"\b|\b"
+         + r"(?:catheter|lead|wire) fracture\b")
 
 # --- Support Devices ---
 _mention("Support Devices",
@@ -268,7 +276,7 @@ _HYPOTHETICAL = _rx(r"\b(?:differential|recommend|recommended|recommendation|con
                      r"further evaluation|evaluation of|evaluate|to identify|to exclude|exclude|if|followup|"
                      r"follow up|risk factors?|history of)\b")
 _HYPOTHETICAL_WORDS = 16
-_PRE_UNCERTAINTY = _rx(r"\b(?:possible|possibly|probable|probably|may|might|could|question of|questionable|"
+_PRE_UNCERTAINTY = _rx(r"\b(?:possible|possibly|possibility of|probable|probably|may|might|could|question of|questionable|"
                        r"question|suspicious|suspicion|suspected|suspect|concerning|concern|worrisome|"
                        r"suggest|suggests|suggested|suggesting|suggestive|likely|unlikely|versus|vs|"
                        r"differential|equivocal|indeterminate|uncertain|presumed|presumably|favor|favored|"
@@ -441,7 +449,13 @@ def label_sentences(sentences: Sequence[str]) -> List[Dict[str, int]]:
     -1 (uncertain); observations a sentence does not mention are absent (docs/labeller.md)."""
     if isinstance(sentences, str):
         raise TypeError("label_sentences takes a list of sentences, not one string")
-    return [label_sentence(s) for s in sentences]
+    cache: Dict[str, Dict[str, int]] = {}  # report sentences repeat heavily ("no pneumothorax")
+    out = []
+    for sentence in sentences:
+        if sentence not in cache:
+            cache[sentence] = label_sentence(sentence)
+        out.append(dict(cache[sentence]))
+    return out
 
 
 def report_labels(sentence_labels: Sequence[Dict[str, int]], uncertain_as: int = NEGATIVE) -> Dict[str, int]:
