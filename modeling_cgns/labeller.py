@@ -234,6 +234,8 @@ _mention("Support Devices",
          r"\b(?:pacemaker|pacemakers|pacer|pacers|defibrillator|aicd|icd|pacing (?:wires?|leads?|device)|"
          r"leads?|catheter|catheters|picc|central (?:venous )?line|venous line|(?:port|portacath|port a cath|"
          r"mediport|powerport|chest port|infusion port)|"
+         r"lines and tubes|tubes and lines|support (?:lines|devices)|monitoring (?:and support )?devices|ett|ngt|ogt|"
+         r"swan ganz|impella|iabp|intra aortic balloon pump|lvad|ecmo cannulas?|cannulas?|"
          r"(?:endotracheal|tracheostomy|nasogastric|orogastric|feeding|chest|enteric|gastric|ng|et|og|dobhoff)"
          r" tubes?|tracheostomy|sternal wires?|sternal sutures?|sternotomy wires?|wires?|surgical clips?|clips?|"
          r"staples|sutures?|suture material|hardware|fixation|(?:fixation )?(?:plate|plates|screws?|rods?)|"
@@ -282,9 +284,11 @@ _PRE_UNCERTAINTY = _rx(r"\b(?:possible|possibly|possibility of|probable|probably
                        r"differential|equivocal|indeterminate|uncertain|presumed|presumably|favor|favored|"
                        r"favoured|cannot|vague|correlate|correlation|either|to suggest|to indicate|evaluate for|"
                        r"assess for|rule out)\b")
-_POST_UNCERTAINTY = _rx(r"^(?:\w+ ){0,%d}?(?:(?:is|are|was|were) )?(?:(?:also )?(?:possible|possibly|probable|"
-                        r"suspected|likely|questioned|questionable|suggested|not excluded|favored|"
-                        r"considered|in question)|versus|vs|or not|could|may|might|can be)\b" % _POST_WORDS)
+# after the mention: an adjective needs its copula ("pneumonia is likely", not "opacity, likely atelectasis")
+_POST_UNCERTAINTY = _rx(r"^(?:\w+ ){0,2}?(?:(?:(?:is|are|was|were|appears?|seems?) (?:also |most |more |less |"
+                        r"very |quite )?(?:possible|probable|likely|unlikely|questionable|in question|"
+                        r"suspected|suggested|considered|favored))|(?:suspected|questioned|suggested|favored|"
+                        r"considered|or not|versus|vs))\b")
 _NEGATION_INHERITING_UNCERTAINTY = _rx(r"\b(?:to suggest|to indicate|suggestive|suggesting|to represent|"
                                        r"that would suggest|concerning|worrisome|suspicious|to account)\b")
 _ALTERNATIVE = _rx(r"^ (?:and or|or|versus|vs|or possibly|or less likely|or more likely|or possible) "
