@@ -219,6 +219,7 @@ def evaluate_labeller(path: Optional[str] = None, uncertain_as: int = 0,
     reports = load_reports(path, errors=errors)
     truth, predicted = [], []
     skipped = {"no indexing": 0, "no text": 0}
+    normal_tag = {"reports": 0, "labelled_no_finding": 0}  # MeSH "normal" is a stricter No Finding
     for report in reports:
         gold = mesh_labels(report["mesh_major"])
         if gold is None:
@@ -230,13 +231,20 @@ def evaluate_labeller(path: Optional[str] = None, uncertain_as: int = 0,
             continue
         truth.append(gold)
         predicted.append(report_labels(label_sentences(sentences), uncertain_as=uncertain_as))
+        if any(t.strip().lower() == "normal" for t in report["mesh_major"]):
+            normal_tag["reports"] += 1
+            normal_tag["labelled_no_finding"] += predicted[-1]["No Finding"]
     per_observation = {obs: precision_recall_f1([t[obs] for t in truth], [p[obs] for p in predicted])
                        for obs in OBSERVATIONS}
     included = [obs for obs in OBSERVATIONS if per_observation[obs]["positives"] >= min_positives]
     macro_f1 = sum(per_observation[o]["f1"] for o in included) / len(included) if included else 0.0
+    pathologies = [o for o in included if o != "No Finding"]  # No Finding is derived from the others
+    macro_f1_without_no_finding = (sum(per_observation[o]["f1"] for o in pathologies) / len(pathologies)
+                                   if pathologies else 0.0)
     return {"reports": len(reports), "evaluated": len(truth), "skipped": skipped, "unreadable": errors,
             "uncertain_as": uncertain_as, "min_positives": min_positives, "macro_f1_observations": included,
-            "macro_f1": macro_f1, "per_observation": per_observation}
+            "macro_f1": macro_f1, "macro_f1_without_no_finding": macro_f1_without_no_finding,
+            "mesh_normal": normal_tag, "per_observation": per_observation}
 
 
 def format_table(result: Dict[str, object]) -> str:
@@ -248,7 +256,10 @@ def format_table(result: Dict[str, object]) -> str:
                      f"{inside} |")
     lines.append(f"\nmacro F1 over the {len(result['macro_f1_observations'])} observations with >= "
                  f"{result['min_positives']} positive reports: {result['macro_f1']:.3f} "
-                 f"({result['evaluated']} of {result['reports']} reports evaluated; skipped: {result['skipped']}; "
+                 f"(without No Finding: {result['macro_f1_without_no_finding']:.3f}; "
+                 f"MeSH 'normal' reports labelled No Finding: {result['mesh_normal']['labelled_no_finding']} of "
+                 f"{result['mesh_normal']['reports']}; "
+                 f"{result['evaluated']} of {result['reports']} reports evaluated; skipped: {result['skipped']}; "
                  f"unreadable: {len(result['unreadable'])}; uncertain counted as {result['uncertain_as']})")
     return "\n".join(lines)
 
