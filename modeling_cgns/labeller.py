@@ -23,14 +23,16 @@ Per mention (first rule that applies wins):
 A cue is in scope when it lies in the same clause (clauses end at ``;``, ``:``, "but", "however",
 "although", "which", "whereas", "except", "other than", ...) and close enough: a negation before the
 mention reaches at most ``_PRE_NEGATION_WORDS`` words and stops at a verb ("no effusion is seen the
-heart is enlarged"), an uncertainty cue before it at most ``_PRE_UNCERTAINTY_WORDS`` words; cues after
-the mention reach ``_POST_WORDS`` words. "No change", "no interval change", "not changed" and "no
-increase" are not negations.
+heart is enlarged"), an uncertainty cue before it at most ``_PRE_UNCERTAINTY_WORDS`` words, a
+hypothetical one ("recommend", "consider", "to exclude", "if") ``_HYPOTHETICAL_WORDS``; a negation after
+the mention reaches ``_POST_WORDS`` words, an uncertainty after it two words and needs its copula
+("pneumonia is likely", not "opacity, likely atelectasis"). "No change", "no interval change", "not
+changed" and "no increase" are not negations.
 
 Size and normality statements are mentions with a fixed value: "heart size is normal" gives
-Cardiomegaly 0, "the cardiomediastinal silhouette is within normal limits" Enlarged Cardiomediastinum 0,
-"the heart is enlarged" / "borderline cardiomegaly" Cardiomegaly 1 (borderline and mild are severities,
-not doubt).
+Cardiomegaly 0, "the mediastinum is within normal limits" Enlarged Cardiomediastinum 0, a normal
+cardiomediastinal silhouette both 0; "the heart is enlarged", "enlarged cardiomediastinal silhouette" and
+"borderline cardiomegaly" give Cardiomegaly 1 (borderline and mild are severities, not doubt).
 
 No Finding: a sentence that states a global normal ("no acute cardiopulmonary process", "normal chest",
 "no active disease", "lungs are clear", "negative exam") gets "No Finding": 1, unless it also has a
@@ -55,6 +57,7 @@ PATHOLOGIES = tuple(o for o in OBSERVATIONS if o not in ("No Finding", "Support 
 _PRE_NEGATION_WORDS = 12
 _PRE_UNCERTAINTY_WORDS = 8
 _POST_WORDS = 6
+_HYPOTHETICAL_WORDS = 16
 
 
 def _rx(pattern: str) -> "re.Pattern":
@@ -146,8 +149,10 @@ _mention("Cardiomegaly", r"\b" + _HEART + r" (?:" + _SEVERITY + r"{0,5})(?:enlar
 _mention("Cardiomegaly", r"\b(?:(?:mildly|slightly|moderately|markedly|borderline) )?(?:enlarged|large|"
          r"enlargement of the|increased) " + _HEART + r"\b")
 _mention("Cardiomegaly", r"\bheart size (?:is |remains )?(?:(?:mildly|slightly|moderately|markedly) )?"
-         r"(?:increased|enlarged)\b|\bborderline (?:heart|cardiac) size\b|\b(?:heart|cardiac) size (?:is )?borderline\b")
-_mention("Cardiomegaly", r"\b(?:increase|increased|enlargement|prominence) (?:in|of) (?:the )?(?:heart size|cardiac size|"
+         r"(?:increased|enlarged)\b|\bborderline (?:heart|cardiac) size\b|"
+         r"\b(?:heart|cardiac) size (?:is )?borderline\b")
+_mention("Cardiomegaly", r"\b(?:increase|increased|enlargement|prominence) (?:in|of) (?:the )?"
+         r"(?:heart size|cardiac size|"
          r"size of the (?:heart|cardiac silhouette)|(?:\w+ )?cardiac silhouette|heart)\b")
 
 # --- Lung Opacity ---
@@ -181,7 +186,8 @@ _mention("Edema",
          r"congestive heart failure|congestive failure|heart failure|chf|fluid overload|volume overload|"
          r"vascular engorgement|engorged|engorgement|congestive changes|congestive|cephalization|kerley b lines|"
          r"interstitial edema|vascular prominence|vascular redistribution|pulmonary venous hypertension|"
-         r"(?:indistinct|indistinctness of|indistinct pulmonary|hazy) (?:the )?vascular (?:margins|margination|markings)|"
+         r"(?:indistinct|indistinctness of|indistinct pulmonary|hazy) (?:the )?vascular "
+         r"(?:margins|margination|markings)|"
          r"(?:prominent|increased|prominence of the|indistinct) (?:central |pulmonary |central pulmonary )?"
          r"(?:vasculature|vascularity|vascular markings))\b")
 _mention("Edema",
@@ -225,7 +231,8 @@ _mention("Pleural Other", r"\b(?:pleural (?:thickening|plaque|plaques|scarring|s
 _mention("Fracture", r"\b(?:fracture|fractures|fractured|fx|fractures or dislocations)\b")
 # a broken device is not a bone fracture
 _DEVICE_PART = r"(?:screws?|leads?|wires?|catheter|catheters|plates?|rods?|xxxx)"
-_mention("Support Devices", r"\b" + _DEVICE_PART + r" (?:(?:is|are|appears?|now) )?fractured\b|\bfractured (?:\w+ ){0,2}"
+_mention("Support Devices", r"\b" + _DEVICE_PART + r" (?:(?:is|are|appears?|now) )?fractured\b|"
+         r"\bfractured (?:\w+ ){0,2}"
          + _DEVICE_PART + r"\b|\bfracture of (?:the )?(?:\w+ ){0,3}" + _DEVICE_PART + r"\b|\b"
          + r"(?:catheter|lead|wire) fracture\b")
 
@@ -245,7 +252,8 @@ _mention("Support Devices",
          r"shunt tubing|loop recorder|stimulator|bone anchors?|(?:\w+ )?prosthesis|prosthetic (?:\w+ )?"
          r"(?:shoulder|hip|knee|joint|humerus|valve)|tip (?:is |projects|projecting|overlies|overlying|terminates|"
          r"terminating|at|in|over)|with (?:its |the )?(?:distal )?tip)\b")
-_mention((), r"\bbreast (?:implants?|prosthes[ie]s)\b|\bmass effect\b|\b(?:left to right|right to left) shunt\b", None, False)
+_mention((), r"\bbreast (?:implants?|prosthes[ie]s)\b|\bmass effect\b|\b(?:left to right|right to left) shunt\b",
+         None, False)
 
 # ---------------------------------------------------------------------------------------------------------
 # cues
@@ -270,15 +278,16 @@ _PRE_NEGATION = _rx(r"\b(?:no|without|free of|clear of|negative for|absence of|a
 _NEGATION_STOP = _rx(r"\b(?:is|are|was|were|has|have|had|be|been|appears|appear|seen|noted|there|"
                      r"remains|remain|demonstrates|shows|persists)\b")
 _POST_NEGATION = _rx(r"^(?:\w+ ){0,%d}?(?:(?:is|are|was|were|has|have|has been|have been|had been) )?"
-                     r"(?:(?:not|no longer) (?:\w+ly |well |xxxx )?(?:be )?(?:seen|identified|present|evident|demonstrated|"
+                     r"(?:(?:not|no longer) (?:\w+ly |well |xxxx )?(?:be )?(?:seen|identified|present|evident|"
+                     r"demonstrated|"
                      r"visualized|visible|appreciated|noted|detected|apparent|shown|seen or suspected|"
                      r"enlarged|widened)|(?:resolved|cleared|removed|absent|negative|gone|"
                      r"been removed|been resolved|resolving|withdrawn))\b" % _POST_WORDS)
 _HYPOTHETICAL = _rx(r"\b(?:differential|recommend|recommended|recommendation|consider|considered|"
                      r"further evaluation|evaluation of|evaluate|to identify|to exclude|exclude|if|followup|"
                      r"follow up|risk factors?|history of)\b")
-_HYPOTHETICAL_WORDS = 16
-_PRE_UNCERTAINTY = _rx(r"\b(?:possible|possibly|possibility of|probable|probably|may|might|could|question of|questionable|"
+_PRE_UNCERTAINTY = _rx(r"\b(?:possible|possibly|possibility of|probable|probably|may|might|could|question of|"
+                       r"questionable|"
                        r"question|suspicious|suspicion|suspected|suspect|concerning|concern|worrisome|"
                        r"suggest|suggests|suggested|suggesting|suggestive|likely|unlikely|versus|vs|"
                        r"differential|equivocal|indeterminate|uncertain|presumed|presumably|favor|favored|"
@@ -334,8 +343,9 @@ def _cue_spans(pattern: "re.Pattern", text: str, masked: Sequence[Tuple[int, int
 
 
 def _mention_value(text: str, clause: Tuple[int, int], start: int, end: int,
-                   masked: Sequence[Tuple[int, int]]) -> Tuple[Optional[int], int]:
-    """Value decided by cues for the mention ``text[start:end]``: (value or None, distance of the cue)."""
+                   masked: Sequence[Tuple[int, int]]) -> Optional[int]:
+    """Value the cues give the mention ``text[start:end]`` (None: no cue in scope); ``masked`` are the spans of the
+    other mentions, whose words are not cues."""
     before = text[clause[0]:start]
     after = text[end:clause[1]]
     local_mask = [(s - clause[0], e - clause[0]) for s, e in masked]
@@ -343,15 +353,15 @@ def _mention_value(text: str, clause: Tuple[int, int], start: int, end: int,
     # 1. double negatives ("cannot exclude X", "X cannot be excluded") are uncertainty
     for m in _DOUBLE_NEGATIVE_PRE.finditer(before):
         if _word_count(before[m.end():]) <= _PRE_UNCERTAINTY_WORDS:
-            return UNCERTAIN, 0
+            return UNCERTAIN
     post = _DOUBLE_NEGATIVE_POST.search(after)
     if post and _word_count(after[:post.start()]) <= _POST_WORDS:
-        return UNCERTAIN, 0
+        return UNCERTAIN
     double_negative_spans = ([(m.start(), m.end()) for m in _DOUBLE_NEGATIVE_PRE.finditer(before)] +
                              [(m.start(), m.end()) for m in _PSEUDO_NEGATION.finditer(before)])
     double_negative_spans += local_mask
 
-    # 2. nearest cue decides
+    # 2. the nearest cue decides (a tie goes to the negation)
     candidates = []  # (distance in words, value)
     negations = []
     for s, e in _cue_spans(_PRE_NEGATION, before, double_negative_spans):
@@ -369,22 +379,19 @@ def _mention_value(text: str, clause: Tuple[int, int], start: int, end: int,
         if _word_count(before[e:]) <= _HYPOTHETICAL_WORDS:
             candidates.append((_word_count(before[e:]), UNCERTAIN))
     after_text = after.lstrip()
-    pseudo_after = _PSEUDO_NEGATION.match(after_text)
-    if not pseudo_after:
-        m = _POST_NEGATION.match(after_text)
-        if m:
-            candidates.append((_word_count(after_text[:m.end()]) - 1, NEGATIVE))
+    m = _POST_NEGATION.match(after_text)
+    if m:
+        candidates.append((_word_count(after_text[:m.end()]) - 1, NEGATIVE))
     m = _POST_UNCERTAINTY.match(after_text)
     if m:
         candidates.append((_word_count(after_text[:m.end()]) - 1, UNCERTAIN))
     if not candidates:
-        return None, 0
-    candidates.sort(key=lambda c: (c[0], c[1] != NEGATIVE))
-    return candidates[0][1], candidates[0][0]
+        return None
+    return min(candidates, key=lambda c: (c[0], c[1] != NEGATIVE))[1]
 
 
 def _find_mentions(text: str) -> List[Tuple[int, int, Tuple[str, ...], Optional[int], bool]]:
-    """Non-overlapping mentions, longest first (``nodular opacity`` is a lesion, not also an opacity)."""
+    """Non-overlapping mentions, the longest match first ("pericardial effusion" hides "effusion")."""
     found = []
     for observations, pattern, value, finding in _MENTIONS:
         for m in pattern.finditer(text):
@@ -425,8 +432,7 @@ def label_sentence(sentence: str) -> Dict[str, int]:
             continue
         clause = next(((cs, ce) for cs, ce in clauses if cs <= start and end <= ce), (0, len(text)))
         others = [sp for sp in mention_spans if sp != (start, end)]
-        value, _ = _mention_value(text, clause, start, end, others)
-        values.append(value)
+        values.append(_mention_value(text, clause, start, end, others))
     # 3. "A or B" alternatives between two finding mentions that no cue decided
     for i in range(len(mentions) - 1):
         a, b = mentions[i], mentions[i + 1]
