@@ -162,6 +162,8 @@ def load_reports(path: Optional[str] = None, max_reports: Optional[int] = None,
 
     A member that cannot be read or parsed is skipped and described in ``errors`` when a list is given,
     else raises."""
+    if max_reports is not None and (not isinstance(max_reports, int) or max_reports < 1):
+        raise ValueError(f"max_reports must be a positive integer or None, got {max_reports!r}")
     path = path or archive_path()
     raw: Dict[str, bytes] = {}
     # one sequential pass: random access into a gzip stream would decompress it again for every member

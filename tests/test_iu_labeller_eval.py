@@ -89,6 +89,8 @@ def test_iu_sentences_align_with_their_reports():
     assert report_index == sorted(report_index) and set(report_index) <= set(range(6))
     for i, report in enumerate(reports):
         assert [s for s, r in zip(sentences, report_index) if r == i] == iu_xray.report_sentences(report)
+    with pytest.raises(ValueError, match="max_reports"):
+        iu_xray.iu_sentences(max_reports=0, path=path)
 
 
 def test_command_writes_the_table(tmp_path, capsys, monkeypatch):
