@@ -10,7 +10,7 @@ from ._common import (  # noqa: F401
     subsample_train,
 )
 
-DATASETS = ("synthetic_cxr", "mimic_cxr", "chexpert", "rsna", "covidx", "siim", "object_cxr", "ms_cxr")
+DATASETS = ("synthetic_cxr", "mimic_cxr", "chexpert", "rsna", "covidx", "siim", "object_cxr", "ms_cxr", "iu_xray")
 
 
 def _module(name: str):

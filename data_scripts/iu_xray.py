@@ -27,6 +27,7 @@ import tarfile
 import xml.etree.ElementTree as ElementTree
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ._common import TaskSpec
 from modeling_cgns.labeller import OBSERVATIONS, PATHOLOGIES, label_sentences, report_labels
 from modeling_cgns.sentences import report_text, split_sentences
 
@@ -201,6 +202,39 @@ def iu_sentences(max_reports: Optional[int] = None, path: Optional[str] = None) 
     return sentences, report_index
 
 
+#: ``load_cgns_dataset("iu_xray", task="reports")``: text-only rows for scoring the clustering on real reports
+TASKS = {"reports": TaskSpec("pretraining", (), None)}
+
+
+def load(data_dir=None, task: str = "reports", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
+         max_reports: Optional[int] = None, **options):
+    """The IU-Xray reports as a text-only ``DatasetDict`` with one split, ``test``: per report ``report_id``,
+    ``report`` (impression + findings), ``sentences`` and ``sentence_meanings`` (the labeller's,
+    ``modeling_cgns.sentence_meanings``). Read from the installed torchxrayvision at every call and kept in
+    memory only: the reports' licence (CC BY-NC-ND) forbids redistributing modified copies, so nothing is
+    written to a cache. Reports without a usable sentence are left out. ``data_dir`` may name another copy of
+    the archive; ``data_pct`` and ``seed`` are accepted for the common signature (there is no train split)."""
+    import datasets
+
+    from modeling_cgns.labeller import sentence_meanings
+
+    if options:
+        raise ValueError(f"iu_xray takes no options {sorted(options)} (only max_reports)")
+    if task not in TASKS:
+        raise ValueError(f"iu_xray has no task {task!r}; it provides: {', '.join(TASKS)}")
+    path = os.path.join(data_dir, ARCHIVE_NAME) if data_dir and os.path.isdir(data_dir) else data_dir
+    rows = {"report_id": [], "report": [], "sentences": [], "sentence_meanings": []}
+    for report in load_reports(path, max_reports=max_reports):
+        sentences = report_sentences(report)
+        if not sentences:
+            continue
+        rows["report_id"].append(str(report["id"]))
+        rows["report"].append(report_text(report["impression"], report["findings"]))
+        rows["sentences"].append(sentences)
+        rows["sentence_meanings"].append(sentence_meanings(sentences))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
+
+
 def precision_recall_f1(truth: Sequence[int], predicted: Sequence[int]) -> Dict[str, float]:
     """Binary precision / recall / F1 with the counts; 0.0 where a denominator is 0."""
     tp = sum(1 for t, p in zip(truth, predicted) if t and p)
@@ -292,4 +326,4 @@ if __name__ == "__main__":
 
 __all__ = ["ARCHIVE_NAME", "MIN_POSITIVES", "archive_path", "parse_report", "load_reports", "report_sentences",
            "iu_sentences", "mesh_observations", "mesh_labels", "precision_recall_f1", "evaluate_labeller",
-           "format_table", "main"]
+           "format_table", "main", "TASKS", "load"]
