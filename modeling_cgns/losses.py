@@ -127,7 +127,9 @@ def cluster_guided_text_loss(text_sentences: torch.Tensor, cross_sentences: torc
             with ``false_negative_threshold``).
         false_negative_handling: what is done with them besides the BML term (always added at
             ``bml_weight``): "bml" nothing else (reference), "remove" drop them from the InfoNCE denominator,
-            "attract" count them as further positives (-log of the summed softmax over positives).
+            "attract" count them as further positives (-log of the summed softmax over positives). With either,
+            a hard-negative column whose centroid is the anchor's own cluster is dropped from its row too
+            (in the additive mode every anchor's hard negative is a logit of every row).
             ``remove_false_negatives=True`` is the older spelling of "remove".
         use_hard_negatives: with False the centroid hard-negative logits are left out (ablation, and the
             gradient-share measurement).
@@ -160,12 +162,22 @@ def cluster_guided_text_loss(text_sentences: torch.Tensor, cross_sentences: torc
         logits = cos_pos / temperature
     extra = logits.shape[1] - n
     targets = torch.arange(n, device=z1.device)
+    # With "remove" / "attract" the additive mode's other anchors' hard negatives that are the anchor's OWN
+    # centroid (hard_cluster[j] == own_cluster[i]) are false negatives too: they are dropped from the row.
+    own_centroid_columns = None
+    if extra:
+        own_centroid_columns = hard_cluster.unsqueeze(0) == own_cluster.unsqueeze(1)
+        if hard_negative_mode != "additive":      # the reference's other columns are constant zeros, no centroid
+            own_centroid_columns = torch.zeros_like(own_centroid_columns)
     if false_negative_handling == "remove":
-        drop = torch.cat([same_cluster, same_cluster.new_zeros(n, extra)], dim=1)
+        drop = torch.cat([same_cluster, own_centroid_columns if extra else same_cluster.new_zeros(n, 0)], dim=1)
         infonce = F.cross_entropy(logits.masked_fill(drop, float("-inf")), targets)
     elif false_negative_handling == "attract":
         positives = same_cluster | torch.eye(n, dtype=torch.bool, device=z1.device)
         positives = torch.cat([positives, positives.new_zeros(n, extra)], dim=1)
+        if extra:
+            logits = logits.masked_fill(torch.cat([same_cluster.new_zeros(n, n), own_centroid_columns], dim=1),
+                                        float("-inf"))
         log_probs = logits.log_softmax(dim=1)
         infonce = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
     else:

@@ -231,7 +231,10 @@ def _text_loss_oracle(z1, z2, centroids, temperature, weight, handling, gate, th
         for j in range(n):
             row.append(torch.tensor(float("-inf")) if logits[j] is not None else (z1[i] @ z2[j]) / temperature)
         for j in range(n):
-            row.append((z1[i] @ c[hard[j]]) / temperature + (weight if j == i else 0.0))
+            if handling in ("remove", "attract") and hard[j] == own[i]:
+                row.append(torch.tensor(float("-inf")))        # the anchor's own centroid is no negative
+            else:
+                row.append((z1[i] @ c[hard[j]]) / temperature + (weight if j == i else 0.0))
         row = torch.stack(row)
         log_p = row.log_softmax(0)
         if handling == "attract":
@@ -260,6 +263,8 @@ def test_text_loss_handlings_match_loop_oracle_value_and_gradient(handling, gate
                                           false_negative_threshold=0.5, bml_weight=0.5)
     want = _text_loss_oracle(b1, b2, centroids, 0.1, 3.0, handling, gate, 0.5, 0.5)
     assert parts["false_negative_mask"].any()
+    if handling != "bml":      # not vacuous: some other anchor's hard negative is this anchor's own centroid
+        assert (parts["hard_cluster"][None, :] == parts["own_cluster"][:, None]).any()
     assert torch.allclose(got, want, atol=1e-5)
     got.backward()
     want.backward()

@@ -14,7 +14,7 @@ from modeling_cgns import CGNSConfig, CGNSModel, losses
 from modeling_cgns.clustering import CrossModalKMeans, greedy_chain_init
 from modeling_cgns.configuration_cgns import REFERENCE_SETTINGS
 from modeling_cgns.modeling_cgns import CGNSGridDecoder, CGNSTokenDecoder, _conv_upsampling_head
-from tiny import tiny_batch, tiny_config
+from tiny import REFERENCE_CLUSTERING, tiny_batch, tiny_config
 
 
 def _text_loss(model, text, cross, centroids):
@@ -39,7 +39,7 @@ def _hand_momentum_update(centroids, cross, momentum):
 
 def _model_with_centroids(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = CGNSModel(tiny_config(cluster_momentum=0.5, **overrides)).train()
+    model = CGNSModel(tiny_config(cluster_momentum=0.5, **{**REFERENCE_CLUSTERING, **overrides})).train()
     model.clustering.centroid_vectors.copy_(torch.randn(4, 32, generator=torch.Generator().manual_seed(seed + 1)))
     model.clustering.initialized.fill_(True)
     return model
@@ -90,7 +90,7 @@ def test_after_step_one_update_per_accumulated_forward_in_order():
 
 def test_the_initialising_forward_uses_the_plain_loss_as_the_reference():
     torch.manual_seed(0)
-    model = CGNSModel(tiny_config(cluster_init_threshold=1.0)).train()       # trigger always met
+    model = CGNSModel(tiny_config(cluster_init_threshold=1.0, **REFERENCE_CLUSTERING)).train()       # trigger always met
     out = model(**tiny_batch(batch=4))
     assert bool(model.clustering.initialized) and int(model.clustering.num_updates) == 1
     text, cross = out.text_sentence_features, out.cross_sentence_features
@@ -128,7 +128,7 @@ def _before_loss_on_rank(rank, world):
     """Two training forwards of the same tiny model on this rank's half of each batch: the first
     initialises the centroids from the global batch, the second updates them (all inside forward)."""
     torch.manual_seed(0)
-    model = CGNSModel(tiny_config(cluster_init_threshold=1.0, cluster_momentum=0.3)).train()
+    model = CGNSModel(tiny_config(cluster_init_threshold=1.0, cluster_momentum=0.3, **REFERENCE_CLUSTERING)).train()
     history = []
     for seed in (0, 1):
         batch = tiny_batch(batch=4, seed=seed)

@@ -112,6 +112,11 @@ def test_remove_false_negatives_drops_exactly_the_masked_logits(mode):
     logits = hard_negative_logits(z1 @ z2.t(), z1 @ unit_centroids[hard].t(), 0.5, mode, 3.0)
     kept = torch.ones_like(logits, dtype=torch.bool)
     kept[0, 1] = kept[1, 0] = False                                  # the only same-cluster pairs
+    if mode == "additive":
+        # a hard-negative column whose centroid is the row's own cluster is no negative: anchors 0-2's hard negative
+        # is centroid 2 (anchor 3's cluster), anchor 3's is centroid 0 (anchors 0 and 1's)
+        kept[3, 4:7] = False
+        kept[0, 7] = kept[1, 7] = False
     expected = torch.stack([torch.logsumexp(logits[i][kept[i]], 0) - logits[i, i] for i in range(4)]).mean()
     kwargs = dict(temperature=0.5, hard_negative_mode=mode, bml_weight=0.0)
     loss, _ = cluster_guided_text_loss(text, cross, centroids, remove_false_negatives=True, **kwargs)
@@ -170,6 +175,8 @@ def loop_cluster_guided_text_loss(text, cross, centroids, temperature, mode, wei
             row.append(cos[i][j] / temperature)
         for j in range(n):
             if mode == "additive":
+                if remove_false_negatives and hard[j] == own[i]:
+                    continue                                   # the row's own centroid is no negative
                 row.append(cos_hard[i][j] / temperature + (weight if j == i else 0.0))
             else:
                 row.append(weight * cos_hard[i][i] / temperature if j == i else zero)

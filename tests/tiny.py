@@ -5,6 +5,12 @@ from transformers import BertConfig, TimmWrapperConfig
 from modeling_cgns import CGNSConfig
 
 
+# the authors' clustering (CGNSConfig.REFERENCE_SETTINGS), for tests that pin the reference behaviour now that
+# CGNSConfig's defaults cluster the text features (docs/clustering.md)
+REFERENCE_CLUSTERING = dict(cluster_features="cross", cluster_update="momentum", cluster_count_decay=1.0,
+                            false_negative_handling="bml", dead_cluster_patience=0)
+
+
 def tiny_config(arch: str = "resnet18", image_size: int = 64, **overrides) -> CGNSConfig:
     model_args = {"img_size": image_size} if arch.startswith(("vit", "deit")) else None
     kwargs = dict(
@@ -40,4 +46,4 @@ def tiny_batch(batch: int = 3, length: int = 20, image_size: int = 64, seed: int
                 sentence_index=sentence_index)
 
 
-__all__ = ["tiny_config", "tiny_batch"]
+__all__ = ["tiny_config", "tiny_batch", "REFERENCE_CLUSTERING"]
