@@ -17,7 +17,6 @@ reported beside it.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -25,14 +24,13 @@ from typing import Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import data_scripts  # noqa: E402
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
+import data_scripts
+from cgns.downstream import cli as train_downstream
+from modeling_cgns import CGNSConfig, CGNSModel
 
 
 def make_export(path: str, arch: str, image_size: int) -> str:

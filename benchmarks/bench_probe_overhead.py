@@ -12,21 +12,20 @@
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSModel  # noqa: E402
-from modeling_cgns.modeling_cgns import CGNSPreTrainedModel  # noqa: E402
+from cgns.downstream import cli as train_downstream
+from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSModel
+from modeling_cgns.modeling_cgns import CGNSPreTrainedModel
+from modeling_cgns.processing_cgns import default_resize_size
 
 
 def config(arch: str, image_size: int, **overrides) -> CGNSConfig:
@@ -60,7 +59,7 @@ def time_feature_cache(arch: str, image_size: int, num_images: int, workdir: str
     export = os.path.join(workdir, "export")
     torch.manual_seed(0)
     CGNSModel(config(arch, image_size)).save_pretrained(export)
-    render = round(image_size * 256 / 224)
+    render = default_resize_size(image_size)
     common = ["--task", "classification", "--dataset", "synthetic_cxr", "--model", export, "--cache_dir",
               os.path.join(workdir, "cache"), "--dataset_options", f"num_images={num_images}",
               f"image_size={render}", "--seeds", "0", "1", "--max_epochs", "20", "--quiet", "true"]

@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from transformers import AutoModel, BertConfig, BertModel, TimmWrapperConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
-from modeling_cgns.modeling_cgns import CGNSAttentionPool2d  # noqa: E402
-from pretrain_callbacks import stage_parameters  # noqa: E402
+from modeling_cgns import CGNSConfig, CGNSModel
+from modeling_cgns.modeling_cgns import CGNSAttentionPool2d
+from cgns.pretraining.optimization import stage_parameters
 
 VARIANTS = ("clip", "cgns_stage1", "cgns_stage2")
 

@@ -20,9 +20,9 @@ def main(argv=None) -> dict:
     import torch
 
     import data_scripts
-    from downstream import grounding
-    from downstream.arguments import parse_option
-    from downstream.encoding import load_model_and_processor
+    from cgns.downstream import grounding
+    from cgns.downstream.arguments import parse_option
+    from cgns.downstream.embeddings import load_model_and_processor
     from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,7 +13,6 @@ test mAP (detection) and the Dice, Dice on positive images and Dice of an empty 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -21,13 +20,12 @@ from typing import Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
+from cgns.downstream import cli as train_downstream
+from modeling_cgns import CGNSConfig, CGNSModel
 
 
 def make_export(path: str, image_size: int) -> str:

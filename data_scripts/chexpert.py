@@ -1,6 +1,6 @@
-"""CheXpert v1.0 -> five-task multi-label classification (ALGORITHM.md E.1).
+"""CheXpert v1.0 -> five-task multi-label classification (docs/method.md E.1).
 
-Reads the published layout (ALGORITHM.md J): ``train.csv`` and ``valid.csv`` with ``Path``,
+Reads the published layout (docs/data_contract.md): ``train.csv`` and ``valid.csv`` with ``Path``,
 ``Frontal/Lateral`` and the observation columns; ``Path`` starts with the dataset folder's name
 (``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``) and is resolved relative to
 the folder that contains the dataset folder or, failing that, to the dataset folder itself.

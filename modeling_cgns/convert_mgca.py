@@ -506,7 +506,7 @@ def convert_mgca_checkpoint(checkpoint_path: str, output_dir: str, text_config_p
     model.eval()
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
-    image_processor = CGNSImageProcessor(image_size=config.image_size, resize_size=round(config.image_size * 256 / 224))
+    image_processor = CGNSImageProcessor(image_size=config.image_size)
     if tokenizer is not None:
         CGNSProcessor(image_processor, tokenizer, max_length=config.max_text_length).save_pretrained(output_dir)
     else:

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional
 
-PACKAGE_NAME = "cgns"
+PACKAGE_NAME = "cm-cgns"  # the distribution on the package index (`cgns` there is an unrelated project)
 INSTALL_LINE = f"pip install {PACKAGE_NAME}"
 IMPORT_LINE = "import modeling_cgns  # registers model_type 'cgns' with the transformers Auto classes"
 CARD_NAME = "README.md"
@@ -29,7 +29,7 @@ KINDS = {
                   "chest X-ray object detection with a head on the frozen CGNS image tower"),
 }
 
-# config fields that define the pretraining objective (ALGORITHM.md A-C)
+# config fields that define the pretraining objective (docs/method.md A-C)
 OBJECTIVE_FIELDS = ("projection_dim", "image_size", "max_text_length", "use_clustering", "num_clusters",
                     "cluster_momentum", "cluster_init_threshold", "hard_negative_mode", "hard_negative_weight",
                     "remove_false_negatives", "local_text_temperature", "bml_alpha", "bml_beta", "bml_weight",

@@ -1,5 +1,5 @@
 """CGNS model: image tower + report tower, global and local alignment, cross-modal clustering state
-and the CM-MIR decoder (ALGORITHM.md A-B, ARCHITECTURE.md sections 3-4).
+and the CM-MIR decoder (docs/method.md A-B, docs/huggingface.md, docs/deviations.md).
 
 Reads top to bottom: batched building blocks -> decoders -> pre-trained base -> CGNSModel.
 Everything the reference computes per sample is batched here with padding masks; the slow

@@ -1,4 +1,4 @@
-"""Linear classification protocol (ALGORITHM.md E.1): CGNSForImageClassification, metrics, train_downstream.
+"""Linear classification protocol (docs/method.md E.1): CGNSForImageClassification, metrics, train_downstream.
 
 Tiny in-code towers (resnet18 / ViT-tiny at 64 px) and the synthetic dataset at 64 px keep the whole
 file well under two minutes on two CPU cores.
@@ -24,9 +24,9 @@ from transformers import (  # noqa: E402
 )
 
 import data_scripts  # noqa: E402
-import train_downstream as td  # noqa: E402
-from downstream import classification as probe  # noqa: E402
-from downstream.common import SPLITS  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
+from cgns.downstream import classification as probe  # noqa: E402
+from cgns.downstream.common import SPLITS  # noqa: E402
 from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSImageProcessor, CGNSModel  # noqa: E402
 from modeling_cgns.metrics import (  # noqa: E402
     UndefinedMetricWarning,

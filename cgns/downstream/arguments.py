@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 from transformers import HfArgumentParser
 
-from downstream import PROTOCOLS, protocol
+from cgns.downstream.protocols import PROTOCOLS, protocol
 from modeling_cgns.modeling_classification import INITS
 
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr")
@@ -162,7 +162,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> HfArgumentParser:
     return HfArgumentParser(argument_dataclasses(), formatter_class=HelpFormatter,
-                            description="Downstream evaluation of a CGNS export (ALGORITHM.md E): "
+                            description="Downstream evaluation of a CGNS export (docs/method.md E): "
                                         + ", ".join(PROTOCOLS) + ".")
 
 

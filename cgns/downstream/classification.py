@@ -1,4 +1,4 @@
-"""Frozen-encoder linear classification of a CGNS export (ALGORITHM.md E.1).
+"""Frozen-encoder linear classification of a CGNS export (docs/method.md E.1).
 
     python train_downstream.py --task classification --dataset chexpert --data_dir D --data_pct 0.01 \
         --model path/to/cgns_export --init pretrained --output_dir O --seeds 0 1 2
@@ -43,21 +43,19 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, Trainer, set_seed
 
 import data_scripts
-from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
+from cgns.downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
                                markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
                                training_arguments, write_results, write_seed_metrics)
-from downstream.encoding import cache_key, cache_subdir, cached_tensors, model_identity
+from cgns.downstream.embeddings import cache_key, cache_subdir, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
 
 logger = logging.getLogger("downstream.classification")
 
-# Protocol defaults (ALGORITHM.md E.1); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.1); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 100, "batch_size": 48, "lr": 5e-4, "weight_decay": 1e-6}
 MODES = ("cached", "augment", "uncached")
-# The probe's Trainer: checkpoints hold only the head (see FrozenTowerTrainer).
-LinearProbeTrainer = FrozenTowerTrainer
 
 
 @dataclass(kw_only=True)
@@ -413,12 +411,11 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_protocol = run  # the name before the downstream/ package
 
 __all__ = [
     "DEFAULTS", "MODES", "ARGUMENTS", "ClassificationArguments", "feature_cache_dir", "feature_cache_paths",
-    "run", "run_protocol", "check_arguments", "load_data", "check_classification_data",
+    "run", "check_arguments", "load_data", "check_classification_data",
     "build_model", "build_datasets", "extract_features", "standardize_features", "fold_standardization",
-    "ImageDataset", "FeatureDataset", "moco_augmentation", "LinearProbeTrainer", "make_compute_metrics",
+    "ImageDataset", "FeatureDataset", "moco_augmentation", "make_compute_metrics",
     "train_probe", "evaluate_probe", "summarise",
 ]

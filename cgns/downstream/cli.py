@@ -1,29 +1,28 @@
-"""Downstream evaluation of a CGNS export: the command line of the ``downstream`` protocols.
+"""Downstream evaluation of a CGNS export: the command line of the ``cgns.downstream`` protocols.
 
-    python train_downstream.py --task classification --dataset chexpert --data_dir D --data_pct 0.01 \
+    cgns evaluate --task classification --dataset chexpert --data_dir D --data_pct 0.01 \
         --model path/to/cgns_export --init pretrained --output_dir O --seeds 0 1 2
+    python -m cgns.downstream ...          # the same; `python train_downstream.py ...` in a clone
 
-This script only parses the arguments and dispatches: ``--task NAME`` runs
-``downstream.PROTOCOLS[NAME]`` (``downstream/classification.py``: linear probe, ALGORITHM.md E.1;
-``downstream/detection.py``: YOLOv3, E.2; ``downstream/segmentation.py``: U-Net / SETR, E.3;
+This module only parses the arguments and dispatches: ``--task NAME`` runs
+``cgns.downstream.protocols.PROTOCOLS[NAME]`` (``classification``: linear probe, docs/linear_probe.md;
+``detection``: YOLOv3, docs/detection.md; ``segmentation``: U-Net / SETR, docs/segmentation.md;
 ``retrieval``, ``zero_shot``, ``grounding``, ``visualize``: the encoder-only protocols of
 docs/evaluation.md).
-The options are typed dataclasses (``downstream.arguments``) read by ``transformers.HfArgumentParser``;
+The options are typed dataclasses (``cgns.downstream.arguments``) read by ``transformers.HfArgumentParser``;
 ``--help`` lists them with their defaults. Each protocol's defaults for ``--max_epochs``,
 ``--batch_size``, ``--lr`` and ``--weight_decay`` come from its module's ``DEFAULTS``; an explicit value
 wins. Trainer options (``--report_to``, ``--bf16``, ``--gradient_accumulation_steps``,
 ``--dataloader_num_workers``, ``--resume_from_checkpoint``) go to ``TrainingArguments`` unchanged.
-How a task is added: see ``downstream/__init__.py``.
+How a task is added: see ``cgns/downstream/__init__.py``.
 """
 import argparse
 import logging
 from typing import Dict, Optional, Sequence
 
-from downstream import PROTOCOLS, protocol
-from downstream.arguments import DATASETS, parse_args, parse_option
-from downstream.common import progress_bars
-
-logger = logging.getLogger("train_downstream")
+from .arguments import DATASETS, parse_args, parse_option
+from .common import progress_bars
+from .protocols import PROTOCOLS, protocol
 
 TASKS = tuple(PROTOCOLS)
 
@@ -43,8 +42,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     with progress_bars(not args.quiet):
         return protocol(args.task).run(args)
 
-
-if __name__ == "__main__":
-    main()
 
 __all__ = ["main", "parse_args", "check_task", "parse_option", "TASKS", "DATASETS"]

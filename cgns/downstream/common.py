@@ -22,8 +22,6 @@ from modeling_cgns import CGNSImageProcessor
 logger = logging.getLogger("downstream")
 
 SPLITS = ("train", "validation", "test")
-# The reference resizes the longest side to 256 before cropping 224 (E.1); other sizes keep the ratio.
-RESIZE_RATIO = 256 / 224
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,7 +35,7 @@ def load_image_processor(model_name_or_path: str, config) -> CGNSImageProcessor:
     except OSError:
         size = config.image_size
         logger.info("no image processor saved with %s; using image_size %d", model_name_or_path, size)
-        return CGNSImageProcessor(image_size=size, resize_size=round(size * RESIZE_RATIO))
+        return CGNSImageProcessor(image_size=size)     # the processor's default resize (256 for 224)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, 
 
 
 __all__ = [
-    "SPLITS", "RESIZE_RATIO", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
+    "SPLITS", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
     "best_by_eval_loss", "single_cpu_thread", "progress_bars", "seed_dir", "write_seed_metrics", "mean_std",
     "format_mean_std", "RESULTS_HEADER", "markdown_row", "write_results",
 ]

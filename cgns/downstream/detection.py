@@ -1,4 +1,4 @@
-"""Downstream object detection of a CGNS export (ALGORITHM.md E.2, MGCA's YOLOv3 protocol).
+"""Downstream object detection of a CGNS export (docs/method.md E.2, MGCA's YOLOv3 protocol).
 
 Run as ``train_downstream.py --task detection`` (:func:`run`):
 
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 import data_scripts
-from downstream.common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
+from cgns.downstream.common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
 from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, MAX_DETECTIONS, average_precision_per_threshold,
                                              mean_average_precision)
 from modeling_cgns.model_card import save_export
@@ -54,7 +54,7 @@ from modeling_cgns.processing_cgns import to_unit_range
 
 logger = logging.getLogger("downstream.detection")
 
-# Protocol defaults (ALGORITHM.md E.2); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.2); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6}
 CONF_THRESHOLD = 0.5  # E.2 inference
 NMS_IOU = 0.5
@@ -446,9 +446,8 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_detection = run  # the name before the downstream/ package
 
-__all__ = ["DEFAULTS", "ARGUMENTS", "DetectionArguments", "SELECTION_METRICS", "run", "run_detection",
+__all__ = ["DEFAULTS", "ARGUMENTS", "DetectionArguments", "SELECTION_METRICS", "run",
            "check_arguments", "load_detection_data", "above", "selection_score", "EpochSelector",
            "FeatureDetectionDataset", "cache_features", "feature_gib", "model_inputs", "DetectionDataset", "collate_detection", "predict",
            "detection_metrics", "train_detector", "markdown_row", "write_detection_results"]

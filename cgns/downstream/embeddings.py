@@ -94,6 +94,11 @@ def cache_subdir(args, override_field: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+def embedding_cache_dir(args) -> str:
+    """Where the encoder-only protocols cache embeddings (``--embedding_cache_dir`` or ``<cache>/embeddings``)."""
+    return cache_subdir(args, "embedding_cache_dir", "embeddings")
+
+
 def cache_key(**parts) -> str:
     """A short stable hash of JSON-serialisable ``parts``."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -190,7 +195,7 @@ class EncoderEvaluationArguments:
                 "dataset has one, else validation)"})
     prompts: Optional[str] = field(default=None, metadata={
         "help": "zero_shot / grounding: prompt JSON {label: {positive: [...], negative: [...]}} "
-                "(default: configs/zero_shot_prompts.json)"})
+                "(default: the zero_shot_prompts.json shipped in cgns/downstream)"})
     embedding_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "retrieval / zero_shot: folder of the cached embeddings, one safetensors file per model and "
                 "split (default: <cache_dir or ~/.cache/cgns>/embeddings)"})
@@ -213,6 +218,6 @@ class EncoderEvaluationArguments:
 
 __all__ = [
     "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity",
-    "cache_subdir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
+    "cache_subdir", "embedding_cache_dir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
     "encode_reports", "report_sentences", "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

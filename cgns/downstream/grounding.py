@@ -34,9 +34,9 @@ import data_scripts
 from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
+from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
                        text_batch)
-from .zero_shot import DEFAULT_PROMPTS, load_prompts, prompt_sentences
+from .prompts import DEFAULT_PROMPTS, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.grounding")
 

@@ -21,7 +21,7 @@ import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, cache_key, cache_subdir, cached_tensors, encode_images,
+from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
                        encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
                        require_dataset)
 
@@ -46,10 +46,6 @@ def embedding_cache_path(args, split_name: str, split, processor) -> str:
                     rows=len(split), image_size=processor.image_processor.image_size,
                     resize_size=processor.image_processor.resize_size, max_length=processor.max_length)
     return os.path.join(embedding_cache_dir(args), f"retrieval-{key}.safetensors")
-
-
-def embedding_cache_dir(args) -> str:
-    return cache_subdir(args, "embedding_cache_dir", "embeddings")
 
 
 def usable_pairs(split) -> Tuple[List[int], List[List[str]]]:
@@ -123,5 +119,5 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs",
-    "embedding_cache_path", "embedding_cache_dir", "RESULTS_HEADER",
+    "embedding_cache_path", "RESULTS_HEADER",
 ]

@@ -1,4 +1,4 @@
-"""Downstream semantic segmentation of a CGNS export with a frozen encoder (ALGORITHM.md E.3).
+"""Downstream semantic segmentation of a CGNS export with a frozen encoder (docs/method.md E.3).
 
 Run as ``train_downstream.py --task segmentation`` (:func:`run`, with that script's arguments), e.g.
 
@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, TrainingArguments, set_seed
 
 import data_scripts
-from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
+from cgns.downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
                                markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
                                write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
@@ -48,7 +48,7 @@ from modeling_cgns.processing_cgns import to_unit_range
 
 logger = logging.getLogger("downstream.segmentation")
 
-# Protocol defaults (ALGORITHM.md E.3); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.3); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05}
 
 SEGMENTATION = "segmentation"
@@ -357,11 +357,10 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_segmentation = run  # the name before the downstream/ package
 
 __all__ = [
     "DEFAULTS", "ARGUMENTS", "SegmentationArguments", "positive_images", "balance_positives",
-    "run", "run_segmentation", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
+    "run", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
     "joint_augmentation", "build_segmentation_model", "SegmentationTrainer", "DiceAccumulator",
     "segmentation_training_arguments", "train_segmenter", "evaluate_segmenter",
 ]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
+from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
                        text_batch)
 
 logger = logging.getLogger("downstream.visualize")

@@ -3,14 +3,15 @@
 Phases (one progress bar each, a short summary after each, the results table last):
 
 1. data: generate the synthetic image-report pairs and their labels (data_scripts.synthetic_cxr);
-2. pretraining: ``accelerate launch train_pretrain.py --config configs/demo.json`` (two stages,
+2. pretraining: ``accelerate launch -m cgns.pretraining --config demo`` (two stages,
    clustering on), export ``final/`` with ``save_pretrained``; the same model before any training
    (same seed, same towers) is exported as the random-init baseline;
 3. evaluation of both on the synthetic test split: image<->report retrieval (Recall@1/5/10),
    zero-shot classification from prompts (macro AUROC) and the pointing game of the local
    cross-attention (docs/evaluation.md);
 4. linear probes of both frozen image encoders at 1 %, 10 % and 100 % of the training labels,
-   protocol-faithful (E.1) and on standardised features (train_downstream.py, cached features);
+   protocol-faithful (docs/linear_probe.md) and on standardised features (``python -m cgns.downstream``,
+   cached features);
 5. report: ``<output_dir>/results.json`` (every number, read from the protocols' own results files),
    ``results.md`` (tables written from results.json), ``results.png`` (loss curves, retrieval /
    zero-shot / grounding, probes) and ``clustering.png`` (clustering diagnostics over training).
@@ -31,9 +32,12 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from cgns.configs import config_path, read_config
+from cgns.processes import child_env
+from cgns.pretraining.plots import read_metrics
+
 FRACTIONS = (0.01, 0.1, 1.0)
-# variant -> train_pretrain.py overrides (None: no pretraining, the untrained model of the same seed)
+# variant -> pretraining overrides (None: no pretraining, the untrained model of the same seed)
 ABLATIONS = {
     "CGNS (full)": [],
     "no clustering": ["--use_clustering", "false"],
@@ -60,8 +64,8 @@ METRICS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.json"))
-    p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
+    p.add_argument("--config", default="demo", help="a packaged config by name or a JSON file")
+    p.add_argument("--output_dir", default=os.path.join("outputs", "demo"))
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (mean ± std)")
     p.add_argument("--probe_max_epochs", type=int, default=100)
@@ -79,10 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pretraining processes (>1 starts a real multi-process gloo run on CPU)")
     p.add_argument("--verbose", action="store_true", help="show every log line of the steps")
     p.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[],
-                   help="extra train_pretrain.py overrides, e.g. --pretrain_args --num_images 200 --stage1_epochs 1")
+                   help="extra pretraining overrides, e.g. --pretrain_args --num_images 200 --stage1_epochs 1")
     args = p.parse_args(argv)
     if args.probe_jobs < 1:
         p.error(f"--probe_jobs must be at least 1, got {args.probe_jobs}")
+    # the child processes start in this working directory too, but absolute paths keep the files' records clear
+    args.output_dir = os.path.abspath(args.output_dir)
+    try:
+        args.config = os.path.abspath(config_path(args.config))
+    except FileNotFoundError as error:
+        p.error(str(error))
     return args
 
 
@@ -117,11 +127,6 @@ def quiet_step(verbose: bool, log_path: str):
             root.removeHandler(handler)
 
 
-def read_config(path: str) -> Dict:
-    with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-
-
 def override(args: List[str], key: str, default):
     """Value of ``--key`` in an override list, else ``default``."""
     flag = f"--{key}"
@@ -134,10 +139,11 @@ def override(args: List[str], key: str, default):
 
 def generate_data(config: Dict, cache_dir: str, pretrain_args: List[str]) -> Dict:
     import data_scripts
+    from modeling_cgns.processing_cgns import default_resize_size
 
     # render at the size the pretraining script renders (its resize size), so every step shares one cache
     image_size = override(pretrain_args, "image_size", int(config.get("image_size", 224)))
-    render_size = int(config.get("render_size") or round(image_size * 256 / 224))
+    render_size = int(config.get("render_size") or default_resize_size(image_size))
     # the lesion contrast the pretraining saw, for every downstream task of the demo
     options = dict(num_images=override(pretrain_args, "num_images", int(config.get("num_images", 2000))),
                    image_size=override(pretrain_args, "render_size", render_size),
@@ -152,7 +158,7 @@ def generate_data(config: Dict, cache_dir: str, pretrain_args: List[str]) -> Dic
 
 def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str], num_processes: int,
              verbose: bool, log_path: Optional[str] = None) -> str:
-    """``accelerate launch train_pretrain.py --config ...``; returns the export folder. With ``log_path``
+    """``accelerate launch -m cgns.pretraining --config ...``; returns the export folder. With ``log_path``
     the run's whole output (its progress bar included) goes to that file instead of the console."""
     import torch
 
@@ -164,53 +170,55 @@ def pretrain(config_path: str, output_dir: str, cache_dir: str, extra: List[str]
         launcher += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         launcher += ["--num_processes", "1"] + ([] if torch.cuda.is_available() else ["--cpu"])
-    # a re-run of the demo replaces the previous one (train_pretrain refuses that without the flag)
-    command = launcher + [os.path.join(ROOT, "train_pretrain.py"), "--config", config_path,
+    # a re-run of the demo replaces the previous one (pretraining refuses that without the flag)
+    command = launcher + ["-m", "cgns.pretraining", "--config", config_path,
                           "--output_dir", output_dir, "--cache_dir", cache_dir, "--overwrite_output_dir", "true"]
     if not verbose:
         command += ["--log_level", "warning"]
     command += extra
     shown = "$ " + " ".join(command[1:]).replace("-m accelerate.commands.launch", "accelerate launch")
-    env = dict(os.environ)
+    env = child_env()
     if not verbose:
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"   # the towers' "Loading weights" / "Writing shards" bars
     if log_path is None:
         print(shown, flush=True)
-        subprocess.run(command, check=True, cwd=ROOT, env=env)
+        subprocess.run(command, check=True, env=env)
     else:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a") as log:
             log.write(shown + "\n")
             log.flush()
-            result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode:
             raise RuntimeError(f"pretraining failed (exit {result.returncode}); its output is in {log_path}")
     return os.path.join(output_dir, "final")
 
 
 def export_untrained(config_path: str, extra: List[str], output_dir: str) -> str:
-    """The model ``train_pretrain.py`` starts from (same config, overrides and seed), saved untrained:
+    """The model pretraining starts from (same config, overrides and seed), saved untrained:
     the random-init baseline of the encoder-only evaluations."""
-    import train_pretrain
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    PartialState()  # train_pretrain's helpers log through accelerate, which needs its state
-    # one process: train_pretrain's device_specific seed (seed + process index 0) is the seed itself
+    from cgns.pretraining.arguments import parse_args as parse_pretraining_args
+    from cgns.pretraining.build import build_model, build_processor
 
-    config = train_pretrain.parse_args(["--config", config_path, "--output_dir", output_dir] + extra)
+    PartialState()  # the pretraining helpers log through accelerate, which needs its state
+    # one process: pretraining's device_specific seed (seed + process index 0) is the seed itself
+
+    config = parse_pretraining_args(["--config", config_path, "--output_dir", output_dir] + extra)
     set_seed(config.training.seed)
-    model = train_pretrain.build_model(config.model)
-    processor = train_pretrain.build_processor(model, config.model, config.data)
+    model = build_model(config.model)
+    processor = build_processor(model, config.model, config.data)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir
 
 
 def run_downstream(argv: List[str]) -> Dict:
-    import train_downstream
+    from cgns.downstream.cli import main
 
-    return train_downstream.main(argv)
+    return main(argv)
 
 
 def dataset_options_argv(data_options: Dict) -> List[str]:
@@ -247,19 +255,18 @@ def probe(model_dir: str, init: str, fraction: float, standardize: bool, output_
 
 
 def run_parallel(commands: List[Sequence[str]], log_paths: List[str], workers: int, on_done) -> None:
-    """``python train_downstream.py <argv>`` for every argv, ``workers`` at a time, each with
+    """``python -m cgns.downstream <argv>`` for every argv, ``workers`` at a time, each with
     ``cpu_count // workers`` threads and its output in its log file; ``on_done(i)`` after command i ends.
     A failure stops the phase with the failing command's log named (the others still finish)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_DISABLE_PROGRESS_BARS="1")
-    script = os.path.join(ROOT, "train_downstream.py")
+    env = dict(child_env(), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, HF_HUB_DISABLE_PROGRESS_BARS="1")
 
     def one(i: int) -> int:
         os.makedirs(os.path.dirname(log_paths[i]), exist_ok=True)
         with open(log_paths[i], "w") as log:
-            return subprocess.run([sys.executable, script, *commands[i]], cwd=ROOT, env=env, stdout=log,
+            return subprocess.run([sys.executable, "-m", "cgns.downstream", *commands[i]], env=env, stdout=log,
                                   stderr=subprocess.STDOUT).returncode
 
     failed = []
@@ -284,12 +291,14 @@ def read_json(path: str) -> Dict:
         return json.load(f)
 
 
-def read_metrics(pretrain_dir: str) -> List[Dict]:
+def training_records(pretrain_dir: str, split: str = "train") -> List[Dict]:
+    """The run's ``metrics.jsonl`` records of ``split`` (train | eval) in step order, a step re-logged after a
+    resume counted once (its later record); ``[]`` without the file."""
     path = os.path.join(pretrain_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    by_step = read_metrics(path)[0 if split == "train" else 1]
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def encoder_summary(files: Dict[str, str]) -> Dict:
@@ -324,7 +333,7 @@ def probe_summary(path: str) -> Dict:
 # --------------------------------------------------------------------------------------------------
 
 def fmt(stat: Dict) -> str:
-    from downstream.common import format_mean_std
+    from cgns.downstream.common import format_mean_std
 
     return format_mean_std(stat)
 
@@ -340,7 +349,7 @@ def pct(value: Optional[float]) -> str:
 
 def format_specificity(summary: Dict) -> str:
     """Sentence specificity ``+d ± ci`` in points (``n/a`` without a pair of findings in different cells)."""
-    from downstream.grounding import format_specificity as format_scores
+    from cgns.downstream.grounding import format_specificity as format_scores
 
     return format_scores(summary)
 
@@ -401,7 +410,7 @@ def plot_results(results: Dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(results["pretrain_dir"]) if r.get("split") == "train"]
+    records = training_records(results["pretrain_dir"])
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     ax = axes[0]
     for term in ("loss", "global_loss", "local_image_loss", "local_text_loss", "reconstruction_loss"):
@@ -461,7 +470,7 @@ def plot_clustering(pretrain_dir: str, path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(pretrain_dir) if r.get("split") == "train"]
+    records = training_records(pretrain_dir)
     series = {key: [(r["step"], r[key]) for r in records if key in r and "step" in r] for key, _ in CLUSTER_KEYS}
     if not any(series.values()):
         return False
@@ -479,9 +488,8 @@ def plot_clustering(pretrain_dir: str, path: str) -> bool:
 
 
 def pretrain_summary(pretrain_dir: str) -> Dict:
-    records = read_metrics(pretrain_dir)
-    train = [r for r in records if r.get("split") == "train"]
-    evals = [r for r in records if r.get("split") == "eval"]
+    train = training_records(pretrain_dir)
+    evals = training_records(pretrain_dir, "eval")
     out = {"steps": train[-1]["step"] if train else 0}
     for term in ("global_loss", "local_image_loss", "local_text_loss"):
         values = [r[term] for r in train if r.get(term) is not None]
@@ -667,7 +675,7 @@ def separation(full: Sequence[float], variant: Sequence[float]) -> Dict:
 
 
 def ablation_table(result: Dict) -> str:
-    from downstream.common import mean_std
+    from cgns.downstream.common import mean_std
 
     runs = result["runs"]
     header = "| variant | " + " | ".join(label for _, label in METRICS) + " |"
@@ -715,7 +723,6 @@ def main(argv=None) -> Dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, ROOT)
     if not args.verbose:
         logging.basicConfig(level=logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
