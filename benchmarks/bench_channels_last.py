@@ -1,6 +1,6 @@
 """Pretraining throughput with the image tower in channels-last vs the default (contiguous) layout.
 
-Runs ``train_pretrain.py --config configs/demo.json --max_steps N`` with ``--channels_last false`` and
+Runs ``python -m cgns.pretraining --config demo --max_steps N`` with ``--channels_last false`` and
 ``true`` (alternating, ``--repeats`` times each, same seed and data) and reads ``samples_per_second`` of the
 logged training windows from each run's ``metrics.jsonl``. Two numbers per run: the first epoch (the frozen
 text tower still runs on every new report) and the windows after it (text features cached, so the step is

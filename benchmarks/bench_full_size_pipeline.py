@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from data_scripts import mimic_cxr
-from data_scripts._common import resize_longest
+from data_scripts.builder import resize_longest
 from data_scripts.synthetic_cxr import generate_study
 from modeling_cgns import CGNSImageProcessor
 

@@ -1,8 +1,8 @@
-"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop (downstream/retrieval.py).
+"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop (cgns/downstream/retrieval.py).
 
 Both paths embed the same synthetic studies with the same CGNS model in eval mode under ``torch.no_grad``:
 
-* batched (the protocol): ``downstream.encoding.encode_images`` / ``encode_reports`` - the processor
+* batched (the protocol): ``cgns.downstream.embeddings.encode_images`` / ``encode_reports`` - the processor
   and the tower run on ``--batch_size`` images / reports at a time;
 * one at a time (the peer): a Python loop calling the processor and ``get_image_features`` /
   ``get_text_features`` on one image / one report per call, the naive way to write it.

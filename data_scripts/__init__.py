@@ -1,6 +1,6 @@
 """Dataset builders for CGNS: raw published files -> ``datasets.DatasetDict`` (docs/data_contract.md)."""
 from . import chexpert, covidx, mimic_cxr, object_cxr, rsna, siim, synthetic_cxr
-from ._common import (  # noqa: F401
+from .builder import (  # noqa: F401
     DatasetFormatError,
     Manifest,
     TaskSpec,

@@ -28,7 +28,7 @@ opened: ``absolute path in list file`` / ``path outside the data folder``. Accou
 ``inputs["valid.csv rows"]`` = test rows + the skips of valid rows (``docs/data_contract.md``).
 
 Task ``5x200`` returns only that hold-out, as a ``test`` split (labels: one positive task per image),
-for zero-shot evaluation (``train_downstream.py --task zero_shot``).
+for zero-shot evaluation (``cgns evaluate --task zero_shot``).
 """
 import os
 import re
@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     DatasetFormatError,
     Manifest,

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import datasets
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     DatasetFormatError,
     Manifest,

@@ -43,7 +43,7 @@ import datasets
 
 from modeling_cgns.sentences import is_usable_report, report_text, split_sentences
 
-from ._common import (
+from .builder import (
     STORED_IMAGE_FORMATS,
     CGNSBuilder,
     CliFlag,

@@ -44,7 +44,7 @@ from typing import List, Optional, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,

@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,

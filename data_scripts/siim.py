@@ -37,7 +37,7 @@ from typing import Dict, List, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,

@@ -444,7 +444,7 @@ These MGCA tensors have no CGNS module of the same architecture. They are listed
 
 The CGNS heads in this export (attention pool, projections, sentence pool, local cross-attention,
 predictor, cluster state) are **freshly initialised, not MGCA's**: use the export for the frozen-encoder
-protocols (`train_downstream.py --task classification / detection / segmentation --model <this folder>`),
+protocols (`cgns evaluate --task classification / detection / segmentation --model <this folder>`),
 not for retrieval or zero-shot classification.
 
 ## Tokenizer

@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional
 
+LIBRARY_NAME = "cgns"     # the Hub's library_name of every export
 PACKAGE_NAME = "cm-cgns"  # the distribution on the package index (`cgns` there is an unrelated project)
 INSTALL_LINE = f"pip install {PACKAGE_NAME}"
 IMPORT_LINE = "import modeling_cgns  # registers model_type 'cgns' with the transformers Auto classes"
@@ -116,7 +117,7 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
     title, pipeline_tag, auto_class, task = KINDS[kind]
     where = repo_id or "path/or/hub-id-of-this-export"
-    front = {"library_name": PACKAGE_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag,
+    front = {"library_name": LIBRARY_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag,
              "tags": ["cgns", "chest-x-ray", "medical-imaging", "radiology-reports", kind]}
     if base_model:
         front["base_model"] = base_model
@@ -218,5 +219,5 @@ def read_front_matter(path: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description", "PACKAGE_NAME",
-           "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]
+__all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description",
+           "LIBRARY_NAME", "PACKAGE_NAME", "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]

@@ -17,11 +17,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForImageClassification,
-    BertConfig,
-    BertModel,
-    TimmWrapperConfig,
-)
+                          AutoModelForImageClassification,
+                          BertConfig,
+                          BertModel,
+                          TimmWrapperConfig,
+                          )
 
 import data_scripts  # noqa: E402
 from cgns.downstream import cli as td  # noqa: E402
@@ -29,10 +29,10 @@ from cgns.downstream import classification as probe  # noqa: E402
 from cgns.downstream.common import SPLITS  # noqa: E402
 from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSImageProcessor, CGNSModel  # noqa: E402
 from modeling_cgns.metrics import (  # noqa: E402
-    UndefinedMetricWarning,
-    classification_metrics,
-    flat_numeric_metrics,
-)
+                                   UndefinedMetricWarning,
+                                   classification_metrics,
+                                   flat_numeric_metrics,
+                                   )
 
 IMAGE_SIZE = 64
 NUM_IMAGES = 100  # synthetic: 80 train / 10 validation / 10 test

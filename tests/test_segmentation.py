@@ -22,11 +22,11 @@ from cgns.downstream import segmentation as seg  # noqa: E402
 from cgns.downstream.segmentation import SegmentationTrainer  # noqa: E402
 from modeling_cgns import CGNSForSemanticSegmentation, CGNSModel  # noqa: E402
 from modeling_cgns.modeling_segmentation import (  # noqa: E402
-    dice_per_image,
-    focal_loss,
-    segmentation_loss,
-    soft_dice,
-)
+                                                 dice_per_image,
+                                                 focal_loss,
+                                                 segmentation_loss,
+                                                 soft_dice,
+                                                 )
 from tiny import tiny_config  # noqa: E402
 
 IMAGE_SIZE = 64

@@ -1,6 +1,6 @@
 """Named run configs, shipped with the package: ``--config demo`` or a path to a JSON file.
 
-A config is a JSON object of flat ``train_pretrain`` argument values (``cgns/pretraining/arguments.py``);
+A config is a JSON object of flat pretraining argument values (``cgns/pretraining/arguments.py``);
 keys starting with ``_`` (``"_comment"``) are notes and are dropped when read.
 """
 import json

@@ -1,6 +1,6 @@
 """Downstream evaluation protocols of a CGNS export, one module per protocol.
 
-``python -m cgns.downstream --task NAME`` (``cgns evaluate``, ``train_downstream.py`` in a clone) parses the
+``python -m cgns.downstream --task NAME`` (``cgns evaluate``, ``cgns evaluate`` in a clone) parses the
 command line (:mod:`cgns.downstream.arguments`) and calls ``PROTOCOLS[NAME].run``
 (:mod:`cgns.downstream.protocols`).
 

@@ -39,8 +39,8 @@ class Column(NamedTuple):
     """One dataset x protocol group of three table columns (one per label fraction)."""
 
     title: str
-    task: str       # train_downstream --task
-    dataset: str    # train_downstream --dataset
+    task: str       # cgns evaluate --task
+    dataset: str    # cgns evaluate --dataset
     dataset_task: str
     table: str      # "classification" or "dense"
 

@@ -66,7 +66,7 @@ def require_columns(split, columns: Sequence[str], what: str) -> None:
 
 
 def require_dataset(args, task: str) -> None:
-    if not getattr(args, "dataset", None):
+    if not args.dataset:
         raise ValueError(f"--task {task} needs --dataset")
 
 
@@ -87,9 +87,9 @@ def model_identity(model_name_or_path: str) -> Dict:
 
 def cache_subdir(args, override_field: str, name: str) -> str:
     """``args.<override_field>`` when set, else ``<cache_dir or ~/.cache/cgns>/<name>``."""
-    if getattr(args, override_field, None):
+    if getattr(args, override_field):
         return getattr(args, override_field)
-    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
+    root = args.cache_dir if args.cache_dir else os.path.join(os.path.expanduser("~"), ".cache",
                                                                                   "cgns")
     return os.path.join(root, name)
 
@@ -186,8 +186,8 @@ def report_sentences(row: Dict) -> List[str]:
 class EncoderEvaluationArguments:
     """Command-line options of the encoder-only protocols (retrieval, zero_shot, grounding, visualize).
 
-    Each of those modules names this class as its ``ARGUMENTS``, so ``downstream.arguments`` puts the
-    fields on the ``train_downstream.py`` command line once; the other protocols ignore them.
+    Each of those modules names this class as its ``ARGUMENTS``, so ``cgns.downstream.arguments`` puts the
+    fields on the ``cgns evaluate`` command line once; the other protocols ignore them.
     """
 
     split: Optional[str] = field(default=None, metadata={

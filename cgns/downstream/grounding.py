@@ -1,8 +1,8 @@
 """Grounding of report sentences in the image by CGNS's local cross-attention (docs/evaluation.md).
 
-    python train_downstream.py --task grounding --dataset synthetic_cxr --dataset_task grounding \
+    cgns evaluate --task grounding --dataset synthetic_cxr --dataset_task grounding \
         --model path/to/cgns_export --output_dir O
-    python train_downstream.py --task grounding --dataset rsna --dataset_task detection --data_dir D \
+    cgns evaluate --task grounding --dataset rsna --dataset_task detection --data_dir D \
         --model path/to/cgns_export --output_dir O      # queries: the label's positive prompts
 
 A query is a sentence with the boxes of what it names: on the synthetic ``grounding`` task every
@@ -31,16 +31,15 @@ import numpy as np
 import torch
 
 import data_scripts
-from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
 from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
-                       text_batch)
+                         text_batch)
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.grounding")
 
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 16}
 #: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
@@ -286,7 +285,7 @@ def prompt_queries(model, processor, split, prompts: List[str], batch_size: int,
 
 def check_arguments(args) -> None:
     require_dataset(args, "grounding")
-    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+    if args.prompts and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts {args.prompts}: no such file")
 
 
@@ -299,7 +298,7 @@ def run(args) -> Dict:
     split_name = pick_split(dataset_dict, args.split)
     split = dataset_dict[split_name]
     columns = set(split.features)
-    direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
+    direction = args.attention_direction
     model, processor = load_model_and_processor(args.model)
     counts = new_query_counts()
     query_sentences, image_ids = None, None
@@ -311,7 +310,7 @@ def run(args) -> Dict:
         if spec.num_labels != 1:
             raise ValueError(f"prompt queries need a one-label detection task; {args.dataset}/{args.dataset_task} "
                              f"has labels {list(spec.label_names)}")
-        prompt_path = getattr(args, "prompts", None) or DEFAULT_PROMPTS
+        prompt_path = args.prompts or DEFAULT_PROMPTS
         label = spec.label_names[0]
         positive = load_prompts(prompt_path, [label])[label]["positive"]
         source = f"positive prompts of {label!r} from {prompt_path}"

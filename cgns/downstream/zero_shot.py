@@ -1,6 +1,6 @@
 """Zero-shot classification of a CGNS export from prompts (docs/evaluation.md).
 
-    python train_downstream.py --task zero_shot --dataset chexpert --dataset_task 5x200 --data_dir D \
+    cgns evaluate --task zero_shot --dataset chexpert --dataset_task 5x200 --data_dir D \
         --model path/to/cgns_export --output_dir O [--prompts my_prompts.json]
 
 Recipe: embed each prompt as a one-report text (``get_text_features``) -> per label the mean
@@ -35,7 +35,7 @@ from .prompts import DEFAULT_PROMPTS, POLARITIES, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.zero_shot")
 
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
 DATASET_TASK = "classification"
@@ -76,7 +76,7 @@ def single_positive_accuracy(logits: np.ndarray, labels: np.ndarray):
 
 def check_arguments(args) -> None:
     require_dataset(args, "zero_shot")
-    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+    if args.prompts and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts {args.prompts}: no such file")
 
 
@@ -87,7 +87,7 @@ def run(args) -> Dict:
         raise ValueError(f"zero-shot classification needs a classification task; {args.dataset}/"
                          f"{args.dataset_task} is {spec.problem_type!r}")
     label_names = list(spec.label_names)
-    prompt_path = getattr(args, "prompts", None) or DEFAULT_PROMPTS
+    prompt_path = args.prompts or DEFAULT_PROMPTS
     prompts = load_prompts(prompt_path, label_names)
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
@@ -100,7 +100,7 @@ def run(args) -> Dict:
     key = cache_key(kind="images", model=model_identity(args.model), dataset=args.dataset,
                     dataset_task=args.dataset_task, split=split_name, fingerprint=split._fingerprint, rows=len(split),
                     image_size=processor.image_processor.image_size, resize_size=processor.image_processor.resize_size)
-    cache_path = None if getattr(args, "no_embedding_cache", False) else \
+    cache_path = None if args.no_embedding_cache else \
         os.path.join(embedding_cache_dir(args), f"images-{key}.safetensors")
     image_embeds = cached_tensors(
         cache_path, lambda: {"image_embeds": encode_images(model, processor, split, args.batch_size, args.quiet,

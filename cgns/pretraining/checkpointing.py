@@ -256,6 +256,7 @@ def save_checkpoint(run: PretrainingRun) -> str:
     run.checkpoint_history = history
     accelerator.wait_for_everyone()
     run.last_checkpoint = final
+    return final
 
 
 # a mismatched checkpoint tensor -> the arguments that set its shape
