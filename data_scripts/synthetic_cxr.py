@@ -736,6 +736,48 @@ _BONES = ["Osseous structures are unremarkable.", "Mild degenerative changes of 
 _CATHETER = ["Right internal jugular central venous catheter terminates in the mid SVC.",
              "A right IJ line ends at the cavoatrial region."]
 
+# Sentence meanings (the clustering's ground truth, docs/clustering.md "Ground truth"): a coarse meaning
+# is the finding(s) a sentence states with their polarity ("pleural_effusion+", "pneumothorax-"), or,
+# for a sentence that states no finding, the statement it makes ("lungs_clear", "technique_pa_lateral");
+# the fine meaning adds side / zone / size to a positive finding. Phrasings of one statement share it.
+_NORMAL_MEANINGS = {
+    "Heart size is normal.": "cardiomegaly-",
+    "The cardiomediastinal silhouette is within normal limits.": "cardiomegaly-",
+    "Cardiac and mediastinal contours are normal.": "cardiomegaly-",
+    "The lungs are clear.": "lungs_clear",
+    "The lungs are well expanded and clear.": "lungs_clear",
+    "No pleural effusion or pneumothorax.": "pleural_effusion-,pneumothorax-",
+    "No acute cardiopulmonary process.": "no_acute_process",
+    "No acute intrathoracic abnormality.": "no_acute_process",
+    "PA and lateral views of the chest.": "technique_pa_lateral",
+    "PA and lateral chest radiographs were obtained.": "technique_pa_lateral",
+    "Single frontal view of the chest.": "technique_frontal",
+    "Comparison is made to the prior radiograph.": "comparison_prior",
+    "No prior studies are available for comparison.": "comparison_none",
+    "Compared with the previous study, the patient has been repositioned.": "comparison_repositioned",
+    "Osseous structures are unremarkable.": "bones_normal",
+    "No acute osseous abnormality.": "bones_normal",
+    "Mild degenerative changes of the thoracic spine.": "bones_degenerative",
+}
+_NORMAL_MEANINGS.update({t: "catheter" for t in _CATHETER})
+_NORMAL_MEANINGS.update({t: f"{name}-" for name, texts in _NEGATIONS.items() for t in texts})
+
+
+def positive_meaning(fd: dict) -> Tuple[str, str]:
+    """(coarse, fine) meaning of a sentence that states drawn finding ``fd``."""
+    coarse = f"{fd['name']}+"
+    parts = [coarse] + [str(fd[k]) for k in ("side", "zone", "size") if fd.get(k) is not None]
+    return coarse, "|".join(parts)
+
+
+def statement_meaning(text: str) -> str:
+    """Meaning of a written sentence that states no drawn finding (a negation, a normal statement, technique,
+    comparison, bones, a line); a ``ValueError`` for text the generator does not write."""
+    try:
+        return _NORMAL_MEANINGS[text]
+    except KeyError:
+        raise ValueError(f"synthetic report: no meaning for sentence {text!r}") from None
+
 
 def _write_report(rng: np.random.Generator, findings: List[dict], catheter: bool
                   ) -> Tuple[str, str, List[Tuple[str, int]]]:
@@ -792,15 +834,29 @@ def _write_report(rng: np.random.Generator, findings: List[dict], catheter: bool
     return " ".join(body), imp, written
 
 
-def _sentence_findings(written: List[Tuple[str, int]], sentences: List[str]) -> List[int]:
-    """Finding index of each sentence of ``split_sentences(text)``, from the written sentences.
+def _written_meanings(written: List[Tuple[str, int]], findings: List[dict]) -> List[Tuple[str, str]]:
+    """(coarse, fine) meaning of every written sentence (see ``positive_meaning`` / ``statement_meaning``)."""
+    out = []
+    for text, tag in written:
+        if tag >= 0:
+            out.append(positive_meaning(findings[tag]))
+        else:
+            meaning = statement_meaning(text)
+            out.append((meaning, meaning))
+    return out
+
+
+def _sentence_findings(written: List[Tuple[str, int]], sentences: List[str], values: Optional[list] = None
+                       ) -> list:
+    """Finding index (or the given per-written-sentence ``values``) of each sentence of
+    ``split_sentences(text)``, from the written sentences.
 
     Each written sentence is split on its own; the pieces concatenate to the split of the whole
     text because written sentences end at a full stop (checked: a mismatch is a generator bug).
     """
-    tags: List[int] = []
-    for text, tag in written:
-        tags += [tag] * len(split_sentences(text))
+    tags: list = []
+    for k, (text, tag) in enumerate(written):
+        tags += [tag if values is None else values[k]] * len(split_sentences(text))
     if len(tags) != len(sentences):
         raise RuntimeError(f"synthetic report: {len(tags)} tagged sentences for {len(sentences)} split sentences")
     return tags
@@ -842,6 +898,9 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224, lesion_cont
       ``sentences``: ``split_sentences(text)``; ``sentence_findings``: per sentence, the index in
       ``findings`` of the drawn finding it names, or -1; ``sentence_boxes``: per sentence, the
       boxes of that finding (empty for sentences without a boxed finding);
+      ``sentence_meanings`` / ``sentence_meanings_fine``: per sentence, its coarse meaning (finding(s) and
+      polarity, or the statement: ``positive_meaning`` / ``statement_meaning``) and its fine meaning (with
+      side / zone / size for a positive finding);
       ``chexpert``: float32 (5,) in ``CHEXPERT_LABELS`` order; ``opacity``: float32 (1,);
       ``multiclass``: int index into ``MULTICLASS_NAMES``;
       ``boxes``: float32 (K, 4) normalised [x_min, y_min, x_max, y_max]; ``box_labels``: K str
@@ -880,6 +939,7 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224, lesion_cont
     text = report_text(impression_text, findings_text)
     sentences = split_sentences(text)
     sentence_findings = _sentence_findings(written, sentences)
+    meanings = _sentence_findings(written, sentences, _written_meanings(written, findings))
     present = {f["name"] for f in findings}
     chexpert = np.array([float(n in present) for n in _CHEXPERT_FINDINGS], dtype=np.float32)
     has_opacity = "consolidation" in present or "multifocal_opacity" in present
@@ -897,6 +957,8 @@ def generate_study(index: int, seed: int = 0, image_size: int = 224, lesion_cont
         "text": text,
         "sentences": sentences,
         "sentence_findings": sentence_findings,
+        "sentence_meanings": [m[0] for m in meanings],
+        "sentence_meanings_fine": [m[1] for m in meanings],
         "chexpert": chexpert,
         "opacity": np.array([float(has_opacity)], dtype=np.float32),
         "multiclass": multiclass,
@@ -947,7 +1009,8 @@ def _row(task: str, st: dict) -> dict:
     """One dataset row of ``task`` from a generated study."""
     if task == "pretraining":
         return {"image": st["image"], "report": st["text"], "sentences": st["sentences"],
-                "study_id": st["study_id"]}
+                "study_id": st["study_id"], "sentence_meanings": st["sentence_meanings"],
+                "sentence_meanings_fine": st["sentence_meanings_fine"]}
     row = {"image": st["image"], "image_id": st["study_id"]}
     if task == "classification":
         row["labels"] = st["chexpert"].tolist()
@@ -964,7 +1027,18 @@ def _row(task: str, st: dict) -> dict:
     elif task == "grounding":
         row["sentences"] = st["sentences"]
         row["sentence_boxes"] = st["sentence_boxes"]
+        row["sentence_meanings"] = st["sentence_meanings"]
+        row["sentence_meanings_fine"] = st["sentence_meanings_fine"]
     return row
+
+
+MEANING_TASKS = ("pretraining", "grounding")
+
+
+def meaning_features() -> Dict[str, object]:
+    """The ground-truth meaning columns of the pretraining and grounding rows (one string per sentence)."""
+    return {"sentence_meanings": datasets.List(datasets.Value("string")),
+            "sentence_meanings_fine": datasets.List(datasets.Value("string"))}
 
 
 class SyntheticCXRConfig(datasets.BuilderConfig):
@@ -986,10 +1060,18 @@ class SyntheticCXR(CGNSBuilder):
     NAME, TASKS = DATASET_NAME, TASKS
     NEEDS_DATA_DIR = False
     BUILDER_CONFIG_CLASS = SyntheticCXRConfig
-    BUILDER_CONFIGS = [SyntheticCXRConfig(name=t, version=datasets.Version("1.0.0")) for t in TASKS]
+    # 1.1.0: the pretraining and grounding rows carry sentence meanings
+    BUILDER_CONFIGS = [SyntheticCXRConfig(name=t, version=datasets.Version("1.1.0" if t in MEANING_TASKS else "1.0.0"))
+                       for t in TASKS]
     DEFAULT_CONFIG_NAME = "pretraining"
     DEFAULT_WRITER_BATCH_SIZE = None  # the datasets default: rows are small
     VERSION = datasets.Version("1.0.0")
+
+    def _info(self):
+        info = super()._info()
+        if self.config.name in MEANING_TASKS:
+            info.features = datasets.Features({**info.features, **meaning_features()})
+        return info
 
     def _split_generators(self, dl_manager):
         n = self.config.num_images
@@ -1114,7 +1196,8 @@ if __name__ == "__main__":
 
 __all__ = [
     "DIFFICULTY", "SCENARIOS", "FINDING_NAMES", "CHEXPERT_LABELS", "MULTICLASS_NAMES", "KEYWORDS",
-    "SIZE_WORDS", "TASKS", "SyntheticCXR", "SyntheticCXRConfig", "generate_study", "generate",
+    "SIZE_WORDS", "TASKS", "MEANING_TASKS", "meaning_features", "positive_meaning", "statement_meaning",
+    "SyntheticCXR", "SyntheticCXRConfig", "generate_study", "generate",
     "study_digest", "split_sizes",
     "split_of", "load", "main",
 ]

@@ -25,6 +25,12 @@ DEFAULT_MAX_TEXT_LENGTH = 256
 CLUSTER_UPDATE_TIMINGS = ("before_loss", "after_step")
 CLUSTER_INIT_SOURCES = ("batch", "queue")
 HEAD_INITS = ("pytorch", "normal")
+CLUSTER_FEATURES = ("cross", "text", "both")
+CLUSTER_UPDATES = ("momentum", "spherical")
+CLUSTER_ASSIGNMENTS = ("argmax", "sinkhorn")
+EMPTY_CLUSTER_POLICIES = ("reseed", "split")
+FALSE_NEGATIVE_GATES = ("cluster", "centroid", "similarity")
+FALSE_NEGATIVE_HANDLINGS = ("bml", "remove", "attract")
 
 
 def _is_int(value) -> bool:
@@ -90,6 +96,23 @@ class CGNSConfig(PretrainedConfig):
             (global) batch (reference; a batch with fewer than K features falls back to the queue), or
             "queue": from the last ``cluster_queue_size`` features.
         decoder_align_corners (`bool`, True): bilinear ×2 upsampling of the CM-MIR decoders (reference True).
+        cluster_features (`str`, "cross"): what the centroids are fitted to: the cross-modal sentence features
+            z2 ("cross", reference), the text sentence features z1 ("text"), or both ("both").
+        cluster_update (`str`, "momentum"): "momentum" = the reference ``m <- eta * S_k + (1 - eta) * m`` (a sum);
+            "spherical" = mini-batch spherical k-means, per-centre rate n_k / N_k (``cluster_count_decay``).
+        cluster_assignment (`str`, "argmax"): how the update assigns points: nearest centroid (reference) or
+            balanced by Sinkhorn-Knopp ("sinkhorn", as SwAV / MGCA).
+        empty_cluster_policy (`str`, "reseed"): a centroid dead for ``dead_cluster_patience`` updates is
+            re-seeded from a queued feature ("reseed") or refilled by splitting the largest cluster ("split").
+        cluster_warmup_updates (`int`, 0): the centroids initialise no earlier than this many updates.
+        cluster_count_decay (`float`, 1.0): forgetting factor of the per-centre counts (1 = plain mini-batch k-means).
+        false_negative_gate (`str`, "cluster"): which same-cluster pairs are false negatives: all ("cluster",
+            reference), those closer to the anchor than its centroid ("centroid", ClusterNS's test), or those with
+            text cosine >= ``false_negative_threshold`` ("similarity").
+        false_negative_threshold (`float`, 0.9): the "similarity" gate's cosine.
+        false_negative_handling (`str`, "bml"): besides the BML term (``bml_weight``), false negatives are kept
+            in the InfoNCE denominator ("bml", reference), removed from it ("remove") or made positives ("attract").
+        use_hard_negatives (`bool`, True): the centroid hard-negative logits (ablation switch).
         head_init (`str`, "pytorch"): the heads' Linear/Conv2d layers keep PyTorch's default initialisation
             (reference, A.3; the projection weights are N(0, in_dim^-1/2)); "normal": N(0, initializer_range)
             weights and zero biases (the transformers convention).
@@ -142,6 +165,16 @@ class CGNSConfig(PretrainedConfig):
         cluster_init_source: str = "batch",
         decoder_align_corners: bool = True,
         head_init: str = "pytorch",
+        cluster_features: str = "cross",
+        cluster_update: str = "momentum",
+        cluster_assignment: str = "argmax",
+        empty_cluster_policy: str = "reseed",
+        cluster_warmup_updates: int = 0,
+        cluster_count_decay: float = 1.0,
+        false_negative_gate: str = "cluster",
+        false_negative_threshold: float = 0.9,
+        false_negative_handling: str = "bml",
+        use_hard_negatives: bool = True,
         **kwargs,
     ):
         if vision_config is None:
@@ -200,6 +233,18 @@ class CGNSConfig(PretrainedConfig):
         self.cluster_init_source = cluster_init_source
         self.decoder_align_corners = decoder_align_corners
         self.head_init = head_init
+        self.cluster_features = cluster_features
+        self.cluster_update = cluster_update
+        self.cluster_assignment = cluster_assignment
+        self.empty_cluster_policy = empty_cluster_policy
+        self.cluster_warmup_updates = cluster_warmup_updates
+        self.cluster_count_decay = cluster_count_decay
+        self.false_negative_gate = false_negative_gate
+        self.false_negative_threshold = false_negative_threshold
+        # the older boolean spelling of false_negative_handling="remove"
+        self.false_negative_handling = ("remove" if remove_false_negatives and false_negative_handling == "bml"
+                                        else false_negative_handling)
+        self.use_hard_negatives = use_hard_negatives
         super().__init__(**kwargs)
         self.validate()
 
@@ -290,8 +335,24 @@ class CGNSConfig(PretrainedConfig):
                      "local_image_loss_weight", "local_text_loss_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not _is_int(self.cluster_warmup_updates) or self.cluster_warmup_updates < 0:
+            problems.append(f"cluster_warmup_updates must be an integer >= 0, got {self.cluster_warmup_updates!r}")
+        if not _is_real(self.cluster_count_decay) or not 0.0 < self.cluster_count_decay <= 1.0:
+            problems.append(f"cluster_count_decay must be in (0, 1], got {self.cluster_count_decay!r}")
+        if not _is_real(self.false_negative_threshold) or not -1.0 <= self.false_negative_threshold <= 1.0:
+            problems.append(f"false_negative_threshold must be a cosine in [-1, 1], got {self.false_negative_threshold!r}")
+        if not isinstance(self.use_hard_negatives, bool):
+            problems.append(f"use_hard_negatives must be true or false, got {self.use_hard_negatives!r}")
+        if self.remove_false_negatives and self.false_negative_handling != "remove":
+            problems.append("remove_false_negatives=True contradicts false_negative_handling="
+                            f"{self.false_negative_handling!r} (it is the older spelling of 'remove')")
         for name, allowed in (("cluster_update_timing", CLUSTER_UPDATE_TIMINGS),
-                              ("cluster_init_source", CLUSTER_INIT_SOURCES), ("head_init", HEAD_INITS)):
+                              ("cluster_init_source", CLUSTER_INIT_SOURCES), ("head_init", HEAD_INITS),
+                              ("cluster_features", CLUSTER_FEATURES), ("cluster_update", CLUSTER_UPDATES),
+                              ("cluster_assignment", CLUSTER_ASSIGNMENTS),
+                              ("empty_cluster_policy", EMPTY_CLUSTER_POLICIES),
+                              ("false_negative_gate", FALSE_NEGATIVE_GATES),
+                              ("false_negative_handling", FALSE_NEGATIVE_HANDLINGS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.decoder_align_corners, bool):
@@ -330,6 +391,15 @@ REFERENCE_SETTINGS = {
     "reconstruction_target": "image",
     "decoder_align_corners": True,
     "head_init": "pytorch",
+    "cluster_features": "cross",
+    "cluster_update": "momentum",
+    "cluster_assignment": "argmax",
+    "empty_cluster_policy": "reseed",
+    "cluster_warmup_updates": 0,
+    "cluster_count_decay": 1.0,
+    "false_negative_gate": "cluster",
+    "false_negative_handling": "bml",
+    "use_hard_negatives": True,
     "global_loss_weight": 1.0,
     "local_image_loss_weight": 1.0,
     "local_text_loss_weight": 1.0,
@@ -337,4 +407,6 @@ REFERENCE_SETTINGS = {
 
 
 __all__ = ["CGNSConfig", "vision_tower_kind", "VISION_FAMILIES", "TEXT_MODEL_TYPES",
-           "REFERENCE_SETTINGS", "CLUSTER_UPDATE_TIMINGS", "CLUSTER_INIT_SOURCES", "HEAD_INITS"]
+           "REFERENCE_SETTINGS", "CLUSTER_UPDATE_TIMINGS", "CLUSTER_INIT_SOURCES", "HEAD_INITS", "CLUSTER_FEATURES",
+           "CLUSTER_UPDATES", "CLUSTER_ASSIGNMENTS", "EMPTY_CLUSTER_POLICIES", "FALSE_NEGATIVE_GATES",
+           "FALSE_NEGATIVE_HANDLINGS"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .clustering import false_negative_mask, nearest_two_centroids
+from .clustering import gated_false_negative_mask, nearest_two_centroids
 
 
 def global_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
@@ -104,21 +104,42 @@ def hard_negative_logits(cos_pos: torch.Tensor, cos_hard: torch.Tensor, temperat
     raise ValueError(f"unknown hard_negative_mode {mode!r}")
 
 
+FALSE_NEGATIVE_HANDLINGS = ("bml", "remove", "attract")
+
+
 def cluster_guided_text_loss(text_sentences: torch.Tensor, cross_sentences: torch.Tensor,
                              centroids: Optional[torch.Tensor], temperature: float = 1.0,
                              hard_negative_mode: str = "additive", hard_negative_weight: float = 3.0,
                              remove_false_negatives: bool = False, bml_alpha: float = 0.2, bml_beta: float = 0.5,
-                             bml_weight: float = 1e-4) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Local text loss L_lt with cross-modal clustering guidance (B.3 b-f).
+                             bml_weight: float = 1e-4, false_negative_gate: str = "cluster",
+                             false_negative_threshold: float = 0.9, false_negative_handling: str = "bml",
+                             use_hard_negatives: bool = True,
+                             ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Local text loss L_lt with cross-modal clustering guidance (B.3 b-f; docs/clustering.md).
 
     Args:
         text_sentences: z1 (N, D), the text sentence features (anchors), with gradient.
         cross_sentences: z2 (N, D), the image-to-text cross-modal sentence features (positives), with gradient.
-        centroids: (K, D) k-means centroids in z2 space, or ``None`` before initialisation / when
-            clustering is off — then the loss is the plain sentence InfoNCE.
+        centroids: (K, D) k-means centroids, or ``None`` before initialisation / when clustering is off —
+            then the loss is the plain sentence InfoNCE.
+        false_negative_gate: which same-cluster pairs count as false negatives
+            (``clustering.gated_false_negative_mask``: "cluster" = the reference, "centroid", "similarity"
+            with ``false_negative_threshold``).
+        false_negative_handling: what is done with them besides the BML term (always added at
+            ``bml_weight``): "bml" nothing else (reference), "remove" drop them from the InfoNCE denominator,
+            "attract" count them as further positives (-log of the summed softmax over positives).
+            ``remove_false_negatives=True`` is the older spelling of "remove".
+        use_hard_negatives: with False the centroid hard-negative logits are left out (ablation, and the
+            gradient-share measurement).
     Returns:
-        (loss, parts) where parts holds ``infonce`` and ``bml`` (both detached-free tensors).
+        (loss, parts): ``infonce``, ``bml`` (tensors in the graph), and detached ``own_cluster`` (N,),
+        ``hard_cluster`` (N,), ``false_negative_mask`` (N, N) when the centroids were used.
     """
+    if remove_false_negatives:
+        false_negative_handling = "remove"
+    if false_negative_handling not in FALSE_NEGATIVE_HANDLINGS:
+        raise ValueError(f"false_negative_handling must be one of {FALSE_NEGATIVE_HANDLINGS}, "
+                         f"got {false_negative_handling!r}")
     if centroids is None or text_sentences.shape[0] < 2:
         loss = sentence_infonce(text_sentences, cross_sentences, temperature)
         return loss, {"infonce": loss, "bml": loss.new_zeros(())}
@@ -128,17 +149,63 @@ def cluster_guided_text_loss(text_sentences: torch.Tensor, cross_sentences: torc
     centroids = centroids.to(z1.dtype)
     with torch.no_grad():
         own_cluster, hard_cluster = nearest_two_centroids(z1, centroids)
-        same_cluster = false_negative_mask(own_cluster)
-    hard_negatives = F.normalize(centroids[hard_cluster], dim=-1).detach()
+        same_cluster = gated_false_negative_mask(z1, own_cluster, centroids, false_negative_gate,
+                                                 false_negative_threshold)
     cos_pos = z1 @ z2.t()
-    cos_hard = z1 @ hard_negatives.t()
-    logits = hard_negative_logits(cos_pos, cos_hard, temperature, hard_negative_mode, hard_negative_weight)
-    if remove_false_negatives:
-        drop = torch.cat([same_cluster, torch.zeros_like(same_cluster)], dim=1)
-        logits = logits.masked_fill(drop, float("-inf"))
-    infonce = F.cross_entropy(logits, torch.arange(n, device=z1.device))
+    if use_hard_negatives:
+        hard_negatives = F.normalize(centroids[hard_cluster], dim=-1).detach()
+        cos_hard = z1 @ hard_negatives.t()
+        logits = hard_negative_logits(cos_pos, cos_hard, temperature, hard_negative_mode, hard_negative_weight)
+    else:
+        logits = cos_pos / temperature
+    extra = logits.shape[1] - n
+    targets = torch.arange(n, device=z1.device)
+    if false_negative_handling == "remove":
+        drop = torch.cat([same_cluster, same_cluster.new_zeros(n, extra)], dim=1)
+        infonce = F.cross_entropy(logits.masked_fill(drop, float("-inf")), targets)
+    elif false_negative_handling == "attract":
+        positives = same_cluster | torch.eye(n, dtype=torch.bool, device=z1.device)
+        positives = torch.cat([positives, positives.new_zeros(n, extra)], dim=1)
+        log_probs = logits.log_softmax(dim=1)
+        infonce = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
+    else:
+        infonce = F.cross_entropy(logits, targets)
     bml = bidirectional_margin_loss(cos_pos, same_cluster, bml_alpha, bml_beta)
-    return infonce + bml_weight * bml, {"infonce": infonce, "bml": bml}
+    return infonce + bml_weight * bml, {"infonce": infonce, "bml": bml, "own_cluster": own_cluster,
+                                        "hard_cluster": hard_cluster, "false_negative_mask": same_cluster}
+
+
+def text_loss_gradient_shares(text_sentences: torch.Tensor, cross_sentences: torch.Tensor,
+                              centroids: Optional[torch.Tensor], **loss_kwargs) -> Dict[str, float]:
+    """How much of the local text loss's gradient on the anchors z1 comes from the false-negative handling
+    and from the hard negatives (docs/clustering.md "Does it act?").
+
+    With ``g`` the gradient of ``cluster_guided_text_loss`` on z1 (z2 and the centroids held fixed),
+    ``g_no_fn`` the same with the false-negative handling off (handling "bml" at weight 0) and ``g_no_hn``
+    without the hard-negative logits: ``false_negative = |g - g_no_fn| / |g|`` and
+    ``hard_negative = |g - g_no_hn| / |g|`` (Frobenius norms). 0 means the part does not act at all.
+    Returns ``{}`` without centroids or with fewer than two sentences.
+    """
+    if centroids is None or text_sentences.shape[0] < 2:
+        return {}
+    with torch.enable_grad():
+        z1 = text_sentences.detach().float().requires_grad_(True)
+        z2 = cross_sentences.detach().float()
+        c = centroids.detach().float()
+
+        def grad(**overrides):
+            kwargs = {**loss_kwargs, **overrides}
+            loss, _ = cluster_guided_text_loss(z1, z2, c, **kwargs)
+            return torch.autograd.grad(loss, z1)[0]
+
+        full = grad()
+        no_fn = grad(remove_false_negatives=False, false_negative_handling="bml", bml_weight=0.0)
+        no_hn = grad(use_hard_negatives=False)
+    norm = float(full.norm())
+    if norm == 0:
+        return {"false_negative": 0.0, "hard_negative": 0.0}
+    return {"false_negative": float((full - no_fn).norm()) / norm,
+            "hard_negative": float((full - no_hn).norm()) / norm}
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, weight: float = 10.0,
@@ -162,5 +229,7 @@ __all__ = [
     "bidirectional_margin_loss",
     "hard_negative_logits",
     "cluster_guided_text_loss",
+    "text_loss_gradient_shares",
+    "FALSE_NEGATIVE_HANDLINGS",
     "reconstruction_loss",
 ]

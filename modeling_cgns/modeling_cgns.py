@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from .configuration_cgns import CGNSConfig
 
 logger = logging.get_logger(__name__)
 # CrossModalKMeans buffers holding features; every other one is the bool ``initialized`` or a long counter.
-_CLUSTERING_FLOAT_BUFFERS = ("centroid_vectors", "queue")
+_CLUSTERING_FLOAT_BUFFERS = ("centroid_vectors", "queue", "cluster_sizes")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,6 +276,8 @@ class CGNSOutput(ModelOutput):
             in batch order — the anchors and positives of the local text loss and the k-means input.
         reconstruction: (B, C, H, W) CM-MIR output when ``reconstruct=True``; token_mask (B, P) the masked tokens.
         retrieval: dict of detached scalars i2t_acc1, i2t_acc5, t2i_acc1, t2i_acc5 and logit_scale.
+        clustering: when the local text loss used the centroids, what it did with them (detached):
+            ``own_cluster`` (N,) and ``hard_cluster`` (N,) of every anchor, ``false_negative_mask`` (N, N).
         vision_hidden_states / text_hidden_states: the towers' per-layer hidden states when
             ``output_hidden_states=True`` (timm ``forward_intermediates`` maps; BERT (B, L, H) per layer).
 
@@ -303,6 +305,7 @@ class CGNSOutput(ModelOutput):
     reconstruction: Optional[torch.FloatTensor] = None
     token_mask: Optional[torch.BoolTensor] = None
     retrieval: Optional[Dict[str, torch.Tensor]] = None
+    clustering: Optional[Dict[str, torch.Tensor]] = None
     vision_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
     text_hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
 
@@ -493,7 +496,10 @@ class CGNSModel(CGNSPreTrainedModel):
         self.clustering = CrossModalKMeans(
             config.num_clusters, dim, init_threshold=config.cluster_init_threshold, momentum=config.cluster_momentum,
             queue_size=config.cluster_queue_size, dead_patience=config.dead_cluster_patience,
-            init_source=config.cluster_init_source)
+            init_source=config.cluster_init_source, features=config.cluster_features,
+            update_rule=config.cluster_update, assignment=config.cluster_assignment,
+            empty_policy=config.empty_cluster_policy, warmup_updates=config.cluster_warmup_updates,
+            count_decay=config.cluster_count_decay)
         # after_step timing: detached (text, cross-modal) sentence features of the training forwards since the
         # last optimiser step, consumed by after_optimizer_step (not saved: empty at every step boundary).
         self._pending_cluster_features = []
@@ -741,6 +747,16 @@ class CGNSModel(CGNSPreTrainedModel):
                                                    cross_sentence_features.detach()))
         return self.clustering.centroids
 
+    def text_loss_options(self) -> Dict[str, Any]:
+        """The configuration's options of ``losses.cluster_guided_text_loss`` besides the features and centroids
+        (also what ``losses.text_loss_gradient_shares`` needs to measure the same loss)."""
+        cfg = self.config
+        return dict(temperature=cfg.local_text_temperature, hard_negative_mode=cfg.hard_negative_mode,
+                    hard_negative_weight=cfg.hard_negative_weight, bml_alpha=cfg.bml_alpha, bml_beta=cfg.bml_beta,
+                    bml_weight=cfg.bml_weight, false_negative_gate=cfg.false_negative_gate,
+                    false_negative_threshold=cfg.false_negative_threshold,
+                    false_negative_handling=cfg.false_negative_handling, use_hard_negatives=cfg.use_hard_negatives)
+
     # ---------------------------------------------------------------- CM-MIR
     def reconstruct_image(self, local_image: torch.Tensor, text_to_image: torch.Tensor
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -832,10 +848,7 @@ class CGNSModel(CGNSPreTrainedModel):
                                                    self.predictor(text_to_image), local_image, has_sentences)
         centroids = self._cluster_centroids_for_loss(text_sentence_features, cross_sentence_features)
         local_text_loss, text_parts = losses.cluster_guided_text_loss(
-            text_sentence_features, cross_sentence_features, centroids, temperature=cfg.local_text_temperature,
-            hard_negative_mode=cfg.hard_negative_mode, hard_negative_weight=cfg.hard_negative_weight,
-            remove_false_negatives=cfg.remove_false_negatives, bml_alpha=cfg.bml_alpha, bml_beta=cfg.bml_beta,
-            bml_weight=cfg.bml_weight)
+            text_sentence_features, cross_sentence_features, centroids, **self.text_loss_options())
         loss = (cfg.global_loss_weight * global_loss + cfg.local_image_loss_weight * local_image_loss
                 + cfg.local_text_loss_weight * local_text_loss)
         reconstruction_loss = None
@@ -854,10 +867,12 @@ class CGNSModel(CGNSPreTrainedModel):
         t2i = losses.retrieval_accuracy(logits_per_text.detach(), labels)
         retrieval = {"i2t_acc1": i2t[1], "i2t_acc5": i2t[5], "t2i_acc1": t2i[1], "t2i_acc5": t2i[5],
                      "logit_scale": logit_scale.detach()}
+        clustering = ({k: text_parts[k] for k in ("own_cluster", "hard_cluster", "false_negative_mask")}
+                      if "own_cluster" in text_parts else None)
         return CGNSOutput(loss=loss, global_loss=global_loss, local_image_loss=local_image_loss,
                           local_text_loss=local_text_loss, reconstruction_loss=reconstruction_loss,
                           bml_loss=text_parts["bml"], logits_per_image=logits_per_image,
-                          logits_per_text=logits_per_text, retrieval=retrieval, **fields)
+                          logits_per_text=logits_per_text, retrieval=retrieval, clustering=clustering, **fields)
 
     def _reconstruction_parameters(self):
         yield self.image_mask_token

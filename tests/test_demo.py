@@ -25,7 +25,17 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     text = (out / "results.md").read_text()
     assert demo.encoder_table(results) in text and demo.probe_table(results) in text
-    assert summary["table"] == demo.encoder_table(results) + "\n\n" + demo.probe_table(results)
+    cluster_line = demo.clustering_line(results["pretraining"]["clustering"], results["num_clusters"])
+    assert summary["table"] == demo.encoder_table(results) + "\n\n" + demo.probe_table(results) + "\n\n" + cluster_line
+    assert cluster_line in text
+    # the clustering line's numbers are the last validation record's (metrics.jsonl), not typed by hand
+    records = [json.loads(line) for line in open(os.path.join(out, "cgns", "pretrain", "metrics.jsonl"))]
+    last_eval = [r for r in records if r.get("split") == "eval"][-1]
+    clustering = results["pretraining"]["clustering"]
+    assert clustering["fn_precision"] == last_eval["fn_precision"] and clustering["fn_recall"] == last_eval["fn_recall"]
+    assert f"false-negative precision {100 * last_eval['fn_precision']:.1f} %" in cluster_line
+    assert clustering["min_live_clusters"] == min(r["cluster/live_clusters"] for r in records
+                                                  if "cluster/live_clusters" in r)
 
     # every encoder number in results.json is the one in the protocol's own results file, and the table
     # shows it (no number typed by hand)
@@ -92,10 +102,13 @@ def test_parallel_probe_failure_names_its_log(tmp_path):
 
 def test_separation_known_answers():
     same = demo.separation([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    assert same == {"difference": 0.0, "p_value": 1.0, "separates": False}
+    assert same == {"difference": 0.0, "p_value": 1.0, "separates": False, "ci95": (0.0, 0.0)}
     apart = demo.separation([0.80, 0.81, 0.79], [0.50, 0.51, 0.49])
     assert apart["separates"] and apart["difference"] == pytest.approx(0.30)
     assert apart["p_value"] < 1e-3
+    # equal variances 1e-4 and n = 3: SE = sqrt(2e-4 / 3), df = 4, t_0.975(4) = 2.7764
+    half = 2.7764451 * (2e-4 / 3) ** 0.5
+    assert apart["ci95"] == pytest.approx((0.30 - half, 0.30 + half), abs=1e-6)
     noisy = demo.separation([0.60, 0.70, 0.50], [0.55, 0.65, 0.62])
     assert not noisy["separates"] and noisy["p_value"] > 0.5
     assert demo.separation([0.5], [0.4])["separates"] is None  # one seed: no statement
@@ -113,11 +126,11 @@ def test_ablation_table_states_each_component():
         "random init": [run(v, s) for s, v in enumerate((0.008, 0.009, 0.010))],
     }}
     table = demo.ablation_table(result)
-    assert "| CGNS (full) | 11.0 ± 1.0 | 11.0 ± 1.0 | 61.0 ± 1.0 | 20.0 ± 0.0 | 71.0 ± 1.0 |" in table
+    assert "| CGNS (full) | 11.0 ± 1.0 | 11.0 ± 1.0 | 61.0 ± 1.0 | 20.0 ± 0.0 | 71.0 ± 1.0 | n/a |" in table
     cm_mir = next(line for line in table.splitlines() if line.startswith("* **cross-modal masked"))
-    assert "i2t R@1 (%): Δ +0.0, within noise" in cm_mir
+    assert "i2t R@1 (%): Δ +0.0 [" in cm_mir and "], within noise" in cm_mir
     random_line = next(line for line in table.splitlines() if line.startswith("* **pretraining itself"))
-    assert "i2t R@1 (%): Δ +10.1, separates (full better" in random_line
+    assert "i2t R@1 (%): Δ +10.1 [" in random_line and "], separates (full better" in random_line
     assert "no clustering" not in table  # variants that were not run get no statement
 
 

@@ -474,6 +474,41 @@ def test_end_to_end_visualize_writes_pictures_and_the_cluster_report(export_dir,
     assert files["attention_pictures"] == 2 and files["clusters"]["num_sentences"] == 2
 
 
+def test_end_to_end_clustering_scores_every_sentence_against_its_meaning(export_dir, cache_dir, tmp_path):
+    from modeling_cgns import cluster_metrics as cm
+
+    results = run_task("clustering", export_dir, cache_dir, tmp_path, "--cluster_batch_size", "2")
+    assert results["split"] == "validation" and results["dataset_task"] == "pretraining"
+    studies = [sc.generate_study(i, 0, IMAGE_SIZE) for i in range(NUM_IMAGES) if sc.split_of(i, NUM_IMAGES) == "validation"]
+    meanings = [m for s in studies for m in s["sentence_meanings"]]
+    test = results["test"]
+    assert test["num_sentences"] == len(meanings) and test["num_meanings"] == len(set(meanings))
+    # the whole-split base rate is a property of the data alone
+    ids = torch.tensor([cm.meaning_id(m) for m in meanings])
+    expected = cm.pair_counts(torch.zeros(len(ids), len(ids), dtype=torch.bool), ids)
+    assert test["split"]["base_rate"] == pytest.approx(float(expected[2] / expected[3]))
+    assert 0 <= test["split"]["precision"] <= 1 and 0 <= test["nmi"] <= 1 and 1 <= test["live_clusters"] <= 4
+    clusters = json.loads((tmp_path / "clusters.json").read_text())
+    assert sum(c["size"] for c in clusters) == len(meanings)
+    assert os.path.exists(tmp_path / "clusters_by_meaning.png")
+
+
+def test_clustering_score_known_answer():
+    from cgns.downstream.clustering import score
+
+    # two clusters along two axes; meanings a, a | b, c: one true pair in cluster 0, one false pair in cluster 1
+    z1 = F.normalize(torch.tensor([[1.0, 0.05], [1.0, -0.05], [0.05, 1.0], [-0.05, 1.0]]), dim=-1)
+    features = {"z1": z1, "meanings": ["a", "a", "b", "c"], "batch": torch.tensor([0, 0, 0, 0]), "texts": list("wxyz")}
+    out = score(features, torch.eye(2), "cluster", 0.9)
+    assert out["batch"]["precision"] == pytest.approx(0.5) and out["batch"]["recall"] == pytest.approx(1.0)
+    assert out["split"]["precision"] == pytest.approx(0.5) and out["live_clusters"] == 2
+    # the similarity gate at 0.999 drops both pairs (cos ~ 0.995)
+    gated = score(features, torch.eye(2), "similarity", 0.999)
+    assert gated["batch"]["predicted_pairs"] == gated["split"]["predicted_pairs"] == 0
+    # the hard negative of cluster 0's anchors is cluster 1, whose majority meaning (b: ties -> smallest id) differs
+    assert out["hard_negatives"]["other_meaning"] == pytest.approx(1.0)
+
+
 def test_cli_refuses_what_the_encoder_tasks_cannot_run(export_dir, tmp_path):
     with pytest.raises(SystemExit):
         td.main(["--task", "retrieval", "--model", export_dir, "--output_dir", str(tmp_path)])

@@ -48,7 +48,7 @@ class DownstreamArguments:
     task: str = field(default="classification", metadata={
         "choices": tuple(PROTOCOLS),
         "help": "downstream protocol: linear probe (E.1), YOLOv3 detection (E.2), U-Net/SETR segmentation (E.3), "
-                "retrieval, zero_shot, grounding, visualize (docs/evaluation.md)"})
+                "retrieval, zero_shot, grounding, visualize, clustering (docs/evaluation.md, docs/clustering.md)"})
     dataset: Optional[str] = field(default=None, metadata={
         "choices": DATASETS, "help": "dataset builder (data_scripts); required except for --task visualize with "
                                      "--images / --reports"})

@@ -2,7 +2,7 @@
 (see :mod:`cgns.downstream` for how a task is added)."""
 from types import ModuleType
 
-from . import classification, detection, grounding, retrieval, segmentation, visualize, zero_shot
+from . import classification, clustering, detection, grounding, retrieval, segmentation, visualize, zero_shot
 
 PROTOCOLS = {
     "classification": classification,  # linear probe, docs/linear_probe.md
@@ -12,6 +12,7 @@ PROTOCOLS = {
     "zero_shot": zero_shot,  # prompt classification, AUROC
     "grounding": grounding,  # pointing game of the local cross-attention
     "visualize": visualize,  # attention overlays, cluster report and plot
+    "clustering": clustering,  # false negatives found by the clustering, against sentence meanings
 }
 
 

@@ -41,16 +41,21 @@ FRACTIONS = (0.01, 0.1, 1.0)
 ABLATIONS = {
     "CGNS (full)": [],
     "no clustering": ["--use_clustering", "false"],
-    "no false-negative handling": ["--bml_weight", "0", "--remove_false_negatives", "false"],
+    "no false-negative handling": ["--false_negative_handling", "bml", "--bml_weight", "0"],
+    "no hard negatives": ["--use_hard_negatives", "false"],
     "no CM-MIR": ["--use_reconstruction", "false"],
     "global loss only": ["--use_clustering", "false", "--use_reconstruction", "false",
                          "--local_image_loss_weight", "0", "--local_text_loss_weight", "0"],
     "random init": None,
 }
+# what `make ablation` runs by default (--ablation_variants picks others, e.g. "no CM-MIR")
+DEFAULT_ABLATIONS = ["CGNS (full)", "no clustering", "no false-negative handling", "no hard negatives",
+                     "global loss only", "random init"]
 # what each ablation row removes, for the per-component statement
 COMPONENTS = {
-    "no clustering": "clustering-guided hard negatives (and the BML that needs the clusters)",
-    "no false-negative handling": "false-negative handling (BML)",
+    "no clustering": "the clustering (hard negatives and false-negative handling)",
+    "no false-negative handling": "false-negative handling (removal from the denominator and BML)",
+    "no hard negatives": "clustering-guided hard negatives",
     "no CM-MIR": "cross-modal masked image reconstruction",
     "global loss only": "all local terms (local alignment, clustering, CM-MIR)",
     "random init": "pretraining itself",
@@ -59,6 +64,7 @@ COMPONENTS = {
 METRICS = (
     ("i2t_R@1", "i2t R@1 (%)"), ("t2i_R@1", "t2i R@1 (%)"), ("zero_shot_auroc", "zero-shot AUROC (%)"),
     ("pointing_game", "pointing game (%)"), ("probe_auroc", "probe AUROC (%)"),
+    ("fn_precision", "FN precision (%)"),
 )
 
 
@@ -77,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablation_seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="pretraining seeds per ablation variant (mean ± std over them)")
     p.add_argument("--ablation_fraction", type=float, default=0.1, help="label fraction of the ablation's probe")
-    p.add_argument("--ablation_variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS),
+    p.add_argument("--ablation_variants", nargs="+", default=DEFAULT_ABLATIONS, choices=list(ABLATIONS),
                    metavar="VARIANT", help="subset of: " + ", ".join(ABLATIONS))
     p.add_argument("--num_processes", type=int, default=1,
                    help="pretraining processes (>1 starts a real multi-process gloo run on CPU)")
@@ -459,28 +465,39 @@ def plot_results(results: Dict, path: str) -> None:
     plt.close(fig)
 
 
-CLUSTER_KEYS = (("cluster/empty_clusters", "empty clusters"), ("cluster/assignment_entropy", "assignment entropy (nats)"),
-                ("cluster/anchor_positive_same_cluster", "anchor/positive same-cluster share"))
+# panels of clustering.png: (title, [(metrics.jsonl key, line label), ...])
+CLUSTER_PANELS = (
+    ("false negatives found (train batches)", [("cluster/fn_precision", "precision"), ("cluster/fn_recall", "recall"),
+                                              ("cluster/fn_base_rate", "base rate (random pair)")]),
+    ("clusters", [("cluster/live_clusters", "live"), ("cluster/empty_clusters", "empty in the batch")]),
+    ("share of the local text gradient", [("cluster/grad_share_false_negative", "false-negative handling"),
+                                          ("cluster/grad_share_hard_negative", "hard negatives")]),
+    ("assignments", [("cluster/largest_cluster_share", "largest cluster's share"), ("cluster/nmi", "NMI with meaning")]),
+)
 
 
 def plot_clustering(pretrain_dir: str, path: str) -> bool:
-    """Clustering diagnostics over training (from metrics.jsonl); False when the run logged none."""
+    """Clustering over training (from metrics.jsonl): false-negative precision / recall against the sentences'
+    meanings beside the base rate, live clusters, gradient shares; False when the run logged none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = training_records(pretrain_dir)
-    series = {key: [(r["step"], r[key]) for r in records if key in r and "step" in r] for key, _ in CLUSTER_KEYS}
+    keys = [key for _, lines in CLUSTER_PANELS for key, _ in lines]
+    series = {key: [(r["step"], r[key]) for r in records if key in r and "step" in r] for key in keys}
     if not any(series.values()):
         return False
-    fig, axes = plt.subplots(1, len(CLUSTER_KEYS), figsize=(15, 3.8))
-    for ax, (key, label) in zip(axes, CLUSTER_KEYS):
-        if series[key]:
-            ax.plot(*zip(*series[key]), marker=".")
-        ax.set_title(label)
+    fig, axes = plt.subplots(1, len(CLUSTER_PANELS), figsize=(18, 4))
+    for ax, (title, lines) in zip(axes, CLUSTER_PANELS):
+        for key, label in lines:
+            if series[key]:
+                ax.plot(*zip(*series[key]), marker=".", label=label)
+        ax.set_title(title)
         ax.set_xlabel("optimiser step")
-    fig.suptitle("Cross-modal k-means over training (full CGNS run)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Clustering over training, scored against the synthetic sentences' meanings (full CGNS run)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -496,13 +513,43 @@ def pretrain_summary(pretrain_dir: str) -> Dict:
         if values:
             out[term] = {"first": values[0], "last": values[-1]}
     if evals:
-        out["validation"] = {k: evals[-1].get(k) for k in ("i2t_acc1", "t2i_acc1", "global_loss")}
+        out["validation"] = {k: evals[-1].get(k) for k in ("i2t_acc1", "t2i_acc1", "global_loss", "fn_precision",
+                                                            "fn_recall", "fn_base_rate", "nmi")}
+    out["clustering"] = clustering_summary(train, evals)
     return out
+
+
+def clustering_summary(train: List[Dict], evals: List[Dict]) -> Optional[Dict]:
+    """False-negative precision / recall on the validation split at the end (and the base rate), the least live
+    clusters at any logged step after initialisation, the gradient shares at the end; None without clustering."""
+    live = [r["cluster/live_clusters"] for r in train if "cluster/live_clusters" in r]
+    if not live:
+        return None
+    last = evals[-1] if evals else {}
+    shares = [r for r in train if "cluster/grad_share_false_negative" in r]
+    return {"fn_precision": last.get("fn_precision"), "fn_recall": last.get("fn_recall"),
+            "fn_base_rate": last.get("fn_base_rate"), "nmi": last.get("nmi"), "min_live_clusters": min(live),
+            "grad_share_false_negative": shares[-1]["cluster/grad_share_false_negative"] if shares else None,
+            "grad_share_hard_negative": shares[-1]["cluster/grad_share_hard_negative"] if shares else None}
+
+
+def clustering_line(summary: Optional[Dict], num_clusters: Optional[int]) -> str:
+    """The results table's clustering line (validation split at the end of pretraining)."""
+    if not summary or summary.get("fn_precision") is None:
+        return "Clustering: not scored (no clustering, or no sentence meanings in the data)."
+    k = f" of {num_clusters}" if num_clusters else ""
+    return (f"Clustering (validation split, end of pretraining; docs/clustering.md): false-negative precision "
+            f"{pct(summary['fn_precision'])} % at recall {pct(summary['fn_recall'])} % (a random pair shares a "
+            f"meaning {pct(summary['fn_base_rate'])} % of the time), NMI with meaning {summary['nmi']:.2f}; at least "
+            f"{summary['min_live_clusters']:.0f}{k} clusters live at every logged step; share of the local text "
+            f"gradient: false-negative handling {pct(summary['grad_share_false_negative'])} %, hard negatives "
+            f"{pct(summary['grad_share_hard_negative'])} %.")
 
 
 def write_report(results: Dict, output_dir: str) -> str:
     """results.md (and the console table) from results.json's content."""
-    table = encoder_table(results) + "\n\n" + probe_table(results)
+    cluster_text = clustering_line(results["pretraining"].get("clustering"), results.get("num_clusters"))
+    table = encoder_table(results) + "\n\n" + probe_table(results) + "\n\n" + cluster_text
     with open(os.path.join(output_dir, "results.md"), "w") as fh:
         fh.write("# CGNS demo results (synthetic_cxr, CPU)\n\n")
         fh.write("Encoder-only evaluations on the synthetic test split (retrieval, zero-shot, grounding; "
@@ -511,6 +558,7 @@ def write_report(results: Dict, output_dir: str) -> str:
         fh.write(f"Linear probes (test macro AUROC over the 5 CheXpert-style findings, mean ± std over seeds "
                  f"{results['probe_seeds']}), protocol-faithful (E.1) and on standardised features:\n\n")
         fh.write(probe_table(results) + "\n\n")
+        fh.write(cluster_text + " Over training: clustering.png.\n\n")
         fh.write(f"Main pipeline {results['seconds_total'] / 60:.1f} min (pretraining "
                  f"{results['seconds_pretrain'] / 60:.1f} min). Plots: results.png, clustering.png, "
                  f"loss_curves.png. Export: {results['export']}\n")
@@ -587,6 +635,7 @@ def run_demo(args, config: Dict, data: Dict, cache_dir: str, started: float) -> 
         "untrained_export": untrained, "pretrain_dir": pretrain_dir, "pretraining": ps,
         "seconds_pretrain": pretrain_seconds, "fractions": args.fractions, "probe_seeds": args.seeds,
         "encoders": encoders, "probes": probes,
+        "num_clusters": read_json(os.path.join(export, "config.json")).get("num_clusters"),
     }
     results["seconds_total"] = time.time() - started
     with open(os.path.join(args.output_dir, "results.json"), "w") as fh:
@@ -641,6 +690,10 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
                                data["options"], args.seeds, args.probe_max_epochs)
         summary = encoder_summary(files)
         summary["probe_auroc"] = probe_summary(probe_file)["auroc"]["mean"]
+        clustering = pretrain_summary(pretrain_dir).get("clustering") if pretrain_dir else None
+        summary["fn_precision"] = clustering["fn_precision"] if clustering else None
+        summary["fn_recall"] = clustering["fn_recall"] if clustering else None
+        summary["fn_base_rate"] = clustering["fn_base_rate"] if clustering else None
         summary.update(seed=seed, pretrain_dir=pretrain_dir, seconds=time.time() - start)
         runs.setdefault(name, []).append(summary)
         bar.update(1)
@@ -660,18 +713,24 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
 
 
 def separation(full: Sequence[float], variant: Sequence[float]) -> Dict:
-    """Welch's t-test of the full model against a variant (two-sided; p < 0.05 = separates from noise)."""
+    """Welch's t-test of the full model against a variant (two-sided; p < 0.05 = separates from noise) and the
+    95 % confidence interval of the difference of the means (Welch-Satterthwaite degrees of freedom)."""
+    import math
+
     from scipy import stats
 
     a = [v for v in full if v is not None]
     b = [v for v in variant if v is not None]
     if len(a) < 2 or len(b) < 2:
-        return {"difference": None, "p_value": None, "separates": None}
+        return {"difference": None, "p_value": None, "separates": None, "ci95": None}
     diff = float(sum(a) / len(a) - sum(b) / len(b))
     if max(a) == min(a) and max(b) == min(b):
-        return {"difference": diff, "p_value": 0.0 if diff else 1.0, "separates": bool(diff)}
+        return {"difference": diff, "p_value": 0.0 if diff else 1.0, "separates": bool(diff), "ci95": (diff, diff)}
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return {"difference": diff, "p_value": p, "separates": p < 0.05}
+    va, vb = stats.tvar(a) / len(a), stats.tvar(b) / len(b)
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0.0) + (vb ** 2 / (len(b) - 1) if vb else 0.0))
+    half = float(stats.t.ppf(0.975, df)) * math.sqrt(va + vb)
+    return {"difference": diff, "p_value": p, "separates": p < 0.05, "ci95": (diff - half, diff + half)}
 
 
 def ablation_table(result: Dict) -> str:
@@ -683,13 +742,16 @@ def ablation_table(result: Dict) -> str:
     for name, records in runs.items():
         cells = []
         for key, _ in METRICS:
-            stat = mean_std([r[key] for r in records])
+            stat = mean_std([r.get(key) for r in records])
             cells.append("n/a" if stat["mean"] is None else fmt(stat))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     first = next(iter(runs.values()))
     chance = first[0]["retrieval_chance_R@1"]
     uniform = mean_std([r["uniform_pointing_game"] for r in first])["mean"]
-    lines.append(f"| chance / uniform | {100 * chance:.1f} | {100 * chance:.1f} | 50.0 | {100 * uniform:.1f} | 50.0 |")
+    base = mean_std([r.get("fn_base_rate") for r in first if r.get("fn_base_rate") is not None])["mean"]
+    base_cell = "n/a" if base is None else f"{100 * base:.1f}"
+    lines.append(f"| chance / uniform / base rate | {100 * chance:.1f} | {100 * chance:.1f} | 50.0 | {100 * uniform:.1f} | "
+                 f"50.0 | {base_cell} |")
     lines.append("")
     lines.append(f"Mean ± std over pretraining seeds {result['seeds']} (probe at {100 * result['fraction']:g} % "
                  f"labels, probe seeds {result['probe_seeds']} averaged within each run).")
@@ -701,18 +763,19 @@ def ablation_table(result: Dict) -> str:
                 continue
             parts = []
             for key, label in METRICS:
-                s = separation([r[key] for r in full], [r[key] for r in runs[name]])
+                s = separation([r.get(key) for r in full], [r.get(key) for r in runs[name]])
                 if s["separates"] is None:
                     continue
                 direction = "full better" if s["difference"] > 0 else "full worse"
                 verdict = f"separates ({direction}, p = {s['p_value']:.3f})" if s["separates"] else \
                     f"within noise (p = {s['p_value']:.2f})"
-                parts.append(f"{label}: Δ {100 * s['difference']:+.1f}, {verdict}")
+                lo, hi = s["ci95"]
+                parts.append(f"{label}: Δ {100 * s['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], {verdict}")
             statements.append(f"* **{component}** (full vs {name}): " + "; ".join(parts) + ".")
     if statements:
         lines.append("")
-        lines.append("Per component, Welch's t-test of the full model against the variant without it "
-                     "(two-sided, p < 0.05 counts as separating from seed noise):")
+        lines.append("Per component, the difference full − variant with its 95 % confidence interval and Welch's "
+                     "t-test (two-sided, p < 0.05 counts as separating from seed noise):")
         lines.append("")
         lines.extend(statements)
     return "\n".join(lines)

@@ -66,6 +66,16 @@ class ModelArguments:
     logit_scale_init_value: Optional[float] = None
     bml_alpha: Optional[float] = None
     bml_beta: Optional[float] = None
+    cluster_features: Optional[str] = field(default=None, metadata={"help": "cross | text | both"})
+    cluster_update: Optional[str] = field(default=None, metadata={"help": "momentum | spherical"})
+    cluster_assignment: Optional[str] = field(default=None, metadata={"help": "argmax | sinkhorn"})
+    empty_cluster_policy: Optional[str] = field(default=None, metadata={"help": "reseed | split"})
+    cluster_warmup_updates: Optional[int] = None
+    cluster_count_decay: Optional[float] = None
+    false_negative_gate: Optional[str] = field(default=None, metadata={"help": "cluster | centroid | similarity"})
+    false_negative_threshold: Optional[float] = None
+    false_negative_handling: Optional[str] = field(default=None, metadata={"help": "bml | remove | attract"})
+    use_hard_negatives: Optional[bool] = None
 
     def config_kwargs(self) -> Dict[str, Any]:
         """The CGNSConfig keyword arguments that were set."""

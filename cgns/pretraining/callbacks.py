@@ -9,12 +9,16 @@ run on every process, in list order, because some of them use collectives (clust
 averaging) that every rank must enter; only the main process writes files or prints.
 """
 import json
+import math
 import os
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from accelerate.logging import get_logger
+
+from modeling_cgns import cluster_metrics
+from modeling_cgns.losses import text_loss_gradient_shares
 
 from .arguments import PretrainingArguments
 from .checkpointing import LOSS_CURVES_FILE, METRICS_FILE, save_checkpoint
@@ -100,6 +104,90 @@ class ClusterReassignmentCallback(Callback):
             logger.info(f"step {run.progress.global_step}: re-seeded {reassigned} dead cluster(s)")
         stats["reassigned_total"] = float(self.reassigned_total)
         run.step_logs.update({f"cluster/{name}": float(value) for name, value in stats.items()})
+
+
+class ClusterQuality:
+    """Scores the local text loss's use of the clusters against the sentences' meanings, summed over
+    micro-batches (and processes, in ``scores``): false-negative precision / recall / F1 of the pairs the loss
+    treated as false negatives, the base rate, NMI of the anchors' clusters with their meanings and the
+    hard negatives' quality (``modeling_cgns.cluster_metrics``; docs/clustering.md). Batches without
+    meanings or without clustering (before initialisation) add nothing."""
+
+    def __init__(self, num_clusters: int):
+        self.num_clusters = num_clusters
+        self.pairs = torch.zeros(4, dtype=torch.float64)
+        self.hard = torch.zeros(3, dtype=torch.float64)
+        self.assignments: List[torch.Tensor] = []
+        self.meanings: List[torch.Tensor] = []
+
+    def add(self, record: Dict[str, Any]) -> None:
+        clustering, meanings = record.get("clustering"), record.get("meanings")
+        if clustering is None or meanings is None:
+            return
+        ids, topics = meanings["sentence_meaning_ids"].cpu(), meanings["sentence_topic_ids"].cpu()
+        own, hard = clustering["own_cluster"].cpu(), clustering["hard_cluster"].cpu()
+        self.pairs += cluster_metrics.pair_counts(clustering["false_negative_mask"].cpu(), ids)
+        self.hard += cluster_metrics.hard_negative_counts(own, hard, ids, topics, self.num_clusters)
+        self.assignments.append(own)
+        self.meanings.append(ids)
+
+    def scores(self, accelerator) -> Dict[str, float]:
+        """``fn_precision``, ``fn_recall``, ``fn_f1``, ``fn_base_rate``, ``nmi``, ``hard_negative_other_meaning``,
+        ``hard_negative_same_topic`` over everything added (every process's counts; NMI on this process's
+        sentences), then reset. ``{}`` when nothing was scored on any process."""
+        counts = torch.cat([self.pairs, self.hard]).to(accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum").cpu()
+        out: Dict[str, float] = {}
+        if float(counts[3]) > 0:
+            pair = cluster_metrics.pair_scores(counts[:4])
+            out.update({"fn_precision": pair["precision"], "fn_recall": pair["recall"], "fn_f1": pair["f1"],
+                        "fn_base_rate": pair["base_rate"]})
+            hard = cluster_metrics.hard_negative_scores(counts[4:])
+            out.update({"hard_negative_other_meaning": hard["other_meaning"],
+                        "hard_negative_same_topic": hard["same_topic"]})
+        if self.assignments:
+            out["nmi"] = cluster_metrics.normalized_mutual_information(torch.cat(self.assignments),
+                                                                        torch.cat(self.meanings))
+        self.__init__(self.num_clusters)
+        return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+class ClusterQualityCallback(Callback):
+    """Logs, every ``logging_steps`` optimiser steps, ``cluster/fn_precision`` ... (``ClusterQuality`` over the
+    window's micro-batches) when the data carries sentence meanings, and ``cluster/grad_share_false_negative``
+    / ``cluster/grad_share_hard_negative``: the share of the local text loss's gradient on the anchors that
+    the false-negative handling and the hard negatives carry, on the window's last micro-batch with the
+    current centroids (``losses.text_loss_gradient_shares``). Runs on every process (collectives)."""
+
+    def __init__(self, logging_steps: int):
+        self.logging_steps = max(1, logging_steps)
+        self.quality: Optional[ClusterQuality] = None
+
+    def on_step_end(self, run: PretrainingRun, micro_batches: List[Dict[str, Any]]) -> None:
+        model = run.unwrapped_model
+        if not model.config.use_clustering:
+            return
+        if self.quality is None:
+            self.quality = ClusterQuality(model.config.num_clusters)
+        for record in micro_batches:
+            self.quality.add(record)
+        step = run.progress.global_step
+        if step % self.logging_steps and not run.should_stop:
+            return
+        logs = {f"cluster/{k}": v for k, v in self.quality.scores(run.accelerator).items()}
+        centroids = model.clustering.centroids
+        if centroids is not None and micro_batches:
+            last = micro_batches[-1]
+            shares = text_loss_gradient_shares(last["text_sentence_features"], last["cross_sentence_features"],
+                                               centroids, **model.text_loss_options())
+            # every process joins the reduce, also one whose last micro-batch had fewer than two sentences
+            values = torch.tensor([shares.get("false_negative", 0.0), shares.get("hard_negative", 0.0),
+                                   float(bool(shares))], dtype=torch.float64, device=run.accelerator.device)
+            values = run.accelerator.reduce(values, reduction="sum")
+            if float(values[2]) > 0:
+                logs["cluster/grad_share_false_negative"] = float(values[0] / values[2])
+                logs["cluster/grad_share_hard_negative"] = float(values[1] / values[2])
+        run.step_logs.update(logs)
 
 
 class CheckpointCallback(Callback):
@@ -242,6 +330,7 @@ def default_callbacks(training_args: PretrainingArguments) -> list:
     return [
         StageSwitchCallback(),
         ClusterReassignmentCallback(training_args.reassign_every),
+        ClusterQualityCallback(training_args.logging_steps),
         logging_callback,
         CheckpointCallback(training_args.save_steps, callbacks=[logging_callback]),
     ]
@@ -252,6 +341,8 @@ __all__ = [
     "Callback",
     "StageSwitchCallback",
     "ClusterReassignmentCallback",
+    "ClusterQuality",
+    "ClusterQualityCallback",
     "CheckpointCallback",
     "LoggingCallback",
     "default_callbacks",

@@ -9,6 +9,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader, Sampler
 
 from modeling_cgns import CGNSPretrainingCollator, CGNSProcessor
+from modeling_cgns.collator import MEANINGS_COLUMN
 from modeling_cgns.processing_cgns import default_resize_size
 
 from .arguments import DataArguments, PretrainingConfig
@@ -103,8 +104,12 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
         missing = {"image", "sentences"} - set(splits[split].column_names)
         if missing:
             raise ValueError(f"{split} split of {data_args.dataset!r} lacks columns {sorted(missing)}")
-    # the collator needs only these two; not decoding the rest saves time per example
-    return {split: splits[split].select_columns(["image", "sentences"]) for split in ("train", "validation")}
+    # the collator needs only these (and the sentence meanings, where the dataset has them, to score the
+    # clustering: docs/clustering.md); not decoding the rest saves time per example
+    columns = ["image", "sentences"]
+    if MEANINGS_COLUMN in splits["train"].column_names and MEANINGS_COLUMN in splits["validation"].column_names:
+        columns.append(MEANINGS_COLUMN)
+    return {split: splits[split].select_columns(columns) for split in ("train", "validation")}
 
 
 def resize_size_for(data_args: DataArguments, image_size: int) -> int:

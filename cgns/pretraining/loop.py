@@ -2,12 +2,14 @@
 after each optimiser step, validation at each epoch end; and the checks that stop a run which would
 learn nothing or write non-finite numbers.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from accelerate.logging import get_logger
 
-from .callbacks import notify
+from modeling_cgns.collator import flat_sentence_meanings, pop_sentence_meanings
+
+from .callbacks import ClusterQuality, notify
 from .state import PretrainingRun
 
 logger = get_logger(__name__)
@@ -128,12 +130,17 @@ def epoch_batches(run: PretrainingRun):
     return run.train_dataloader
 
 
-def micro_batch_record(out) -> Dict[str, Any]:
-    """What callbacks get from one micro-batch: the k-means inputs and the loss terms, detached."""
-    return {"text_sentence_features": out.text_sentence_features.detach(),
-            "cross_sentence_features": out.cross_sentence_features.detach(),
-            "losses": {**{k: v.detach().float() for k, v in out.named_losses().items()},
-                       **{k: v.float() for k, v in out.retrieval.items()}}}
+def micro_batch_record(out, meanings: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+    """What callbacks get from one micro-batch: the k-means inputs, the loss terms, what the local text loss
+    did with the clusters (``out.clustering``) and the sentences' meanings where the data has them, detached."""
+    record = {"text_sentence_features": out.text_sentence_features.detach(),
+              "cross_sentence_features": out.cross_sentence_features.detach(),
+              "losses": {**{k: v.detach().float() for k, v in out.named_losses().items()},
+                         **{k: v.float() for k, v in out.retrieval.items()}},
+              "clustering": out.clustering}
+    if meanings is not None:
+        record["meanings"] = flat_sentence_meanings(meanings, out.sentence_mask)
+    return record
 
 
 @torch.no_grad()
@@ -143,18 +150,23 @@ def evaluate(run: PretrainingRun) -> Dict[str, float]:
     model = run.model
     model.eval()
     totals: Dict[str, torch.Tensor] = {}
+    quality = ClusterQuality(run.unwrapped_model.config.num_clusters)
     batches = 0
     for batch in run.eval_dataloader:
+        meanings = pop_sentence_meanings(batch)
         out = model(**batch, reconstruct=uses_reconstruction(run))
         for name, value in {**out.named_losses(), **out.retrieval}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float()
+        quality.add(micro_batch_record(out, meanings))
         batches += 1
     model.train()
     if not batches:
         return {}
     names = sorted(totals)
     means = run.accelerator.reduce(torch.stack([totals[n] for n in names]) / batches, reduction="mean")
-    return {name: float(value) for name, value in zip(names, means.tolist())}
+    metrics = {name: float(value) for name, value in zip(names, means.tolist())}
+    metrics.update(quality.scores(run.accelerator))
+    return metrics
 
 
 def train(run: PretrainingRun, callbacks: list) -> None:
@@ -175,6 +187,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
         notify(callbacks, "on_epoch_begin", run)
         micro_batches = []
         for batch in epoch_batches(run):
+            meanings = pop_sentence_meanings(batch)
             with accelerator.accumulate(model):
                 out = model(**batch, reconstruct=uses_reconstruction(run))
                 check_losses_finite(run, out)
@@ -188,7 +201,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             progress.step_in_epoch += 1
-            micro_batches.append(micro_batch_record(out))
+            micro_batches.append(micro_batch_record(out, meanings))
             if accelerator.sync_gradients:
                 # a skipped update still consumed its data: the schedule and the step count move on
                 run.scheduler.step()
