@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from modeling_cgns import losses
+from modeling_cgns import CGNSConfig, losses
 from modeling_cgns.clustering import CrossModalKMeans
 from modeling_cgns.modeling_cgns import (
     CGNSAttentionPool2d,
@@ -50,7 +50,7 @@ class CGNSHeads(nn.Module):
         self.predictor = CGNSPredictor(dim, dim // 2)
         self.logit_scale = nn.Parameter(torch.tensor(2.3026))
 
-    def forward(self, vision_features, text_hidden, attention_mask, sentence_index, centroids):
+    def forward(self, vision_features, text_hidden, attention_mask, sentence_index, centroids, loss_options):
         tokens = vision_features.flatten(2).transpose(1, 2)
         image_embeds = F.normalize(self.global_image_projection(self.attention_pool(tokens)), dim=-1)
         local_image = F.normalize(self.local_image_projection(tokens), dim=-1)
@@ -63,7 +63,7 @@ class CGNSHeads(nn.Module):
         local_image_loss = losses.local_image_loss(self.predictor(local_image), text_to_image,
                                                    self.predictor(text_to_image), local_image,
                                                    sentence_mask.any(dim=1))
-        local_text_loss, _ = losses.cluster_guided_text_loss(text_sentences, cross_sentences, centroids)
+        local_text_loss, _ = losses.cluster_guided_text_loss(text_sentences, cross_sentences, centroids, **loss_options)
         return global_loss + local_image_loss + local_text_loss, text_sentences, cross_sentences
 
 
@@ -104,15 +104,27 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", choices=("reference", "default"), default="default",
+                        help="the clustering settings timed: CGNSConfig.REFERENCE_SETTINGS' or CGNSConfig's defaults")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    cfg = (CGNSConfig.reference_preset(num_clusters=args.clusters) if args.settings == "reference"
+           else CGNSConfig(num_clusters=args.clusters))
+    loss_options = dict(temperature=cfg.local_text_temperature, hard_negative_mode=cfg.hard_negative_mode,
+                        hard_negative_weight=cfg.hard_negative_weight, bml_weight=cfg.bml_weight,
+                        false_negative_gate=cfg.false_negative_gate,
+                        false_negative_threshold=cfg.false_negative_threshold,
+                        false_negative_handling=cfg.false_negative_handling, use_hard_negatives=cfg.use_hard_negatives)
 
     heads = CGNSHeads(args.vision_width, args.grid ** 2, args.text_hidden, args.dim)
     vision, hidden, attention_mask, sentence_index = encoder_outputs(
         args.reports, args.sentences, args.length, args.vision_width, args.grid, args.text_hidden, args.seed)
-    kmeans = CrossModalKMeans(args.clusters, args.dim, init_threshold=1.0)
+    kmeans = CrossModalKMeans(args.clusters, args.dim, init_threshold=1.0, features=cfg.cluster_features,
+                              update_rule=cfg.cluster_update, assignment=cfg.cluster_assignment,
+                              empty_policy=cfg.empty_cluster_policy, dead_patience=cfg.dead_cluster_patience,
+                              count_decay=cfg.cluster_count_decay)
     with torch.no_grad():
-        _, text_sentences, cross_sentences = heads(vision, hidden, attention_mask, sentence_index, None)
+        _, text_sentences, cross_sentences = heads(vision, hidden, attention_mask, sentence_index, None, loss_options)
     num_sentences = text_sentences.shape[0]
     kmeans.update(text_sentences, cross_sentences)                  # N >= K: initialises from this batch
     assert kmeans.centroids is not None, "the benchmark batch must hold at least K sentences"
@@ -122,16 +134,17 @@ def main(argv=None):
     def head_and_loss():
         heads.zero_grad(set_to_none=True)
         vision.grad = hidden.grad = None
-        loss, _, _ = heads(vision, hidden, attention_mask, sentence_index, kmeans.centroids)
+        loss, _, _ = heads(vision, hidden, attention_mask, sentence_index, kmeans.centroids, loss_options)
         loss.backward()
 
     def kmeans_update():
         kmeans.update(text_sentences, cross_sentences)
+        kmeans.reassign_dead()
 
     def text_loss(centroids):
         def run():
             text_leaf.grad = cross_leaf.grad = None
-            loss, _ = losses.cluster_guided_text_loss(text_leaf, cross_leaf, centroids)
+            loss, _ = losses.cluster_guided_text_loss(text_leaf, cross_leaf, centroids, **loss_options)
             loss.backward()
         return run
 
@@ -149,6 +162,8 @@ def main(argv=None):
     clustering_s = update_s + loss_extra_s
     upper_s = update_s + guided_s              # bound: the whole text loss counted as clustering
 
+    print(f"settings: {args.settings} (features {cfg.cluster_features}, update {cfg.cluster_update}, assignment "
+          f"{cfg.cluster_assignment}, gate {cfg.false_negative_gate}, handling {cfg.false_negative_handling})")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reports {args.reports} x sentences "
           f"{args.sentences} = N {num_sentences}, K {args.clusters}, D {args.dim}, "
           f"vision {args.vision_width} x {args.grid}x{args.grid}, text {args.text_hidden} x L {args.length}")

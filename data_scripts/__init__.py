@@ -1,5 +1,5 @@
 """Dataset builders for CGNS: raw published files -> ``datasets.DatasetDict`` (docs/data_contract.md)."""
-from . import chexpert, covidx, mimic_cxr, object_cxr, rsna, siim, synthetic_cxr
+from . import chexpert, covidx, iu_xray, mimic_cxr, ms_cxr, object_cxr, rsna, siim, synthetic_cxr
 from .builder import (  # noqa: F401
     DatasetFormatError,
     Manifest,
@@ -11,7 +11,7 @@ from .builder import (  # noqa: F401
 
 # dataset name -> its builder module (TASKS, load, main)
 MODULES = {"synthetic_cxr": synthetic_cxr, "mimic_cxr": mimic_cxr, "chexpert": chexpert, "rsna": rsna,
-           "covidx": covidx, "siim": siim, "object_cxr": object_cxr}
+           "covidx": covidx, "siim": siim, "object_cxr": object_cxr, "ms_cxr": ms_cxr, "iu_xray": iu_xray}
 DATASETS = tuple(MODULES)
 
 

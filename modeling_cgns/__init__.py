@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel
 
 from .collator import CGNSPretrainingCollator
 from .configuration_cgns import CGNSConfig
+from .labeller import label_sentences, meaning_ids, sentence_meanings
 from .modeling_cgns import CGNSModel, CGNSOutput, CGNSPreTrainedModel
 from .modeling_classification import CGNSForImageClassification
 from .modeling_detection import CGNSForObjectDetection
@@ -18,4 +19,5 @@ AutoModel.register(CGNSConfig, CGNSModel, exist_ok=True)
 
 __all__ = ["CGNSConfig", "CGNSModel", "CGNSOutput", "CGNSPreTrainedModel", "CGNSImageProcessor", "CGNSProcessor",
            "CGNSPretrainingCollator", "CGNSForImageClassification",
-           "CGNSForSemanticSegmentation", "CGNSForObjectDetection", "CGNSClusterCallback"]
+           "CGNSForSemanticSegmentation", "CGNSForObjectDetection", "CGNSClusterCallback",
+           "label_sentences", "sentence_meanings", "meaning_ids"]

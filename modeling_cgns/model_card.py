@@ -33,7 +33,9 @@ KINDS = {
 # config fields that define the pretraining objective (docs/method.md A-C)
 OBJECTIVE_FIELDS = ("projection_dim", "image_size", "max_text_length", "use_clustering", "num_clusters",
                     "cluster_momentum", "cluster_init_threshold", "hard_negative_mode", "hard_negative_weight",
-                    "remove_false_negatives", "local_text_temperature", "bml_alpha", "bml_beta", "bml_weight",
+                    "cluster_features", "cluster_update", "cluster_assignment", "empty_cluster_policy",
+                    "false_negative_gate", "false_negative_threshold", "false_negative_handling", "use_hard_negatives",
+                    "local_text_temperature", "bml_alpha", "bml_beta", "bml_weight",
                     "use_reconstruction", "mask_ratio", "reconstruction_weight", "reconstruction_target",
                     "global_loss_weight", "local_image_loss_weight", "local_text_loss_weight")
 

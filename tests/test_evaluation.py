@@ -493,6 +493,27 @@ def test_end_to_end_clustering_scores_every_sentence_against_its_meaning(export_
     assert os.path.exists(tmp_path / "clusters_by_meaning.png")
 
 
+def test_clustering_on_real_report_text(export_dir, tmp_path):
+    """--task clustering on text-only rows: the first IU-Xray reports of the installed torchxrayvision, with the
+    labeller's meanings."""
+    from data_scripts import iu_xray
+    from modeling_cgns import sentence_meanings
+
+    results = td.main(["--task", "clustering", "--dataset", "iu_xray", "--dataset_task", "reports", "--model",
+                       export_dir, "--output_dir", str(tmp_path), "--dataset_options", "max_reports=12", "--quiet"])
+    reports = [iu_xray.report_sentences(r) for r in iu_xray.load_reports(max_reports=12)]
+    reports = [r for r in reports if r]
+    # the sentences that survive the export's max_length, as the training loss would see them
+    processor = CGNSProcessor.from_pretrained(export_dir)
+    kept = []
+    for sentences in reports:
+        ids = processor.tokenize_sentences([sentences])["sentence_index"]
+        kept += sentences[: int(ids.max()) + 1]
+    assert results["split"] == "test" and results["test"]["num_sentences"] == len(kept)
+    assert results["test"]["num_meanings"] == len(set(sentence_meanings(kept)))
+    assert 0 < results["test"]["split"]["base_rate"] < 1
+
+
 def test_clustering_score_known_answer():
     from cgns.downstream.clustering import score
 

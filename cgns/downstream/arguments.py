@@ -25,7 +25,7 @@ from transformers import HfArgumentParser
 from .protocols import PROTOCOLS, protocol
 from modeling_cgns.modeling_classification import INITS
 
-DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr")
+DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr", "ms_cxr", "iu_xray")
 # the shared hyperparameters whose default belongs to the protocol (the module's DEFAULTS)
 PER_TASK = ("max_epochs", "batch_size", "lr", "weight_decay")
 CHECKPOINT_MODES = ("augment", "uncached")

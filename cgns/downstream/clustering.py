@@ -3,7 +3,8 @@
     cgns evaluate --task clustering --dataset synthetic_cxr --model path/to/cgns_export --output_dir O
 
 Recipe: every sentence of every row of the split -> the export's text sentence features z1 and cross-modal
-features z2 (one forward per batch of ``--cluster_batch_size`` reports, as in training) -> the anchors'
+features z2 (one forward per batch of ``--cluster_batch_size`` reports, as in training; text-only rows, e.g.
+``--dataset iu_xray``, give z1 alone, which is all the loss's cluster decisions use) -> the anchors'
 clusters, hard-negative clusters and false-negative mask exactly as the local text loss forms them (the
 export's ``false_negative_gate``) -> scored against the sentences' meanings (``modeling_cgns.cluster_metrics``):
 
@@ -95,18 +96,25 @@ def sentence_features(model, processor, examples: List[Dict], batch_size: int) -
     z1, z2, texts, meanings, batch_ids = [], [], [], [], []
     for number, start in enumerate(range(0, len(examples), batch_size)):
         chunk = examples[start:start + batch_size]
-        out = model(pixel_values=image_batch(processor, [e["image"] for e in chunk], device),
-                    **text_batch(processor, [e["sentences"] for e in chunk], device), return_loss=False)
-        z1.append(F.normalize(out.text_sentence_features.float(), dim=-1).cpu())
-        z2.append(F.normalize(out.cross_sentence_features.float(), dim=-1).cpu())
-        mask = out.sentence_mask.cpu()
+        text = text_batch(processor, [e["sentences"] for e in chunk], device)
+        if chunk[0].get("image") is None:
+            # text-only rows: the anchors z1 are all the loss's cluster decisions need (no z2)
+            sentences, mask = model.get_sentence_features(**text)
+            z1.append(F.normalize(sentences[mask].float(), dim=-1).cpu())
+        else:
+            out = model(pixel_values=image_batch(processor, [e["image"] for e in chunk], device), **text,
+                        return_loss=False)
+            z1.append(F.normalize(out.text_sentence_features.float(), dim=-1).cpu())
+            z2.append(F.normalize(out.cross_sentence_features.float(), dim=-1).cpu())
+            mask = out.sentence_mask
+        mask = mask.cpu()
         for b, example in enumerate(chunk):
             for s in range(mask.shape[1]):
                 if bool(mask[b, s]):
                     texts.append(example["sentences"][s])
                     meanings.append(example["meanings"][s])
                     batch_ids.append(number)
-    return {"z1": torch.cat(z1), "z2": torch.cat(z2), "texts": texts, "meanings": meanings,
+    return {"z1": torch.cat(z1), "z2": torch.cat(z2) if z2 else None, "texts": texts, "meanings": meanings,
             "batch": torch.tensor(batch_ids)}
 
 
@@ -214,9 +222,11 @@ def load_examples(args) -> Tuple[str, List[Dict]]:
         **args.dataset_options)
     split_name = pick_split(dataset_dict, args.split)
     split = dataset_dict[split_name]
-    if "image" not in split.features or not {"sentences", "report"} & set(split.features):
-        raise ValueError(f"clustering needs rows with an 'image' and a 'sentences' or 'report' column; "
-                         f"{args.dataset}/{args.dataset_task} split {split_name!r} has {sorted(split.features)}")
+    if not {"sentences", "report"} & set(split.features):
+        raise ValueError(f"clustering needs rows with a 'sentences' or 'report' column (and, optionally, an "
+                         f"'image'); {args.dataset}/{args.dataset_task} split {split_name!r} has "
+                         f"{sorted(split.features)}")
+    has_image = "image" in split.features
     limit = len(split) if not args.max_cluster_rows else min(len(split), args.max_cluster_rows)
     examples, without = [], 0
     for index in range(limit):
@@ -229,7 +239,8 @@ def load_examples(args) -> Tuple[str, List[Dict]]:
         if not sentences:
             without += 1
             continue
-        examples.append({"image": row["image"], "sentences": sentences, "meanings": meanings})
+        examples.append({"image": row["image"] if has_image else None, "sentences": sentences,
+                         "meanings": meanings})
     if without:
         logger.warning("%d of %d rows have no report sentence and are left out", without, limit)
     if not examples:

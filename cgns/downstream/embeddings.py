@@ -204,6 +204,9 @@ class EncoderEvaluationArguments:
     attention_direction: str = field(default=DEFAULT_ATTENTION_DIRECTION, metadata={
         "choices": ATTENTION_DIRECTIONS,
         "help": "grounding / visualize: which local cross-attention map (CGNSModel.get_sentence_attention)"})
+    random_init_baseline: bool = field(default=False, metadata={
+        "help": "grounding: also score the export's architecture with fresh weights (seed 0), the random-init "
+                "baseline, beside the uniform map"})
     images: Optional[List[str]] = field(default=None, metadata={
         "help": "visualize: image files (instead of --dataset), paired with --reports"})
     reports: Optional[List[str]] = field(default=None, metadata={

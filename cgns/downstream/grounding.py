@@ -4,6 +4,8 @@
         --model path/to/cgns_export --output_dir O
     cgns evaluate --task grounding --dataset rsna --dataset_task detection --data_dir D \
         --model path/to/cgns_export --output_dir O      # queries: the label's positive prompts
+    cgns evaluate --task grounding --dataset ms_cxr --data_dir MS_CXR \
+        --dataset_options mimic_cxr_dir=MIMIC_CXR_JPG --model path/to/cgns_export --random_init_baseline --output_dir O
 
 A query is a sentence with the boxes of what it names: on the synthetic ``grounding`` task every
 report sentence that names a drawn finding with a box (consolidation, multifocal opacity, nodule),
@@ -20,7 +22,11 @@ query the sentence's attention over the ``g x g`` image grid (``CGNSModel.get_se
   box; mean coverage);
 * sentence specificity (report-sentence queries only): on images with two findings in different
   cells, how much more a sentence's map points at its own finding than the other sentence's map does
-  (0 for any map that does not depend on the sentence, e.g. a saliency peak).
+  (0 for any map that does not depend on the sentence, e.g. a saliency peak);
+* CNR (BioViL) and mIoU over thresholds (BioViL-T) of the same map at the crop's pixels, per finding
+  (``sentence_findings`` of MS-CXR rows; the label for prompts) and averaged, with the uniform map and,
+  with ``--random_init_baseline``, the export's architecture with fresh weights
+  (``modeling_cgns.grounding_metrics``, docs/evaluation.md "Phrase grounding on MS-CXR").
 """
 import logging
 import math
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 
 import data_scripts
+from modeling_cgns.grounding_metrics import phrase_grounding_scores
 
 from .common import write_results
 from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
@@ -46,8 +53,11 @@ DEFAULTS = {"batch_size": 16}
 DATASET_TASK = "grounding"
 
 RESULTS_HEADER = ("| model | dataset | split | queries | attention | pointing game (%) | uniform (%) | "
-                  "gain (points, 95 % CI) | mass in box (%) | uniform (%) | sentence specificity (points, 95 % CI) |\n"
-                  "|---|---|---|---|---|---|---|---|---|---|---|\n")
+                  "gain (points, 95 % CI) | mass in box (%) | uniform (%) | sentence specificity (points, 95 % CI) | "
+                  "CNR | uniform CNR | mIoU | uniform mIoU | random init: pointing game (%) / CNR / mIoU |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+PER_FINDING_HEADER = ("| finding | queries | CNR | mIoU | uniform mIoU | random init CNR | random init mIoU |\n"
+                      "|---|---|---|---|---|---|---|\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +219,14 @@ def _crop_boxes(boxes, image, image_processor) -> np.ndarray:
     return np.array([b for b in mapped if b is not None], dtype=np.float64).reshape(-1, 4)
 
 
+def _query_info(image, finding: Optional[str], image_processor) -> Dict:
+    """What CNR and mIoU need besides the map and boxes: the part of the crop that shows the image (not the
+    padding of a non-square image, nothing the crop cut away) and the finding the query names."""
+    width, height = image.size
+    region = box_to_crop([0.0, 0.0, 1.0, 1.0], width, height, image_processor.image_size, image_processor.resize_size)
+    return {"image_region": region, "finding": finding}
+
+
 def new_query_counts() -> Dict[str, int]:
     """The counters the query builders fill (reported in the results file)."""
     return {"sentences_with_boxes": 0, "truncated_sentences": 0, "boxes_outside_crop": 0,
@@ -217,9 +235,10 @@ def new_query_counts() -> Dict[str, int]:
 
 @torch.no_grad()
 def report_sentence_queries(model, processor, split, batch_size: int, direction: str, counts: Dict[str, int],
-                            image_ids: Optional[List[int]] = None):
+                            image_ids: Optional[List[int]] = None, query_info: Optional[List[Dict]] = None):
     """(map (g, g), boxes) for every sentence with a box, read with its whole report (``sentence_boxes`` rows);
-    with ``image_ids`` given, each query's row index in the split is appended to it."""
+    with ``image_ids`` given, each query's row index in the split is appended to it; with ``query_info``, its
+    image region in the crop and finding (``sentence_findings`` when the split has it, else None)."""
     device = next(model.parameters()).device
     grid = model.grid_size
     maps, boxes = [], []
@@ -245,14 +264,19 @@ def report_sentence_queries(model, processor, split, batch_size: int, direction:
                 boxes.append(cropped)
                 if image_ids is not None:
                     image_ids.append(row + b)
+                if query_info is not None:
+                    findings = chunk.get("sentence_findings")
+                    query_info.append(_query_info(image, findings[b][s] if findings else None,
+                                                  processor.image_processor))
         row += len(chunk["image"])
     return maps, boxes
 
 
 @torch.no_grad()
 def prompt_queries(model, processor, split, prompts: List[str], batch_size: int, direction: str,
-                   counts: Dict[str, int]):
-    """(map, boxes) for every prompt sentence against every image that has boxes (detection rows)."""
+                   counts: Dict[str, int], query_info: Optional[List[Dict]] = None, finding: Optional[str] = None):
+    """(map, boxes) for every prompt sentence against every image that has boxes (detection rows); with
+    ``query_info``, each query's image region in the crop and ``finding``."""
     device = next(model.parameters()).device
     grid = model.grid_size
     sentences = [s for p in prompts for s in prompt_sentences(p)]
@@ -280,6 +304,8 @@ def prompt_queries(model, processor, split, prompts: List[str], batch_size: int,
             for k in range(len(sentences)):
                 maps.append(attention[b, k].reshape(grid, grid))
                 boxes.append(cropped)
+                if query_info is not None:
+                    query_info.append(_query_info(images[b], finding, processor.image_processor))
     return maps, boxes, sentences
 
 
@@ -289,60 +315,119 @@ def check_arguments(args) -> None:
         raise ValueError(f"--prompts {args.prompts}: no such file")
 
 
-def run(args) -> Dict:
-    """Queries of the split -> attention maps -> pointing game and mass in box vs uniform -> results files."""
-    spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
-    dataset_dict = data_scripts.load_cgns_dataset(
-        args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
-        **args.dataset_options)
-    split_name = pick_split(dataset_dict, args.split)
-    split = dataset_dict[split_name]
+def collect_queries(model, processor, split, spec, args, direction: str, counts: Dict[str, int]) -> Dict:
+    """The queries of a split with their maps: ``{"maps", "boxes", "image_ids" (None for prompts), "query_info",
+    "source", "query_sentences"}`` (report sentences on grounding rows, the label's prompts on detection rows)."""
     columns = set(split.features)
-    direction = args.attention_direction
-    model, processor = load_model_and_processor(args.model)
-    counts = new_query_counts()
-    query_sentences, image_ids = None, None
+    query_info: List[Dict] = []
     if {"image", "sentences", "sentence_boxes"} <= columns:
-        source = "report sentences"
-        image_ids = []
-        maps, boxes = report_sentence_queries(model, processor, split, args.batch_size, direction, counts, image_ids)
-    elif {"image", "boxes"} <= columns:
+        image_ids: Optional[List[int]] = []
+        maps, boxes = report_sentence_queries(model, processor, split, args.batch_size, direction, counts, image_ids,
+                                              query_info)
+        return {"maps": maps, "boxes": boxes, "image_ids": image_ids, "query_info": query_info,
+                "source": "report sentences", "query_sentences": None}
+    if {"image", "boxes"} <= columns:
         if spec.num_labels != 1:
             raise ValueError(f"prompt queries need a one-label detection task; {args.dataset}/{args.dataset_task} "
                              f"has labels {list(spec.label_names)}")
         prompt_path = args.prompts or DEFAULT_PROMPTS
         label = spec.label_names[0]
         positive = load_prompts(prompt_path, [label])[label]["positive"]
-        source = f"positive prompts of {label!r} from {prompt_path}"
-        maps, boxes, query_sentences = prompt_queries(model, processor, split, positive, args.batch_size,
-                                                      direction, counts)
-    else:
-        raise ValueError(f"grounding needs rows with 'image', 'sentences' and 'sentence_boxes' (synthetic_cxr task "
-                         f"grounding) or 'image' and 'boxes' (a detection task); {args.dataset}/{args.dataset_task} "
-                         f"split {split_name!r} has {sorted(columns)}")
+        maps, boxes, sentences = prompt_queries(model, processor, split, positive, args.batch_size, direction,
+                                                counts, query_info, label)
+        return {"maps": maps, "boxes": boxes, "image_ids": None, "query_info": query_info,
+                "source": f"positive prompts of {label!r} from {prompt_path}", "query_sentences": sentences}
+    raise ValueError(f"grounding needs rows with 'image', 'sentences' and 'sentence_boxes' (synthetic_cxr or ms_cxr "
+                     f"task grounding) or 'image' and 'boxes' (a detection task); {args.dataset}/{args.dataset_task} "
+                     f"has {sorted(columns)}")
+
+
+def score_queries(queries: Dict, size: int) -> Dict:
+    """Pointing game, mass in box, sentence specificity (report sentences), CNR and mIoU (per finding too)."""
+    maps, boxes, info = queries["maps"], queries["boxes"], queries["query_info"]
+    scores = grounding_scores(maps, boxes, resolution=size)
+    if queries["image_ids"] is not None:        # prompts share one box set per image: no specificity to measure
+        scores.update(sentence_specificity(maps, boxes, queries["image_ids"]))
+    scores.update(phrase_grounding_scores(maps, boxes, size, [q["image_region"] for q in info],
+                                          [q["finding"] for q in info]))
+    return scores
+
+
+@torch.no_grad()
+def random_init_model(model, seed: int = 0):
+    """The export's architecture with fresh weights (``torch.manual_seed(seed)``): the random-init baseline."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    return type(model)(model.config).to(device).eval()
+
+
+def _format_random(scores: Optional[Dict]) -> str:
+    if scores is None:
+        return "not run"
+    return f"{100 * scores['pointing_game']:.1f} / {scores['cnr']:.3f} / {scores['miou']:.3f}"
+
+
+def per_finding_table(scores: Dict, random_scores: Optional[Dict]) -> str:
+    """The per-finding CNR / mIoU markdown table (written to ``phrase_grounding.md``)."""
+    lines = [PER_FINDING_HEADER.rstrip("\n")]
+    for name, f in scores["per_finding"].items():
+        r = random_scores["per_finding"].get(name) if random_scores else None
+        lines.append(f"| {name} | {f['num_queries']} | {f['cnr']:.3f} | {f['miou']:.3f} | {f['uniform_miou']:.3f} | "
+                     + (f"{r['cnr']:.3f} | {r['miou']:.3f} |" if r else "not run | not run |"))
+    lines.append(f"| mean over queries | {scores['cnr_queries']} | {scores['cnr']:.3f} | {scores['miou']:.3f} | "
+                 f"{scores['uniform_miou']:.3f} | "
+                 + (f"{random_scores['cnr']:.3f} | {random_scores['miou']:.3f} |" if random_scores
+                    else "not run | not run |"))
+    lines.append(f"| mean over findings | | {scores['cnr_macro']:.3f} | {scores['miou_macro']:.3f} | | "
+                 + (f"{random_scores['cnr_macro']:.3f} | {random_scores['miou_macro']:.3f} |" if random_scores
+                    else "not run | not run |"))
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> Dict:
+    """Queries of the split -> maps -> pointing game, mass in box, CNR and mIoU vs uniform (and random init)
+    -> results files."""
+    spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
+    dataset_dict = data_scripts.load_cgns_dataset(
+        args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
+        **args.dataset_options)
+    split_name = pick_split(dataset_dict, args.split)
+    split = dataset_dict[split_name]
+    direction = args.attention_direction
+    model, processor = load_model_and_processor(args.model)
+    size = processor.image_processor.image_size
+    counts = new_query_counts()
+    queries = collect_queries(model, processor, split, spec, args, direction, counts)
     for reason, n in counts.items():
         if n and reason != "sentences_with_boxes":
             logger.warning("grounding: %d %s left out", n, reason.replace("_", " "))
-    scores = grounding_scores(maps, boxes, resolution=processor.image_processor.image_size)
-    if image_ids is not None:                   # prompts share one box set per image: no specificity to measure
-        scores.update(sentence_specificity(maps, boxes, image_ids))
+    scores = score_queries(queries, size)
+    random_scores = None
+    if args.random_init_baseline:
+        untrained = random_init_model(model)
+        random_scores = score_queries(collect_queries(untrained, processor, split, spec, args, direction,
+                                                      new_query_counts()), size)
     results = {
         "task": "grounding", "dataset": args.dataset, "dataset_task": args.dataset_task, "split": split_name,
-        "model": args.model, "attention_direction": direction, "queries": source, "query_sentences": query_sentences,
-        "grid_size": model.grid_size, "counts": counts, "test": scores,
+        "model": args.model, "attention_direction": direction, "queries": queries["source"],
+        "query_sentences": queries["query_sentences"], "grid_size": model.grid_size, "counts": counts, "test": scores,
+        "random_init": None if random_scores is None else {"seed": 0, "test": random_scores},
     }
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {scores['num_queries']} | "
            f"{direction} | {100 * scores['pointing_game']:.1f} | {100 * scores['uniform_pointing_game']:.1f} | "
            f"{100 * scores['pointing_game_gain']:+.1f} ± {100 * scores['pointing_game_gain_ci95']:.1f} | "
            f"{100 * scores['attention_mass_in_box']:.1f} | {100 * scores['uniform_attention_mass_in_box']:.1f} | "
-           f"{format_specificity(scores)} |")
+           f"{format_specificity(scores)} | {scores['cnr']:.3f} | {scores['uniform_cnr']:.3f} | "
+           f"{scores['miou']:.3f} | {scores['uniform_miou']:.3f} | {_format_random(random_scores)} |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
+    with open(os.path.join(args.output_dir, "phrase_grounding.md"), "w") as f:
+        f.write(per_finding_table(scores, random_scores))
     logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
     return results
-
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "grounding_scores", "new_query_counts",
     "pointing_hit", "paired_ci95", "sentence_specificity", "format_specificity", "attention_mass", "cell_coverage",
     "cell_intersects", "box_to_crop", "report_sentence_queries", "prompt_queries", "RESULTS_HEADER",
+    "PER_FINDING_HEADER", "collect_queries", "score_queries", "random_init_model", "per_finding_table",
 ]
