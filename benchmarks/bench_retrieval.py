@@ -1,4 +1,5 @@
-"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop (cgns/downstream/retrieval.py).
+"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop
+(cgns/downstream/retrieval.py).
 
 Both paths embed the same synthetic studies with the same CGNS model in eval mode under ``torch.no_grad``:
 

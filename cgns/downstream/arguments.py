@@ -247,6 +247,7 @@ def resume_value(parser: argparse.ArgumentParser, args: argparse.Namespace):
     return value
 
 
-__all__ = ["DownstreamArguments", "TrainerPassThroughArguments", "EvaluationArguments", "DATASETS", "argument_dataclasses",
+__all__ = ["DownstreamArguments", "TrainerPassThroughArguments", "EvaluationArguments", "DATASETS",
+           "argument_dataclasses",
            "build_parser", "parse_args", "parse_option", "check_ranges", "resume_value",
            "HelpFormatter"]

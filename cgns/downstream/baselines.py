@@ -1,7 +1,8 @@
 """Fill one row of the baseline tables (docs/baselines.md) for one CGNS export, e.g. a converted MGCA model.
 
     python -m cgns.downstream.baselines --model mgca-resnet50 --name "MGCA ResNet-50 (converted)" \
-        --output_dir runs/mgca-resnet50 --table docs/baselines.md --data_dir chexpert=/data/CheXpert-v1.0 rsna=/data/rsna \
+        --output_dir runs/mgca-resnet50 --table docs/baselines.md \
+        --data_dir chexpert=/data/CheXpert-v1.0 rsna=/data/rsna \
         covidx=/data/covidx siim=/data/siim object_cxr=/data/object-cxr
 
 Recipe: for every column of the two tables (linear probe on CheXpert / RSNA / COVIDx; segmentation on

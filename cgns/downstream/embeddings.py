@@ -221,6 +221,7 @@ class EncoderEvaluationArguments:
 
 __all__ = [
     "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity",
-    "cache_subdir", "embedding_cache_dir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
+    "cache_subdir", "embedding_cache_dir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch",
+    "text_batch", "encode_images",
     "encode_reports", "report_sentences", "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

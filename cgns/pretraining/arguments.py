@@ -102,7 +102,8 @@ class DataArguments:
         "help": "synthetic_cxr only: multiplies every lesion contrast (1 = the calibrated difficulty; "
                 "the demo uses 3)"})
     resize_size: Optional[int] = field(default=None, metadata={
-        "help": "longest side before the square pad and crop; default the processor's (256 for 224 px, the same ratio otherwise)"})
+        "help": "longest side before the square pad and crop; default the processor's (256 for 224 px, the "
+                "same ratio otherwise)"})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "DataLoader worker processes decoding and transforming images (kept alive across epochs)"})
     dataloader_prefetch_factor: int = field(default=2, metadata={
