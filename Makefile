@@ -20,6 +20,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=23"
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	@# the distribution was called "cgns" before it became cm-cgns: drop a stale editable install of that name
+	$(BIN)/python -m pip uninstall --quiet --yes cgns 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
@@ -57,4 +59,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_retrieval.py
 
 clean:
-	rm -rf outputs .pytest_cache build *.egg-info .hf_tests
+	rm -rf outputs .pytest_cache build dist *.egg-info .hf_tests

@@ -1,7 +1,7 @@
 """How local is a CGNS export's sentence -> image attention? Statistics of the grounding maps.
 
 For the grounding queries of a split (report sentences naming a drawn finding with a box, as
-``train_downstream.py --task grounding`` uses them) prints the mean attention map over the grid, its standard
+``cgns evaluate --task grounding`` uses them) prints the mean attention map over the grid, its standard
 deviation over queries, the most frequent arg-max cells and the cells the box centres fall in. A flat map (every
 cell near sigmoid(0) = 0.5, a small spread) means the pointing game measures a tilt, not localisation.
 
@@ -17,9 +17,9 @@ import numpy as np
 
 def main(argv=None) -> dict:
     import data_scripts
-    from downstream import grounding
-    from downstream.arguments import parse_option
-    from downstream.encoding import load_model_and_processor
+    from cgns.downstream import grounding
+    from cgns.downstream.arguments import parse_option
+    from cgns.downstream.embeddings import load_model_and_processor
     from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS, DEFAULT_ATTENTION_DIRECTION
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,6 @@
 """Pretraining throughput with the image tower in channels-last vs the default (contiguous) layout.
 
-Runs ``train_pretrain.py --config configs/demo.json --max_steps N`` with ``--channels_last false`` and
+Runs ``python -m cgns.pretraining --config demo --max_steps N`` with ``--channels_last false`` and
 ``true`` (alternating, ``--repeats`` times each, same seed and data) and reads ``samples_per_second`` of the
 logged training windows from each run's ``metrics.jsonl``. Two numbers per run: the first epoch (the frozen
 text tower still runs on every new report) and the windows after it (text features cached, so the step is
@@ -18,21 +18,20 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cgns.pretraining.plots import read_metrics
 
 
 def run_once(channels_last: bool, steps: int, config: str, cache_dir: str, workdir: str) -> dict:
     out = os.path.join(workdir, f"run_{'cl' if channels_last else 'plain'}")
-    command = [sys.executable, os.path.join(ROOT, "train_pretrain.py"), "--config", config, "--output_dir", out,
+    command = [sys.executable, "-m", "cgns.pretraining", "--config", config, "--output_dir", out,
                "--cache_dir", cache_dir, "--overwrite_output_dir", "true", "--max_steps", str(steps),
                "--do_eval", "false", "--log_level", "warning", "--report_to", "none",
                "--channels_last", str(channels_last).lower()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    train = [r for r in rows if r["split"] == "train" and "samples_per_second" in r]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    by_step, _ = read_metrics(os.path.join(out, "metrics.jsonl"))
+    train = [by_step[step] for step in sorted(by_step) if "samples_per_second" in by_step[step]]
     first = [r["samples_per_second"] for r in train if r["epoch"] <= 1.0]
     later = [r["samples_per_second"] for r in train if r["epoch"] > 1.0]
     return {"first_epoch": statistics.median(first) if first else None,
@@ -41,10 +40,10 @@ def run_once(channels_last: bool, steps: int, config: str, cache_dir: str, workd
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.json"))
+    parser.add_argument("--config", default="demo", help="a packaged config by name or a JSON file")
     parser.add_argument("--steps", type=int, default=70, help="optimiser steps per run (demo: 50 per epoch)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--cache_dir", default=os.path.join(ROOT, "outputs", "bench_cache"))
+    parser.add_argument("--cache_dir", default=os.path.abspath(os.path.join("outputs", "bench_cache")))
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
     results = {"plain": [], "channels_last": []}

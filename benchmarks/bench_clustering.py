@@ -1,4 +1,4 @@
-"""Cost of the cross-modal clustering (ALGORITHM.md B.3 a-e) next to the whole CGNS head-and-loss step.
+"""Cost of the cross-modal clustering (docs/method.md B.3 a-e) next to the whole CGNS head-and-loss step.
 
 Everything after the two encoders is timed on random encoder outputs, with the reference sizes: a
 ResNet-50 grid (2048 x 7 x 7 = 49 tokens), Bio_ClinicalBERT-sized text (hidden 768, L = 256),
@@ -17,20 +17,17 @@ projection_dim 768, 64 reports x 10 sentences (N = 640 sentences), K = 128 clust
 Prints medians (after warm-up) and the ratio clustering / head-and-loss (target <= 10 %).
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout
 
-from modeling_cgns import CGNSConfig, losses  # noqa: E402
-from modeling_cgns.clustering import CrossModalKMeans  # noqa: E402
-from modeling_cgns.modeling_cgns import (  # noqa: E402
+from modeling_cgns import CGNSConfig, losses
+from modeling_cgns.clustering import CrossModalKMeans
+from modeling_cgns.modeling_cgns import (
     CGNSAttentionPool2d,
     CGNSLocalCrossAttention,
     CGNSPredictor,

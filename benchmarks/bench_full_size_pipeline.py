@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import zipfile
@@ -50,11 +49,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_scripts import mimic_cxr  # noqa: E402
-from data_scripts._common import resize_longest  # noqa: E402
-from data_scripts.synthetic_cxr import generate_study  # noqa: E402
-from modeling_cgns import CGNSImageProcessor  # noqa: E402
+from data_scripts import mimic_cxr
+from data_scripts.builder import resize_longest
+from data_scripts.synthetic_cxr import generate_study
+from modeling_cgns import CGNSImageProcessor
 
 MIMIC_IMAGES = 377_110
 
@@ -244,7 +242,7 @@ def run_step_benchmark(train_split, args) -> dict:
     from transformers import AutoTokenizer
 
     from modeling_cgns import CGNSPretrainingCollator, CGNSProcessor
-    from pretrain_callbacks import stage_parameters
+    from cgns.pretraining.optimization import stage_parameters
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -8,21 +8,85 @@ InfoNCE, local image loss and sentence-level InfoNCE; forward + backward.
 """
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import oracles  # noqa: E402
-from modeling_cgns import losses  # noqa: E402
-from modeling_cgns.modeling_cgns import (CGNSAttentionPool2d, CGNSLocalCrossAttention, CGNSPredictor,  # noqa: E402
+from modeling_cgns import losses
+from modeling_cgns.modeling_cgns import (CGNSAttentionPool2d, CGNSLocalCrossAttention, CGNSPredictor,
                                          CGNSSentenceAttentionPool, segment_mean)
+
+
+# --------------------------------------------------------------------------------------------------
+# the peer: the reference's structure, one report at a time (tests/py holds the same loops as the
+# parity tests' oracles; the benchmark keeps its own copy so that it never imports from tests/)
+# --------------------------------------------------------------------------------------------------
+
+def sentences_loop(token_features, sentence_index, attention_mask):
+    """A.4 per sample: list of (S_b, D) tensors, one row per sentence id that has tokens."""
+    out = []
+    for b in range(token_features.shape[0]):
+        rows = []
+        ids = sentence_index[b].masked_fill(attention_mask[b] == 0, -1)
+        top = int(ids.max()) if ids.numel() else -1
+        for s in range(top + 1):
+            where = (ids == s).nonzero().flatten()
+            if len(where):
+                rows.append(token_features[b, where].mean(dim=0))
+        out.append(torch.stack(rows) if rows else token_features.new_zeros(0, token_features.shape[-1]))
+    return out
+
+
+def attention_pool_loop(pool, tokens_b, positional=None):
+    """One sample of CLIP-style attention pooling: [mean; tokens] (+ pos) -> MHA -> position 0."""
+    seq = torch.cat([tokens_b.mean(dim=0, keepdim=True), tokens_b], dim=0)
+    if positional is not None:
+        seq = seq + positional
+    heads = pool.num_heads
+    width = seq.shape[-1]
+    dh = width // heads
+    q = pool.q_proj(seq[:1]).view(1, heads, dh)
+    k = pool.k_proj(seq).view(-1, heads, dh)
+    v = pool.v_proj(seq).view(-1, heads, dh)
+    outs = []
+    for h in range(heads):
+        scores = (q[0, h] @ k[:, h].t()) / math.sqrt(dh)
+        outs.append(torch.softmax(scores, dim=-1) @ v[:, h])
+    return pool.c_proj(torch.cat(outs))
+
+
+def sentence_pool_loop(pool, sentence_list):
+    return torch.stack([attention_pool_loop(pool, t) for t in sentence_list])
+
+
+def cross_attention_loop(cross, image_tokens, sentence_list):
+    """A.7 per sample: returns lists of text_to_image (P, D) and image_to_text (S_b, D)."""
+    scale = 1.0 / math.sqrt(image_tokens.shape[-1])
+    t2i, i2t = [], []
+    for b, sentences in enumerate(sentence_list):
+        v = image_tokens[b]
+        a_i2t = torch.sigmoid(cross.text_query(sentences) @ cross.image_key(v).t() * scale)
+        i2t.append(a_i2t @ cross.image_value(v))
+        a_t2i = torch.sigmoid(cross.image_query(v) @ cross.text_key(sentences).t() * scale)
+        t2i.append(a_t2i @ cross.text_value(sentences))
+    return t2i, i2t
+
+
+def simsiam_loop(predictor, image_tokens, t2i_list):
+    """B.2 per sample, averaged over samples that have sentences."""
+    values = []
+    for b, t2i in enumerate(t2i_list):
+        if t2i.abs().sum() == 0 and t2i.shape[0]:
+            continue
+        v = image_tokens[b]
+        a = F.cosine_similarity(predictor(v), t2i.detach(), dim=-1).mean()
+        c = F.cosine_similarity(predictor(t2i), v.detach(), dim=-1).mean()
+        values.append(-0.5 * (a + c))
+    return torch.stack(values).mean()
+
+
 
 
 class Heads(torch.nn.Module):
@@ -54,11 +118,11 @@ class Heads(torch.nn.Module):
 
     def loop(self, grid, hidden, sentence_index, attention_mask):
         image, local, tokens = self.common(grid, hidden)
-        sentence_list = oracles.sentences_loop(tokens, sentence_index, attention_mask)
-        text = F.normalize(oracles.sentence_pool_loop(self.sentence_pool, sentence_list), dim=-1)
-        t2i, i2t = oracles.cross_attention_loop(self.cross_attention, local, sentence_list)
+        sentence_list = sentences_loop(tokens, sentence_index, attention_mask)
+        text = F.normalize(sentence_pool_loop(self.sentence_pool, sentence_list), dim=-1)
+        t2i, i2t = cross_attention_loop(self.cross_attention, local, sentence_list)
         lg = losses.global_contrastive_loss(image, text, torch.tensor(10.0))[0]
-        li = oracles.simsiam_loop(self.predictor, local, t2i)
+        li = simsiam_loop(self.predictor, local, t2i)
         lt = losses.sentence_infonce(torch.cat(sentence_list), torch.cat(i2t), 1.0)
         return lg + li + lt
 

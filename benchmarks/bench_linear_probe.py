@@ -1,9 +1,9 @@
-"""Linear probe: cached frozen features vs recomputing them every epoch (train_downstream.py).
+"""Linear probe: cached frozen features vs recomputing them every epoch (cgns evaluate).
 
 Both modes train the same head with the same Trainer settings on synthetic_cxr (multi-label,
 5 CheXpert tasks) with a frozen resnet18 CGNS tower, no augmentation and early stopping disabled
 (patience above the epoch count) so every run trains exactly the epochs asked for. Times are
-end-to-end ``train_downstream.main`` calls (dataset from the prepared cache, model load, feature
+end-to-end ``cgns.downstream.cli.main`` calls (dataset from the prepared cache, model load, feature
 extraction, training, test evaluation, results files), after one untimed warm-up call.
 
 The uncached mode is too slow to run for 100 epochs on two cores, so it runs ``--uncached_epochs``
@@ -17,7 +17,6 @@ reported beside it.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -25,14 +24,13 @@ from typing import Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import data_scripts  # noqa: E402
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
+import data_scripts
+from cgns.downstream.cli import main as evaluate
+from modeling_cgns import CGNSConfig, CGNSModel
 
 
 def make_export(path: str, arch: str, image_size: int) -> str:
@@ -49,7 +47,7 @@ def make_export(path: str, arch: str, image_size: int) -> str:
 
 def timed_run(argv: List[str]) -> Dict:
     start = time.perf_counter()
-    results = train_downstream.main(argv)
+    results = evaluate(argv)
     seconds = time.perf_counter() - start
     run = results["seeds"][next(iter(results["seeds"]))]
     return {"seconds": seconds, "auroc": run["test"]["auroc"], "test_loss": run["test_loss"]}

@@ -3,7 +3,7 @@
 1. ``CGNSForImageClassification.train()``: the Trainer calls it before every step. Timed here against the
    full walk it replaces as the peer (``PreTrainedModel.train`` over every module, then ``tower.eval()``,
    what the method did before), both on the same model, ``--calls`` calls each.
-2. The feature cache (``--feature_cache_dir``): the same cached probe (``train_downstream.main``, 2 seeds)
+2. The feature cache (``--feature_cache_dir``): the same cached probe (``cgns.downstream.cli.main``, 2 seeds)
    run twice on one export; the first run extracts the frozen features and writes them, the second reads
    them. The peer of the second is the first; ``--no_feature_cache`` is the same as the first.
 
@@ -12,21 +12,20 @@
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSModel  # noqa: E402
-from modeling_cgns.modeling_cgns import CGNSPreTrainedModel  # noqa: E402
+from cgns.downstream.cli import main as evaluate
+from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSModel
+from modeling_cgns.modeling_cgns import CGNSPreTrainedModel
+from modeling_cgns.processing_cgns import default_resize_size
 
 
 def config(arch: str, image_size: int, **overrides) -> CGNSConfig:
@@ -60,15 +59,15 @@ def time_feature_cache(arch: str, image_size: int, num_images: int, workdir: str
     export = os.path.join(workdir, "export")
     torch.manual_seed(0)
     CGNSModel(config(arch, image_size)).save_pretrained(export)
-    render = round(image_size * 256 / 224)
+    render = default_resize_size(image_size)
     common = ["--task", "classification", "--dataset", "synthetic_cxr", "--model", export, "--cache_dir",
               os.path.join(workdir, "cache"), "--dataset_options", f"num_images={num_images}",
               f"image_size={render}", "--seeds", "0", "1", "--max_epochs", "20", "--quiet", "true"]
-    train_downstream.main(common + ["--output_dir", os.path.join(workdir, "warmup"), "--no_feature_cache"])
+    evaluate(common + ["--output_dir", os.path.join(workdir, "warmup"), "--no_feature_cache"])
     times = {}
     for name in ("first run (extracts, writes)", "second run (reads the cache)"):
         start = time.perf_counter()
-        train_downstream.main(common + ["--output_dir", os.path.join(workdir, name.split()[0])])
+        evaluate(common + ["--output_dir", os.path.join(workdir, name.split()[0])])
         times[name] = time.perf_counter() - start
     times["ratio"] = times["first run (extracts, writes)"] / times["second run (reads the cache)"]
     return times

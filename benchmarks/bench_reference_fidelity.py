@@ -15,15 +15,12 @@
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, TimmWrapperConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)   # run from a checkout
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
+from modeling_cgns import CGNSConfig, CGNSModel
 
 
 def synthetic_batch(batch_size: int, image_size: int, text_length: int, vocab_size: int, seed: int = 0) -> dict:
@@ -48,14 +45,16 @@ def mean_offdiagonal_cosine(features: torch.Tensor) -> float:
 
 def demo_model_and_batch(head_init: str, batch_size: int):
     """configs/demo.json: random-init resnet18 at 128 px + the pretrained MiniLM, synthetic_cxr reports."""
-    import train_pretrain
+    from cgns.pretraining.arguments import parse_args
+    from cgns.pretraining.build import build_model, build_processor
+    from cgns.pretraining.data import get_dataloaders
 
-    config = train_pretrain.parse_args(["--config", os.path.join(ROOT, "configs", "demo.json"), "--num_images", "64",
+    config = parse_args(["--config", "demo", "--num_images", "64",
                                         "--head_init", head_init, "--per_device_eval_batch_size", str(batch_size),
                                         "--output_dir", "/tmp/bench_reference_fidelity"])
-    model = train_pretrain.build_model(config.model)
-    processor = train_pretrain.build_processor(model, config.model, config.data)
-    _, eval_loader = train_pretrain.get_dataloaders(config, processor)
+    model = build_model(config.model)
+    processor = build_processor(model, config.model, config.data)
+    _, eval_loader = get_dataloaders(config, processor)
     return model, next(iter(eval_loader))
 
 

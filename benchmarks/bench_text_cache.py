@@ -1,7 +1,7 @@
 """Step time of the demo model with the text tower fine-tuned, frozen, and frozen + cached.
 
 One CGNS training step (forward with the loss, backward, Adam) of the demo configuration's towers
-(configs/demo.json: vision tower, image size, projection, clusters; the shipped MiniLM text tower)
+(the packaged demo config: vision tower, image size, projection, clusters; the shipped MiniLM text tower)
 on real synthetic_cxr reports, in one process, for three text-tower settings:
 
 * ``finetune``: every text parameter trains (the reference, ``--freeze_text_layers 0``);
@@ -19,18 +19,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.json"))
+    p.add_argument("--config", default="demo", help="a packaged config by name or a JSON file")
     p.add_argument("--vision_model", default=None, help="default: the config's")
     p.add_argument("--image_size", type=int, default=None, help="default: the config's")
     p.add_argument("--batch_size", type=int, default=32)
@@ -44,27 +41,28 @@ def main(argv=None):
     args = parse_args(argv)
     from accelerate import PartialState
 
-    import train_pretrain
+    from cgns.configs import read_config
+    from cgns.pretraining.arguments import DataArguments, ModelArguments
+    from cgns.pretraining.build import build_model, build_processor, freeze_text_layers
     from data_scripts.synthetic_cxr import generate_study
     from modeling_cgns.text_cache import FrozenTextFeatureCache
 
     PartialState()
-    with open(args.config) as f:
-        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config = read_config(args.config)
     image_size = args.image_size or config["image_size"]
     vision = args.vision_model or config["vision_model"]
     studies = [generate_study(i, image_size=image_size) for i in range(args.batch_size)]
     results = {}
     for mode in ("finetune", "frozen", "frozen_cached"):
         torch.manual_seed(0)
-        model_args = train_pretrain.ModelArguments(
+        model_args = ModelArguments(
             vision_model=vision, projection_dim=config.get("projection_dim"), image_size=image_size,
             max_text_length=config.get("max_text_length"), num_clusters=config.get("num_clusters"),
             decoder_channels=config.get("decoder_channels"))
-        model = train_pretrain.build_model(model_args)
-        processor = train_pretrain.build_processor(model, model_args, train_pretrain.DataArguments())
+        model = build_model(model_args)
+        processor = build_processor(model, model_args, DataArguments())
         if mode != "finetune":
-            train_pretrain.freeze_text_layers(model, -1)
+            freeze_text_layers(model, -1)
         if mode == "frozen_cached":
             FrozenTextFeatureCache(model.text_model).attach()
         batch = processor(text=[s["report"] for s in studies], images=[s["image"] for s in studies],

@@ -5,7 +5,7 @@ BERT-base-sized ``BertConfig()`` (12 layers, hidden 768, 256 word pieces). Varia
 
 * ``cgns_stage1``: CGNSModel forward (global InfoNCE + local SimSiam + cluster-guided text loss, with
   initialised k-means so the hard-negative path runs), backward, Adam step over the stage-1
-  parameters, then ``after_optimizer_step`` — everything ``train_pretrain.py`` does per step (the
+  parameters, then ``after_optimizer_step`` — everything the pretraining loop does per step (the
   k-means update runs inside the forward, before the loss, as in the reference);
 * ``cgns_stage2``: the same plus the CM-MIR masking, decoder and reconstruction loss, Adam over all;
 * ``clip``: the global-only peer on the same two towers — the same attention-pooled image vector
@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from transformers import AutoModel, BertConfig, BertModel, TimmWrapperConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
-from modeling_cgns.modeling_cgns import CGNSAttentionPool2d  # noqa: E402
-from pretrain_callbacks import stage_parameters  # noqa: E402
+from modeling_cgns import CGNSConfig, CGNSModel
+from modeling_cgns.modeling_cgns import CGNSAttentionPool2d
+from cgns.pretraining.optimization import stage_parameters
 
 VARIANTS = ("clip", "cgns_stage1", "cgns_stage2")
 

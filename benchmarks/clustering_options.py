@@ -2,7 +2,7 @@
 
 Two phases:
 
-1. ``--record``: one pretraining run (default: the ``make demo`` configuration, any train_pretrain argument
+1. ``--record``: one pretraining run (default: the ``make demo`` configuration, any pretraining argument
    can follow ``--``) that stores, for every training micro-batch, the text sentence features z1, the
    cross-modal ones z2 and the sentences' meaning ids, and at the end the same for the validation split
    under the final model (``stream.safetensors`` in ``--study_dir``).
@@ -37,9 +37,9 @@ STREAM = "stream.safetensors"
 
 # ----------------------------------------------------------------------------------------------------- record
 def record(study_dir: str, extra: List[str]) -> str:
-    import train_pretrain
+    from cgns.pretraining import cli
+    from cgns.pretraining.callbacks import Callback
     from modeling_cgns.collator import flat_sentence_meanings, pop_sentence_meanings
-    from pretrain_callbacks import Callback
 
     tensors: Dict[str, torch.Tensor] = {}
 
@@ -71,12 +71,12 @@ def record(study_dir: str, extra: List[str]) -> str:
                 tensors[f"val.{i}.topic"] = flat["sentence_topic_ids"].cpu()
             model.train()
 
-    original = train_pretrain.default_callbacks
-    train_pretrain.default_callbacks = lambda args: original(args) + [Recorder()]
+    original = cli.default_callbacks
+    cli.default_callbacks = lambda args: original(args) + [Recorder()]
     os.makedirs(study_dir, exist_ok=True)
-    argv = ["--config", "configs/demo.json", "--output_dir", os.path.join(study_dir, "run"),
+    argv = ["--config", "demo", "--output_dir", os.path.join(study_dir, "run"),
             "--overwrite_output_dir", "true", "--report_to", "none"] + extra
-    train_pretrain.main(argv)
+    cli.main(argv)
     path = os.path.join(study_dir, STREAM)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     print(f"recorded {sum(1 for k in tensors if k.endswith('.z1'))} batches -> {path}")

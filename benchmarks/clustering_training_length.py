@@ -1,6 +1,6 @@
 """How false-negative precision evolves with training length, for the reference clustering and the default one.
 
-Pretrains the ``make demo`` configuration (configs/demo.json) for each schedule length with the reference
+Pretrains the ``make demo`` configuration (`--config demo`) for each schedule length with the reference
 clustering settings (``CGNSConfig.REFERENCE_SETTINGS``' clustering fields at the demo's K) and with the
 defaults, and reads the clustering scores the run logged on the validation split after every epoch
 (``fn_precision`` / ``fn_recall`` / ``fn_base_rate`` / ``nmi`` in metrics.jsonl; docs/clustering.md). Tells a
@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-import train_pretrain
+from cgns.pretraining.cli import main as pretrain
 from modeling_cgns.configuration_cgns import REFERENCE_SETTINGS
 
 CLUSTER_FIELDS = ("cluster_features", "cluster_update", "cluster_assignment", "empty_cluster_policy",
@@ -36,10 +36,10 @@ SETTINGS = {"reference": reference_overrides(), "default": []}
 def run(out_dir: str, epochs: int, name: str) -> list:
     stage1 = max(1, round(epochs * 2 / 3))
     run_dir = os.path.join(out_dir, f"{name}_{epochs}ep")
-    argv = ["--config", "configs/demo.json", "--output_dir", run_dir, "--overwrite_output_dir", "true",
+    argv = ["--config", "demo", "--output_dir", run_dir, "--overwrite_output_dir", "true",
             "--report_to", "none", "--log_level", "warning", "--stage1_epochs", str(stage1),
             "--stage2_epochs", str(epochs - stage1), *SETTINGS[name]]
-    train_pretrain.main(argv)
+    pretrain(argv)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [{k: r.get(k) for k in ("step", "epoch", "fn_precision", "fn_recall", "fn_base_rate", "nmi")}

@@ -1,10 +1,10 @@
 """Pointing game of both local cross-attention maps for a set of CGNS exports (docs/evaluation.md).
 
 For each export matched by ``--models`` (glob patterns) and each split in ``--splits``, scores the grounding
-queries (report sentences naming a drawn finding with a box, as ``train_downstream.py --task grounding`` does)
+queries (report sentences naming a drawn finding with a box, as ``cgns evaluate --task grounding`` does)
 with the ``image_to_text`` map (the sentence attends to the image tokens when T~ is built) and the
 ``text_to_image`` map (each image token takes in the sentence when V~ is built), beside the uniform baseline,
-and the sentence specificity of each (``downstream.grounding.sentence_specificity``).
+and the sentence specificity of each (``cgns.downstream.grounding.sentence_specificity``).
 This is the measurement behind the default ``--attention_direction``:
 
     python benchmarks/grounding_directions.py --cache_dir outputs/demo/data \\
@@ -20,9 +20,9 @@ def main(argv=None) -> dict:
     import torch
 
     import data_scripts
-    from downstream import grounding
-    from downstream.arguments import parse_option
-    from downstream.encoding import load_model_and_processor
+    from cgns.downstream import grounding
+    from cgns.downstream.arguments import parse_option
+    from cgns.downstream.embeddings import load_model_and_processor
     from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -3,7 +3,7 @@
 At the reference local-text temperature 1 the sentence-level InfoNCE's logits are cosines in [-1, 1],
 so with N candidate sentences in a batch the loss cannot fall below about ``ln(N - 1) - 2`` nats
 (the positive at cosine 1, every negative at -1). This script pretrains the demo configuration
-(configs/demo.json) with the local-text temperature at the reference 1 and at 0.1, each with the
+(the packaged demo config) with the local-text temperature at the reference 1 and at 0.1, each with the
 reference head initialisation (PyTorch defaults, ``head_init=pytorch``) and with N(0, 0.02)
 (``head_init=normal``), and reports per run: the local text and local image losses at the start and
 the end of training, the validation retrieval acc@1, and the
@@ -19,16 +19,13 @@ BENCHMARKS.md.
 import argparse
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.json"))
-    p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "local_text_study"))
+    p.add_argument("--config", default="demo", help="a packaged config by name or a JSON file")
+    p.add_argument("--output_dir", default=os.path.abspath(os.path.join("outputs", "local_text_study")))
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--head_inits", nargs="+", default=["pytorch", "normal"], choices=["pytorch", "normal"])
     p.add_argument("--pretrain_args", nargs=argparse.REMAINDER, default=[])
@@ -41,12 +38,14 @@ def first_last(records, key):
 
 
 def main(argv=None):
-    import demo
+    from cgns.configs import config_path, read_config
+    from cgns.experiments import demo
 
     args = parse_args(argv)
+    args.config = os.path.abspath(config_path(args.config))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    config = demo.read_config(args.config)
+    config = read_config(args.config)
     cache_dir = os.path.join(args.output_dir, "data")
     data = demo.generate_data(config, cache_dir, args.pretrain_args)
     rows = []
@@ -59,9 +58,8 @@ def main(argv=None):
                                    os.path.join(run_dir, "pretrain.log"))
             files = demo.evaluate_encoder(export, os.path.join(run_dir, "evaluation"), cache_dir, data["options"])
             summary = demo.encoder_summary(files)
-            records = demo.read_metrics(os.path.join(run_dir, "pretrain"))
-            train = [r for r in records if r.get("split") == "train"]
-            evals = [r for r in records if r.get("split") == "eval"]
+            train = demo.training_records(os.path.join(run_dir, "pretrain"))
+            evals = demo.training_records(os.path.join(run_dir, "pretrain"), "eval")
             row = {"temperature": temperature, "head_init": head_init,
                    "local_text": first_last(train, "local_text_loss"),
                    "local_image": first_last(train, "local_image_loss"),

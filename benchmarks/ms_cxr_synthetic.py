@@ -10,7 +10,7 @@ The numbers in docs/evaluation.md ("Phrase grounding on MS-CXR") were measured w
 
     python benchmarks/ms_cxr_synthetic.py --output_dir runs/ms_cxr_synthetic --num_studies 200 --start 100000 \\
         --image_size 128 --lesion_contrast_scale 3
-    python train_downstream.py --task grounding --dataset ms_cxr --data_dir runs/ms_cxr_synthetic/ms_cxr \\
+    cgns evaluate --task grounding --dataset ms_cxr --data_dir runs/ms_cxr_synthetic/ms_cxr \\
         --dataset_options mimic_cxr_dir=runs/ms_cxr_synthetic/mimic --model EXPORT --random_init_baseline \\
         --output_dir runs/ms_cxr_synthetic/grounding
 """

@@ -2,7 +2,7 @@
 
 Makes a CGNS export with a random resnet18 tower (a random tower is what a new user without a
 pretrained model has; ``--init random`` would draw the same architecture), then runs
-``train_downstream.py --task detection`` and ``--task segmentation`` with the protocol's defaults
+``cgns evaluate --task detection`` and ``--task segmentation`` with the protocol's defaults
 except the size of the data (``--num_images``, ``--image_size``) and ``--max_epochs``. Prints the
 test mAP (detection) and the Dice, Dice on positive images and Dice of an empty prediction
 (segmentation): the numbers recorded in docs/detection.md and docs/segmentation.md.
@@ -13,7 +13,6 @@ test mAP (detection) and the Dice, Dice on positive images and Dice of an empty 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -21,13 +20,12 @@ from typing import Dict, List, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from transformers import BertConfig, TimmWrapperConfig  # noqa: E402
+import torch
+from transformers import BertConfig, TimmWrapperConfig
 
-import train_downstream  # noqa: E402
-from modeling_cgns import CGNSConfig, CGNSModel  # noqa: E402
+from cgns.downstream.cli import main as evaluate
+from modeling_cgns import CGNSConfig, CGNSModel
 
 
 def make_export(path: str, image_size: int) -> str:
@@ -57,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (on a busy 2-core machine one thread is several times faster)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="further train_downstream.py options (after everything else)")
+                   help="further `cgns evaluate` options (after everything else)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = args.workdir or tempfile.mkdtemp(prefix="synthetic_protocols_")
@@ -71,9 +69,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                      if args.lesion_contrast_scale != 1 else []),
                    "--max_epochs", str(args.max_epochs), "--seeds", *map(str, args.seeds), "--quiet",
                    *args.extra]
-        print("$ python train_downstream.py " + " ".join(command), flush=True)
+        print("$ cgns evaluate " + " ".join(command), flush=True)
         start = time.perf_counter()
-        results = train_downstream.main(command)
+        results = evaluate(command)
         seconds = time.perf_counter() - start
         runs = results["seeds"].values()
         if task == "detection":

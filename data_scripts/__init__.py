@@ -1,7 +1,6 @@
 """Dataset builders for CGNS: raw published files -> ``datasets.DatasetDict`` (docs/data_contract.md)."""
-import importlib
-
-from ._common import (  # noqa: F401
+from . import chexpert, covidx, iu_xray, mimic_cxr, ms_cxr, object_cxr, rsna, siim, synthetic_cxr
+from .builder import (  # noqa: F401
     DatasetFormatError,
     Manifest,
     TaskSpec,
@@ -10,17 +9,21 @@ from ._common import (  # noqa: F401
     subsample_train,
 )
 
-DATASETS = ("synthetic_cxr", "mimic_cxr", "chexpert", "rsna", "covidx", "siim", "object_cxr", "ms_cxr", "iu_xray")
+# dataset name -> its builder module (TASKS, load, main)
+MODULES = {"synthetic_cxr": synthetic_cxr, "mimic_cxr": mimic_cxr, "chexpert": chexpert, "rsna": rsna,
+           "covidx": covidx, "siim": siim, "object_cxr": object_cxr, "ms_cxr": ms_cxr, "iu_xray": iu_xray}
+DATASETS = tuple(MODULES)
 
 
-def _module(name: str):
-    if name not in DATASETS:
+def dataset_module(name: str):
+    """The builder module of dataset ``name``; ``ValueError`` naming the known datasets otherwise."""
+    if name not in MODULES:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return importlib.import_module(f"data_scripts.{name}")
+    return MODULES[name]
 
 
 def get_task_spec(name: str, task: str) -> TaskSpec:
-    tasks = _module(name).TASKS
+    tasks = dataset_module(name).TASKS
     if task not in tasks:
         raise ValueError(f"dataset {name!r} has no task {task!r}; it provides: {', '.join(tasks)}")
     return tasks[task]
@@ -31,9 +34,9 @@ def load_cgns_dataset(name: str, data_dir=None, task: str = "classification", da
     """Load dataset ``name`` for ``task`` as a DatasetDict; ``data_pct`` subsamples train only."""
     get_task_spec(name, task)
     check_data_pct(data_pct)
-    return _module(name).load(data_dir=data_dir, task=task, data_pct=data_pct, seed=seed,
+    return dataset_module(name).load(data_dir=data_dir, task=task, data_pct=data_pct, seed=seed,
                               cache_dir=cache_dir, **options)
 
 
-__all__ = ["DATASETS", "DatasetFormatError", "Manifest", "TaskSpec", "get_task_spec", "load_cgns_dataset",
+__all__ = ["DATASETS", "MODULES", "dataset_module", "DatasetFormatError", "Manifest", "TaskSpec", "get_task_spec", "load_cgns_dataset",
            "subsample_indices", "subsample_train", "check_data_pct"]

@@ -1,6 +1,6 @@
-"""CheXpert v1.0 -> five-task multi-label classification (ALGORITHM.md E.1).
+"""CheXpert v1.0 -> five-task multi-label classification (docs/method.md E.1).
 
-Reads the published layout (ALGORITHM.md J): ``train.csv`` and ``valid.csv`` with ``Path``,
+Reads the published layout (docs/data_contract.md): ``train.csv`` and ``valid.csv`` with ``Path``,
 ``Frontal/Lateral`` and the observation columns; ``Path`` starts with the dataset folder's name
 (``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``) and is resolved relative to
 the folder that contains the dataset folder or, failing that, to the dataset folder itself.
@@ -28,7 +28,7 @@ opened: ``absolute path in list file`` / ``path outside the data folder``. Accou
 ``inputs["valid.csv rows"]`` = test rows + the skips of valid rows (``docs/data_contract.md``).
 
 Task ``5x200`` returns only that hold-out, as a ``test`` split (labels: one positive task per image),
-for zero-shot evaluation (``train_downstream.py --task zero_shot``).
+for zero-shot evaluation (``cgns evaluate --task zero_shot``).
 """
 import os
 import re
@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     DatasetFormatError,
     Manifest,

@@ -1,6 +1,6 @@
-"""COVIDx (three-class versions) -> normal / pneumonia / COVID-19 classification (ALGORITHM.md E.1).
+"""COVIDx (three-class versions) -> normal / pneumonia / COVID-19 classification (docs/method.md E.1).
 
-Reads the published layout (ALGORITHM.md J): a train list and a test list (``train.txt`` /
+Reads the published layout (docs/data_contract.md): a train list and a test list (``train.txt`` /
 ``test.txt``, or versioned names such as ``train_COVIDx9A.txt``; pass ``train_list`` / ``test_list``
 to name them), one image per line, space separated ``<patient id> <filename> <class> <data source>``
 (the oldest versions have no data-source column; both layouts are detected line by line). Images
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import datasets
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     DatasetFormatError,
     Manifest,

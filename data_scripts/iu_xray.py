@@ -27,7 +27,7 @@ import tarfile
 import xml.etree.ElementTree as ElementTree
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._common import TaskSpec
+from .builder import TaskSpec
 from modeling_cgns.labeller import OBSERVATIONS, PATHOLOGIES, label_sentences, report_labels
 from modeling_cgns.sentences import report_text, split_sentences
 

@@ -1,6 +1,6 @@
-"""MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR reports -> image-report pairs for pretraining (ALGORITHM.md D).
+"""MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR reports -> image-report pairs for pretraining (docs/method.md D).
 
-Reads the published layout as it is (ALGORITHM.md J):
+Reads the published layout as it is (docs/data_contract.md):
 
 * images ``files/p<xx>/p<subject_id>/s<study_id>/<dicom_id>.jpg``;
 * ``mimic-cxr-2.0.0-metadata.csv`` (or ``.csv.gz``): ``dicom_id, subject_id, study_id, ViewPosition, ...``;
@@ -43,7 +43,7 @@ import datasets
 
 from modeling_cgns.sentences import is_usable_report, report_text, split_sentences
 
-from ._common import (
+from .builder import (
     STORED_IMAGE_FORMATS,
     CGNSBuilder,
     CliFlag,

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 import datasets
 
-from ._common import (
+from .builder import (
     STORED_IMAGE_FORMATS,
     CGNSBuilder,
     CliFlag,

@@ -1,6 +1,6 @@
 """Object-CXR (foreign objects on chest X-rays, JPEG): the ``detection`` task.
 
-Published layout (ALGORITHM.md J / E.2)::
+Published layout (docs/data_contract.md, docs/method.md E.2)::
 
     <data_dir>/train.csv, <data_dir>/dev.csv   columns image_name, annotation
     <data_dir>/train/<image_name>, <data_dir>/dev/<image_name>   (JPEG, sizes vary)
@@ -11,7 +11,7 @@ Published layout (ALGORITHM.md J / E.2)::
 * type 0 (rectangle) and 1 (ellipse): the bounding rectangle of the listed points;
 * type 2 (polygon): ``polylabel`` (tolerance 10) of the closed polygon outline buffered by 100 px
   gives a centre ``c`` (as the reference does: ``LineString(points + first point).buffer(100)``);
-  with ``polygon_box="square"`` (default, ALGORITHM.md E.2) the box is the square centred at ``c``
+  with ``polygon_box="square"`` (default, docs/method.md E.2) the box is the square centred at ``c``
   whose half-side is the largest distance from ``c`` to the polygon's bounds; with
   ``polygon_box="mgca"`` it is the reference code's box, half-width and half-height taken per axis
   (``max(|xmin - cx|, |xmax - cx|)``, same for y). Both always cover the polygon's bounds.
@@ -44,7 +44,7 @@ from typing import List, Optional, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,

@@ -1,6 +1,6 @@
 """RSNA Pneumonia Detection (stage 2 train, DICOM): classification, detection and segmentation.
 
-Published layout (ALGORITHM.md J)::
+Published layout (docs/data_contract.md)::
 
     <data_dir>/stage_2_train_labels.csv     patientId,x,y,width,height,Target (one row per box;
                                             a negative patient has one row, empty box, Target 0)
@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,
@@ -82,7 +82,7 @@ TASKS = {
     "segmentation": TaskSpec("segmentation", ("Pneumonia",), "dice"),
 }
 
-# Reference sizes (ALGORITHM.md E.1 / E.2) on the full 26,684 stage-2 patients.
+# Reference sizes (docs/method.md E.1 / E.2) on the full 26,684 stage-2 patients.
 FULL_PATIENTS = 26684
 DETECTION_HOLDOUT = 10674  # = 2 * 5337
 CLASSIFICATION_HOLDOUT_FRACTION = 0.3  # test_fac 0.15 * 2

@@ -1,6 +1,6 @@
 """SIIM-ACR Pneumothorax (stage 1, DICOM + RLE): the ``segmentation`` task.
 
-Published layout (ALGORITHM.md J / E.3)::
+Published layout (docs/data_contract.md, docs/method.md E.3)::
 
     <data_dir>/train-rle.csv                    header "ImageId, EncodedPixels" (note the space);
                                                 several rows per image for several regions;
@@ -13,7 +13,7 @@ to the end of the previous run (the first to pixel 0), over the *column-major* f
 (decode into a (width, height) array, then transpose). The mask is the union of an image's rows,
 stored as an ``Image()`` (mode L, 0/255) at the stored image size.
 
-Fixes relative to the reference (ALGORITHM.md E.3, G.23): column names and values are
+Fixes relative to the reference (docs/method.md E.3, G.23): column names and values are
 ``strip()``-ed, so ``" -1"`` and ``"-1"`` are both negative; the split is made by **ImageId**
 (70/15/15, sklearn-compatible with ``split_seed=0`` on the sorted ids), never by row, so no image
 is in two splits. ``balance_train=True`` (default) keeps every positive training image plus as many
@@ -37,7 +37,7 @@ from typing import Dict, List, Tuple
 import datasets
 import numpy as np
 
-from ._common import (
+from .builder import (
     CGNSBuilder,
     MAX_SIZE_FLAG,
     CliFlag,

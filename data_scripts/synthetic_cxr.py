@@ -62,7 +62,7 @@ import numpy as np
 
 from modeling_cgns.sentences import report_text, split_sentences
 
-from ._common import CGNSBuilder, CliFlag, TaskSpec, check_options, prepare_and_load, run_cli
+from .builder import CGNSBuilder, CliFlag, TaskSpec, check_options, prepare_and_load, run_cli
 
 DATASET_NAME = "synthetic_cxr"
 
@@ -1180,7 +1180,7 @@ def _write_samples(args, options) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """CLI (``data_scripts._common.run_cli``): prepare the data, print rows per split and label
+    """CLI (``data_scripts.builder.run_cli``): prepare the data, print rows per split and label
     balance, write the manifest and a few sample studies (PNG + report) to ``output_dir/samples``."""
     flags = [CliFlag.for_option("num_images", type=int, help="number of studies (2000)"),
              CliFlag.for_option("image_size", type=int, help="image side in px (224)"),

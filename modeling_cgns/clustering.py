@@ -1,4 +1,4 @@
-"""Cross-modal online k-means (ALGORITHM.md B.3 a-c, ARCHITECTURE.md section 4).
+"""Cross-modal online k-means (docs/method.md B.3 a-c, docs/deviations.md).
 
 The centroids live in the space of the *image-to-text* cross-attended sentence features (z2);
 the *text* sentence features (z1) are assigned to them to pick hard negatives (the second-nearest

@@ -1,6 +1,6 @@
 """CGNSConfig: a vision tower (timm through ``TimmWrapperConfig``) + a BERT-family text tower.
 
-Defaults are the reference values of ALGORITHM.md (sections A-C). Every width is read from the
+Defaults are the reference values of docs/method.md (sections A-C). Every width is read from the
 sub-configs, so the same code serves ResNet-50/ViT-B16 + Bio_ClinicalBERT and the CPU-sized
 resnet18 + MiniLM default.
 """
@@ -371,7 +371,7 @@ class CGNSConfig(PretrainedConfig):
         return cls(**{**REFERENCE_SETTINGS, **kwargs})
 
 
-# Every objective/behaviour setting at the value of the authors' code (ALGORITHM.md A-C and G). Sizes and
+# Every objective/behaviour setting at the value of the authors' code (docs/method.md A-C and G). Sizes and
 # towers are not here: the reference's are the CGNSConfig defaults (ResNet-50/ViT-B16 + BERT, D 768, K 128).
 REFERENCE_SETTINGS = {
     "hard_negative_mode": "reference",        # G.12: multiplicative mask (default: additive, ClusterNS)

@@ -444,7 +444,7 @@ These MGCA tensors have no CGNS module of the same architecture. They are listed
 
 The CGNS heads in this export (attention pool, projections, sentence pool, local cross-attention,
 predictor, cluster state) are **freshly initialised, not MGCA's**: use the export for the frozen-encoder
-protocols (`train_downstream.py --task classification / detection / segmentation --model <this folder>`),
+protocols (`cgns evaluate --task classification / detection / segmentation --model <this folder>`),
 not for retrieval or zero-shot classification.
 
 ## Tokenizer
@@ -506,7 +506,7 @@ def convert_mgca_checkpoint(checkpoint_path: str, output_dir: str, text_config_p
     model.eval()
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
-    image_processor = CGNSImageProcessor(image_size=config.image_size, resize_size=round(config.image_size * 256 / 224))
+    image_processor = CGNSImageProcessor(image_size=config.image_size)
     if tokenizer is not None:
         CGNSProcessor(image_processor, tokenizer, max_length=config.max_text_length).save_pretrained(output_dir)
     else:

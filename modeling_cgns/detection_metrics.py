@@ -1,4 +1,4 @@
-"""Detection metric of ALGORITHM.md E.2: mean average precision over IoU thresholds 0.40:0.05:0.75.
+"""Detection metric of docs/method.md E.2: mean average precision over IoU thresholds 0.40:0.05:0.75.
 
 The reference used torchmetrics' ``MeanAveragePrecision`` (COCO evaluation) with those thresholds and
 reported its ``map`` field. This module re-implements the same computation for one class without

@@ -63,14 +63,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= get_world_size()
-    return tensor
-
-
-@torch.no_grad()
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from ``src``; identity on one process."""
     if is_distributed():
@@ -87,4 +79,4 @@ def all_gather_object(obj) -> List:
 
 
 __all__ = ["is_distributed", "get_world_size", "get_rank", "gather_with_grad", "all_gather_variable",
-           "all_reduce_sum", "all_reduce_mean", "broadcast", "all_gather_object"]
+           "all_reduce_sum", "broadcast", "all_gather_object"]

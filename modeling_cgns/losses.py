@@ -1,4 +1,4 @@
-"""The CGNS objective as pure functions on tensors (ALGORITHM.md section B).
+"""The CGNS objective as pure functions on tensors (docs/method.md section B).
 
 Each function cites the equation it implements. The model computes features; these functions
 turn features into named losses, so they can be tested against slow loop oracles in isolation.

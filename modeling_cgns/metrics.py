@@ -1,4 +1,4 @@
-"""Downstream metrics: AUROC per class and macro, top-1 accuracy (ALGORITHM.md E.1), and the
+"""Downstream metrics: AUROC per class and macro, top-1 accuracy (docs/method.md E.1), and the
 image-report retrieval metrics (Recall@k, median rank; docs/evaluation.md).
 
 One implementation for every caller (the Trainer's ``compute_metrics``, the final test report,

@@ -12,7 +12,8 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional
 
-PACKAGE_NAME = "cgns"
+LIBRARY_NAME = "cgns"     # the Hub's library_name of every export
+PACKAGE_NAME = "cm-cgns"  # the distribution on the package index (`cgns` there is an unrelated project)
 INSTALL_LINE = f"pip install {PACKAGE_NAME}"
 IMPORT_LINE = "import modeling_cgns  # registers model_type 'cgns' with the transformers Auto classes"
 CARD_NAME = "README.md"
@@ -29,7 +30,7 @@ KINDS = {
                   "chest X-ray object detection with a head on the frozen CGNS image tower"),
 }
 
-# config fields that define the pretraining objective (ALGORITHM.md A-C)
+# config fields that define the pretraining objective (docs/method.md A-C)
 OBJECTIVE_FIELDS = ("projection_dim", "image_size", "max_text_length", "use_clustering", "num_clusters",
                     "cluster_momentum", "cluster_init_threshold", "hard_negative_mode", "hard_negative_weight",
                     "cluster_features", "cluster_update", "cluster_assignment", "empty_cluster_policy",
@@ -118,7 +119,7 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
     title, pipeline_tag, auto_class, task = KINDS[kind]
     where = repo_id or "path/or/hub-id-of-this-export"
-    front = {"library_name": PACKAGE_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag,
+    front = {"library_name": LIBRARY_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag,
              "tags": ["cgns", "chest-x-ray", "medical-imaging", "radiology-reports", kind]}
     if base_model:
         front["base_model"] = base_model
@@ -220,5 +221,5 @@ def read_front_matter(path: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description", "PACKAGE_NAME",
-           "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]
+__all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description",
+           "LIBRARY_NAME", "PACKAGE_NAME", "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]

@@ -1,5 +1,5 @@
 """CGNS model: image tower + report tower, global and local alignment, cross-modal clustering state
-and the CM-MIR decoder (ALGORITHM.md A-B, ARCHITECTURE.md sections 3-4).
+and the CM-MIR decoder (docs/method.md A-B, docs/huggingface.md, docs/deviations.md).
 
 Reads top to bottom: batched building blocks -> decoders -> pre-trained base -> CGNSModel.
 Everything the reference computes per sample is batched here with padding masks; the slow
@@ -703,7 +703,7 @@ class CGNSModel(CGNSPreTrainedModel):
     # ---------------------------------------------------------------- training-loop hooks
     @torch.no_grad()
     def after_optimizer_step(self, reassign_dead: bool = False) -> Dict[str, float]:
-        """Call once after every optimiser step (``train_pretrain.py`` and the Trainer callback
+        """Call once after every optimiser step (the pretraining recipe's loop and the Trainer callback
         ``CGNSClusterCallback`` do). Clamps the logit scale; with ``cluster_update_timing="after_step"``
         applies one k-means update per training forward since the previous call (so a step of G
         accumulated micro-batches makes G updates, in order); with ``reassign_dead`` re-seeds dead

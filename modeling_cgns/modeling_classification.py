@@ -1,4 +1,4 @@
-"""Frozen-encoder linear classification on top of the CGNS image tower (ALGORITHM.md E.1).
+"""Frozen-encoder linear classification on top of the CGNS image tower (docs/method.md E.1).
 
 ``CGNSForImageClassification`` keeps only the image tower of a CGNS export (same attribute name,
 ``vision_model``, so ``from_pretrained`` loads it by name and ignores the text tower, projections

@@ -1,4 +1,4 @@
-"""Frozen-encoder object detection on top of the CGNS image tower (ALGORITHM.md E.2, MGCA's YOLOv3 protocol).
+"""Frozen-encoder object detection on top of the CGNS image tower (docs/method.md E.2, MGCA's YOLOv3 protocol).
 
 ``CGNSForObjectDetection`` keeps only the image tower of a CGNS export (attribute ``vision_model``, as in
 :class:`~modeling_cgns.modeling_classification.CGNSForImageClassification`, so ``from_pretrained`` loads it
@@ -296,7 +296,7 @@ class CGNSForObjectDetection(FrozenVisionTowerMixin, CGNSPreTrainedModel):
         super().__init__(config)
         if config.vision_kind != "grid":
             raise ValueError(
-                f"object detection (ALGORITHM.md E.2) needs a ResNet-style tower with a stride 8/16/32 "
+                f"object detection (docs/method.md E.2) needs a ResNet-style tower with a stride 8/16/32 "
                 f"feature pyramid; {config.vision_config.architecture!r} is a token (ViT) tower. Use a "
                 f"ResNet export.")
         self.vision_model = AutoModel.from_config(config.vision_config)

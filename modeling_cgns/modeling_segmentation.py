@@ -1,4 +1,4 @@
-"""Frozen-encoder semantic segmentation on top of the CGNS image tower (ALGORITHM.md E.3).
+"""Frozen-encoder semantic segmentation on top of the CGNS image tower (docs/method.md E.3).
 
 ``CGNSForSemanticSegmentation`` keeps only the image tower of a CGNS export (``vision_model``, loaded
 and frozen exactly like the linear probe's, through :class:`FrozenVisionTowerMixin`) and trains a

@@ -1,6 +1,6 @@
 """CGNSProcessor = CGNSImageProcessor (chest X-ray pixels) + a BERT-family tokenizer + report sentences.
 
-Image pipeline (ALGORITHM.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays,
+Image pipeline (docs/method.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays,
 MONOCHROME1 inverted on request) -> intensities to [0, 1] -> resize so the longest side is
 ``resize_size`` (area-style antialiasing) -> zero-pad to a centred square -> crop ``image_size``
 (random in training, centre in evaluation) -> normalise with mean/std 0.5 -> 3 channels.
@@ -63,21 +63,29 @@ def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] =
     return torch.from_numpy(np.ascontiguousarray(scaled))
 
 
+def default_resize_size(image_size: int) -> int:
+    """The protocol's resize before the crop: 256 for 224 (docs/method.md C), the same ratio for other sizes."""
+    return round(image_size * 256 / 224)
+
+
 class CGNSImageProcessor(BaseImageProcessor):
     r"""Chest X-ray image processor: longest side -> ``resize_size``, zero-pad square, crop ``image_size``.
 
     Args:
         image_size (`int`, 224): output side.
-        resize_size (`int`, 256): longest side after resizing (before padding and cropping).
+        resize_size (`int`, optional): longest side after resizing (before padding and cropping); default
+            :func:`default_resize_size` of ``image_size`` (256 for 224).
         image_mean / image_std (`float`, 0.5 / 0.5): normalisation, giving [-1, 1] pixels.
         num_channels (`int`, 3): the gray image is replicated to this many channels.
     """
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, image_size: int = 224, resize_size: int = 256, image_mean: float = 0.5, image_std: float = 0.5,
-                 num_channels: int = 3, **kwargs):
+    def __init__(self, image_size: int = 224, resize_size: Optional[int] = None, image_mean: float = 0.5,
+                 image_std: float = 0.5, num_channels: int = 3, **kwargs):
         super().__init__(**kwargs)
+        if resize_size is None:
+            resize_size = default_resize_size(image_size)
         if resize_size < image_size:
             raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
         self.image_size = image_size
@@ -249,4 +257,4 @@ class CGNSProcessor(ProcessorMixin):
 AutoImageProcessor.register(CGNSConfig, slow_image_processor_class=CGNSImageProcessor, exist_ok=True)
 AutoProcessor.register(CGNSConfig, CGNSProcessor, exist_ok=True)
 
-__all__ = ["CGNSImageProcessor", "CGNSProcessor", "to_unit_range"]
+__all__ = ["CGNSImageProcessor", "CGNSProcessor", "default_resize_size", "to_unit_range"]

@@ -1,4 +1,4 @@
-"""Report text -> sentence list (ALGORITHM.md D.3).
+"""Report text -> sentence list (docs/method.md D.3).
 
 The reference builds one training text per image as ``impression + " " + findings`` and cuts it
 into sentences: split on numbered-list markers, then on full stops; every piece is lower-cased,

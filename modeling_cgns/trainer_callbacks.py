@@ -1,7 +1,7 @@
 """CGNS pretraining with a stock ``transformers.Trainer``: the per-step model hooks as a ``TrainerCallback``.
 
-``train_pretrain.py`` (Accelerate) keeps its own loop and calls the same hook through
-``pretrain_callbacks.ClusterReassignmentCallback``; this callback is for users of ``Trainer``::
+The Accelerate recipe (``cgns.pretraining``) keeps its own loop and calls the same hook through
+``cgns.pretraining.callbacks.ClusterReassignmentCallback``; this callback is for users of ``Trainer``::
 
     trainer = Trainer(model=model, args=args, train_dataset=..., data_collator=...,
                       callbacks=[CGNSClusterCallback(reassign_every=100)])

@@ -1,7 +1,7 @@
 """Slow per-sample loop versions of the batched CGNS heads and losses: the parity oracles.
 
-These follow ALGORITHM.md literally, one report at a time, as the reference code does. They live in
-tests only (ARCHITECTURE.md section 4) and are imported by the parity tests and the head benchmark.
+These follow docs/method.md literally, one report at a time, as the reference code does. They live in
+tests only (docs/deviations.md) and are imported by the parity tests and the head benchmark.
 """
 import math
 

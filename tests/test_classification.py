@@ -1,4 +1,4 @@
-"""Linear classification protocol (ALGORITHM.md E.1): CGNSForImageClassification, metrics, train_downstream.
+"""Linear classification protocol (docs/method.md E.1): CGNSForImageClassification, metrics, train_downstream.
 
 Tiny in-code towers (resnet18 / ViT-tiny at 64 px) and the synthetic dataset at 64 px keep the whole
 file well under two minutes on two CPU cores.
@@ -17,22 +17,22 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForImageClassification,
-    BertConfig,
-    BertModel,
-    TimmWrapperConfig,
-)
+                          AutoModelForImageClassification,
+                          BertConfig,
+                          BertModel,
+                          TimmWrapperConfig,
+                          )
 
 import data_scripts  # noqa: E402
-import train_downstream as td  # noqa: E402
-from downstream import classification as probe  # noqa: E402
-from downstream.common import SPLITS  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
+from cgns.downstream import classification as probe  # noqa: E402
+from cgns.downstream.common import SPLITS  # noqa: E402
 from modeling_cgns import CGNSConfig, CGNSForImageClassification, CGNSImageProcessor, CGNSModel  # noqa: E402
 from modeling_cgns.metrics import (  # noqa: E402
-    UndefinedMetricWarning,
-    classification_metrics,
-    flat_numeric_metrics,
-)
+                                   UndefinedMetricWarning,
+                                   classification_metrics,
+                                   flat_numeric_metrics,
+                                   )
 
 IMAGE_SIZE = 64
 NUM_IMAGES = 100  # synthetic: 80 train / 10 validation / 10 test

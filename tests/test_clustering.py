@@ -1,4 +1,4 @@
-"""Cross-modal online k-means (ALGORITHM.md B.3 a-c, ARCHITECTURE.md section 4): known answers on
+"""Cross-modal online k-means (docs/method.md B.3 a-c, docs/deviations.md): known answers on
 constructed inputs, the state holder's life cycle (deferred initialisation, checkpoint round trip,
 eval mode, no gradient, dead clusters, diagnostics) and two real gloo processes."""
 import math

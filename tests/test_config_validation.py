@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-import train_pretrain
+from cgns.pretraining.arguments import parse_args
 from modeling_cgns import CGNSModel
 from tiny import tiny_config
 
@@ -61,7 +61,7 @@ def test_one_line_message_per_problem():
 ])
 def test_bad_training_arguments_are_rejected(argv, message):
     with pytest.raises(ValueError, match=message):
-        train_pretrain.parse_args(argv)
+        parse_args(argv)
 
 
 def test_unknown_vision_model_names_the_argument_not_a_timm_upgrade():

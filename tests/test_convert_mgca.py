@@ -442,7 +442,7 @@ def test_export_loads_in_every_frozen_tower_protocol(resnet18_export, vit_export
 @pytest.mark.filterwarnings("ignore::modeling_cgns.metrics.UndefinedMetricWarning")
 @pytest.mark.filterwarnings("ignore:.*has no positive example:UserWarning")
 def test_tiny_linear_probe_runs_on_the_export(resnet18_export, tmp_path):
-    import train_downstream as td
+    from cgns.downstream import cli as td
 
     out = resnet18_export[-1]
     results = td.main(["--dataset", "synthetic_cxr", "--cache_dir", str(tmp_path / "cache"), "--model", str(out),
@@ -470,7 +470,7 @@ def fake_results(command):
 
 @pytest.fixture
 def fake_runner(monkeypatch):
-    from downstream import baselines
+    from cgns.downstream import baselines
 
     calls = []
 
@@ -489,7 +489,7 @@ def fake_runner(monkeypatch):
 
 
 def test_baseline_sweep_runs_every_cell_and_writes_one_row_per_table(fake_runner, resnet18_export, tmp_path):
-    from downstream import baselines
+    from cgns.downstream import baselines
 
     table = tmp_path / "baselines.md"
     table.write_text(open(os.path.join(os.path.dirname(__file__), "..", "docs", "baselines.md")).read())
@@ -501,7 +501,7 @@ def test_baseline_sweep_runs_every_cell_and_writes_one_row_per_table(fake_runner
     rows = baselines.main(argv)
     assert len(fake_runner) == 3 * 6  # chexpert, rsna x3 protocols, siim, object_cxr; covidx has no data_dir
     detection = next(c for c in fake_runner if "detection" in c and "object_cxr" in c and "0.01" in c)
-    assert detection[1:] == [baselines.TRAIN_SCRIPT, "--task", "detection", "--dataset", "object_cxr",
+    assert detection[1:] == [baselines.TRAIN_ENTRY, "--task", "detection", "--dataset", "object_cxr",
                              "--dataset_task", "detection", "--data_dir", str(tmp_path), "--data_pct", "0.01",
                              "--model", export, "--output_dir", str(tmp_path / "runs" / "detection-object_cxr-1pct"),
                              "--seeds", "0", "1", "--quiet", "--num_workers", "2"]
@@ -526,8 +526,8 @@ def test_baseline_sweep_runs_every_cell_and_writes_one_row_per_table(fake_runner
 
 def test_baseline_sweep_marks_detection_na_for_vit_and_matches_train_downstream_format(fake_runner, vit_export,
                                                                                         tmp_path):
-    from downstream import common
-    from downstream import baselines
+    from cgns.downstream import common
+    from cgns.downstream import baselines
 
     rows = baselines.main(["--model", str(vit_export[-1]), "--output_dir", str(tmp_path / "runs"), "--table",
                            str(tmp_path / "new.md"), "--data_dir", f"rsna={tmp_path}", "--tables", "dense"])
@@ -543,7 +543,7 @@ def test_baseline_sweep_marks_detection_na_for_vit_and_matches_train_downstream_
 @pytest.mark.slow
 def test_baseline_sweep_runs_train_downstream_as_a_subprocess(resnet18_export, tmp_path, monkeypatch):
     """The real subprocess path, on the synthetic dataset instead of the seven clinical columns."""
-    from downstream import baselines
+    from cgns.downstream import baselines
 
     monkeypatch.setattr(baselines, "COLUMNS", (
         baselines.Column("Synthetic", "classification", "synthetic_cxr", "classification", "classification"),))

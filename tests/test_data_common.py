@@ -1,4 +1,4 @@
-"""data_scripts._common: the input-keyed Arrow cache, ``force_prepare``, listed-path containment and
+"""data_scripts.builder: the input-keyed Arrow cache, ``force_prepare``, listed-path containment and
 the text-decoding fallback shared by every builder (issue 13)."""
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from data_scripts import covidx
-from data_scripts._common import (
+from data_scripts.builder import (
     REASON_ABSOLUTE_PATH,
     REASON_OUTSIDE_DATA_DIR,
     decode_text,

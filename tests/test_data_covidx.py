@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_scripts import DatasetFormatError, covidx
-from data_scripts._common import grouped_holdout, validate_image_files
+from data_scripts.builder import grouped_holdout, validate_image_files
 
 CLASSES = ["normal", "pneumonia", "COVID-19"]
 

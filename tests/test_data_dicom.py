@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from data_scripts.dicom import DicomReadError, read_dicom, to_uint8, write_dicom
+from data_scripts.dicom import DicomReadError, read_dicom, to_uint8
+from fixtures import write_dicom
 
 
 def _ramp(h, w, hi, dtype):

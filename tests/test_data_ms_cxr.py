@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_scripts import DatasetFormatError, load_cgns_dataset
-from data_scripts._common import manifest_dir, read_manifest
+from data_scripts.builder import manifest_dir, read_manifest
 from data_scripts.ms_cxr import CSV_FILES
 
 # dicom_id -> (subject_id, study_id, stored JPEG size or None for no file / "garbage")

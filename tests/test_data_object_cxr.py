@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_scripts import DatasetFormatError
 from data_scripts import object_cxr as oc
-from data_scripts._common import sklearn_test_count
+from data_scripts.builder import sklearn_test_count
 
 pytest.importorskip("shapely")
 

@@ -7,7 +7,7 @@ import pytest
 
 from data_scripts import DatasetFormatError
 from data_scripts import rsna
-from data_scripts.dicom import write_dicom
+from fixtures import write_dicom
 
 W, H = 64, 48  # most images: 64 columns x 48 rows (non-square, so width/height mix-ups show)
 HEADER = "patientId,x,y,width,height,Target"

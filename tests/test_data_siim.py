@@ -7,7 +7,7 @@ import pytest
 
 from data_scripts import DatasetFormatError
 from data_scripts import siim
-from data_scripts.dicom import write_dicom
+from fixtures import write_dicom
 
 S = 32  # images are S x S
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import demo
+from cgns.experiments import demo
 
 TINY_PRETRAIN = [
     "--pretrain_args", "--num_images", "40", "--image_size", "64", "--projection_dim", "32",
@@ -58,7 +58,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert f"| pointing game (%) | {100 * pre['pointing_game']:.1f} | {100 * rnd['pointing_game']:.1f} |" in text
     assert (f"| pointing game − uniform (points, 95 % CI) | {100 * pre['pointing_game_gain']:+.1f} ± "
             f"{100 * pre['pointing_game_gain_ci95']:.1f} |") in text
-    from downstream.grounding import format_specificity
+    from cgns.downstream.grounding import format_specificity
     assert f"| sentence specificity (points, 95 % CI) | {format_specificity(pre)} | {format_specificity(rnd)} | 0 |" \
         in text
     for mode in ("protocol", "standardized"):

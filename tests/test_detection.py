@@ -1,4 +1,4 @@
-"""Object detection protocol (ALGORITHM.md E.2): CGNSForObjectDetection, the mAP metric, downstream.detection.
+"""Object detection protocol (docs/method.md E.2): CGNSForObjectDetection, the mAP metric, downstream.detection.
 
 Tiny resnet18 towers at 64 px (grids 2 / 4 / 8) and the synthetic dataset at 64 px keep the file well
 under 90 s on two CPU cores.
@@ -16,13 +16,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import train_downstream as td  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
 from modeling_cgns import CGNSForObjectDetection, CGNSModel  # noqa: E402
 from modeling_cgns.detection_metrics import (  # noqa: E402
-    average_precision_per_threshold,
-    mean_average_precision,
-)
-from downstream import detection as det  # noqa: E402
+                                             average_precision_per_threshold,
+                                             mean_average_precision,
+                                             )
+from cgns.downstream import detection as det  # noqa: E402
 from modeling_cgns.modeling_detection import ANCHORS_224, build_targets, yolo_scale_loss  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 

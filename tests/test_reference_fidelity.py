@@ -391,11 +391,11 @@ def test_reference_preset_sets_every_reference_value(tmp_path):
 def test_reference_json_preset_maps_onto_the_reference_settings():
     import os
 
-    import train_pretrain
+    from cgns.pretraining.arguments import parse_args
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cgns", "configs",
                         "reference_resnet50.json")
-    kwargs = train_pretrain.parse_args(["--config", path]).model.config_kwargs()
+    kwargs = parse_args(["--config", path]).model.config_kwargs()
     for name, value in REFERENCE_SETTINGS.items():
         assert kwargs.get(name) == value, name
 

@@ -18,8 +18,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-import pretrain_callbacks
-import train_pretrain
+from cgns.pretraining.checkpointing import list_checkpoints, read_trainer_state, resolve_checkpoint, save_checkpoint
+from cgns.pretraining.loop import NoSentencesError, NonFiniteGradientError
+from cgns.pretraining.state import PretrainingRun
 from modeling_cgns import CGNSModel
 from test_pretrain import assets, fresh_accelerate_state, model_tensors, read_jsonl, run_main  # noqa: F401
 
@@ -27,7 +28,7 @@ SHORT = ("--stage2_epochs", "0", "--do_eval", "false")     # stage 1 only, no va
 
 
 def checkpoint_steps(output_dir):
-    return [step for step, _ in pretrain_callbacks.list_checkpoints(str(output_dir))]
+    return [step for step, _ in list_checkpoints(str(output_dir))]
 
 
 def train_steps(output_dir):
@@ -56,7 +57,7 @@ def test_fresh_run_over_checkpoints_is_refused_unless_overwrite(assets, tmp_path
     run_main(assets, out, *SHORT, "--max_steps", "1", "--save_steps", "1", "--save_total_limit", "2",
              "--overwrite_output_dir", "true")
     assert checkpoint_steps(out) == [1]
-    assert pretrain_callbacks.resolve_checkpoint("latest", str(out)).endswith("step_1")
+    assert resolve_checkpoint("latest", str(out)).endswith("step_1")
     assert train_steps(out) == [1]                      # the old run's log is gone too
     assert json.loads((out / "args.json").read_text())["max_steps"] == 1
 
@@ -65,8 +66,8 @@ def _tiny_run(tmp_path, save_total_limit):
     """A PretrainingRun around a 2-parameter model: enough for save_checkpoint."""
     torch.manual_seed(0)
     training = SimpleNamespace(per_device_train_batch_size=4, save_total_limit=save_total_limit)
-    return pretrain_callbacks.PretrainingRun(
-        args=SimpleNamespace(training=training), accelerator=Accelerator(cpu=True), model=torch.nn.Linear(2, 1),
+    return PretrainingRun(
+        config=SimpleNamespace(training=training), accelerator=Accelerator(cpu=True), model=torch.nn.Linear(2, 1),
         processor=None, train_dataloader=None, eval_dataloader=None, train_sampler=None,
         output_dir=str(tmp_path))
 
@@ -78,7 +79,7 @@ def test_rotation_keeps_only_this_runs_history(tmp_path):
     run = _tiny_run(tmp_path, save_total_limit=2)
     for step in (1, 2, 3):
         run.progress.global_step = step
-        pretrain_callbacks.save_checkpoint(run)
+        save_checkpoint(run)
     # before: the highest step numbers were kept, so step_2 and step_3 of this run were deleted
     assert checkpoint_steps(tmp_path) == [2, 3, 99]
     assert run.checkpoint_history == [(2, str(tmp_path / "checkpoints" / "step_2")),
@@ -134,13 +135,13 @@ def test_nonfinite_gradient_step_is_skipped_and_never_saved(assets, tmp_path, mo
     records = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"}
     assert "nonfinite_grad_skipped_steps" not in records[1]
     assert records[2]["nonfinite_grad_skipped_steps"] == records[3]["nonfinite_grad_skipped_steps"] == 1.0
-    assert pretrain_callbacks.read_trainer_state(str(out / "checkpoints" / "step_3"))["skipped_steps"] == 1
+    assert read_trainer_state(str(out / "checkpoints" / "step_3"))["skipped_steps"] == 1
 
 
 def test_nonfinite_gradient_stops_with_flag(assets, tmp_path, monkeypatch):
     _nan_gradient_at_step(monkeypatch, bad_call=2)
     out = tmp_path / "run"
-    with pytest.raises(train_pretrain.NonFiniteGradientError) as error:
+    with pytest.raises(NonFiniteGradientError) as error:
         run_main(assets, out, *SHORT, "--max_steps", "3", "--save_steps", "1", "--nonfinite_grad", "stop")
     message = str(error.value)
     assert "optimiser step 2" in message and "logit_scale" in message and "finite loss" in message
@@ -151,13 +152,13 @@ def test_nonfinite_gradient_stops_with_flag(assets, tmp_path, monkeypatch):
 def test_checkpoint_with_nonfinite_state_is_not_written(tmp_path):
     run = _tiny_run(tmp_path, save_total_limit=0)
     run.progress.global_step = 1
-    pretrain_callbacks.save_checkpoint(run)
+    save_checkpoint(run)
     with torch.no_grad():
         run.model.bias.fill_(float("nan"))             # stands for a NaN parameter or k-means buffer
     run.progress.global_step = 2
     # before: written like any other checkpoint (RuntimeError is NonFiniteStateError's base)
     with pytest.raises(RuntimeError, match=r"not writing .*step_2: 1 tensor\(s\) .*bias") as error:
-        pretrain_callbacks.save_checkpoint(run)
+        save_checkpoint(run)
     assert type(error.value).__name__ == "NonFiniteStateError"
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1"]
 
@@ -173,7 +174,7 @@ def test_checkpoint_with_nonfinite_state_is_not_written(tmp_path):
 def test_full_disk_removes_the_partial_checkpoint(tmp_path, monkeypatch, failure):
     run = _tiny_run(tmp_path, save_total_limit=0)
     run.progress.global_step = 1
-    first = pretrain_callbacks.save_checkpoint(run)
+    first = save_checkpoint(run)
 
     def full_disk(self, output_dir=None, **kwargs):
         os.makedirs(output_dir, exist_ok=True)
@@ -184,7 +185,7 @@ def test_full_disk_removes_the_partial_checkpoint(tmp_path, monkeypatch, failure
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
     run.progress.global_step = 2
     with pytest.raises(OSError) as error:            # CheckpointWriteError is an OSError
-        pretrain_callbacks.save_checkpoint(run)
+        save_checkpoint(run)
     assert type(error.value).__name__ == "CheckpointWriteError"
     message = str(error.value)
     root = str(tmp_path / "checkpoints")
@@ -262,7 +263,7 @@ def test_resume_on_another_process_count_continues_at_the_right_sample(assets, t
     expected, actual = model_tensors(straight["final_dir"]), model_tensors(resumed["final_dir"])
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert not different, different[:5]
-    state = pretrain_callbacks.read_trainer_state(resumed["last_checkpoint"])
+    state = read_trainer_state(resumed["last_checkpoint"])
     assert state["num_processes"] == 1 and state["step_in_epoch"] == 0 and state["epoch"] == 1
 
 
@@ -288,7 +289,7 @@ def test_run_without_any_sentence_stops(assets, tmp_path):
     # sentence_check_batches (20), so the check decides at its end.
     with pytest.raises(ValueError, match="none of the first 2 train batches holds a sentence") as error:
         run_main(assets, out, *SHORT, "--dataset", str(pairs))
-    assert isinstance(error.value, train_pretrain.NoSentencesError)
+    assert isinstance(error.value, NoSentencesError)
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
 
 
@@ -306,11 +307,11 @@ def test_two_process_checkpoint_resumes_on_one_process_at_the_right_sample(asset
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": ROOT}
     command = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               os.path.join(ROOT, "train_pretrain.py"), "--config", assets["config"], "--output_dir", str(out),
+               "-m", "cgns.pretraining", "--config", assets["config"], "--output_dir", str(out),
                *SHORT, "--max_steps", "1"]
     result = subprocess.run(command, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    state = pretrain_callbacks.read_trainer_state(str(out / "checkpoints" / "step_1"))
+    state = read_trainer_state(str(out / "checkpoints" / "step_1"))
     assert (state["num_processes"], state["step_in_epoch"], state["samples_in_epoch"]) == (2, 1, 8)
 
     resumed = run_main(assets, out, *SHORT, "--resume_from_checkpoint", "latest")

@@ -1,4 +1,4 @@
-"""Segmentation protocol (ALGORITHM.md E.3): CGNSForSemanticSegmentation, its loss and Dice, run_segmentation.
+"""Segmentation protocol (docs/method.md E.3): CGNSForSemanticSegmentation, its loss and Dice, run_segmentation.
 
 Tiny in-code towers (resnet18 / ViT-tiny at 64 px, small decoders) and the synthetic dataset at
 64 px keep the file well under 90 s on two CPU cores.
@@ -17,16 +17,16 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSemanticSegmentation, TrainingArguments  # noqa: E402
 
-import train_downstream as td  # noqa: E402
-from downstream import segmentation as seg  # noqa: E402
-from downstream.segmentation import SegmentationTrainer  # noqa: E402
+from cgns.downstream import cli as td  # noqa: E402
+from cgns.downstream import segmentation as seg  # noqa: E402
+from cgns.downstream.segmentation import SegmentationTrainer  # noqa: E402
 from modeling_cgns import CGNSForSemanticSegmentation, CGNSModel  # noqa: E402
 from modeling_cgns.modeling_segmentation import (  # noqa: E402
-    dice_per_image,
-    focal_loss,
-    segmentation_loss,
-    soft_dice,
-)
+                                                 dice_per_image,
+                                                 focal_loss,
+                                                 segmentation_loss,
+                                                 soft_dice,
+                                                 )
 from tiny import tiny_config  # noqa: E402
 
 IMAGE_SIZE = 64

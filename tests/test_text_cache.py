@@ -93,7 +93,7 @@ def test_refuses_a_tower_that_trains():
 
 
 def test_pretraining_arguments_refuse_cache_without_a_frozen_tower():
-    import train_pretrain
+    from cgns.pretraining.arguments import PretrainingArguments
 
     with pytest.raises(ValueError, match="freeze_text_layers -1"):
-        train_pretrain.PretrainingArguments(cache_text_features=True, freeze_text_layers=2)
+        PretrainingArguments(cache_text_features=True, freeze_text_layers=2)

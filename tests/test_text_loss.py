@@ -1,4 +1,4 @@
-"""Cluster-guided local text loss L_lt (ALGORITHM.md B.3 b-f, ARCHITECTURE.md section 4) and the global
+"""Cluster-guided local text loss L_lt (docs/method.md B.3 b-f, docs/deviations.md) and the global
 InfoNCE across two gloo processes (B.1): hand-computed known answers, parity of the vectorised loss
 with a per-anchor loop oracle in value and gradient, and the DDP gradient convention."""
 

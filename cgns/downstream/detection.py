@@ -1,8 +1,8 @@
-"""Downstream object detection of a CGNS export (ALGORITHM.md E.2, MGCA's YOLOv3 protocol).
+"""Downstream object detection of a CGNS export (docs/method.md E.2, MGCA's YOLOv3 protocol).
 
-Run as ``train_downstream.py --task detection`` (:func:`run`):
+Run as ``cgns evaluate --task detection`` (:func:`run`):
 
-    python train_downstream.py --task detection --dataset rsna --dataset_task detection --data_dir D \
+    cgns evaluate --task detection --dataset rsna --dataset_task detection --data_dir D \
         --data_pct 0.01 --model path/to/cgns_export --init pretrained --output_dir O --seeds 0 1 2 \
         --lr 5e-4 --batch_size 16 --max_epochs 50 --patience 10
 
@@ -29,13 +29,12 @@ no stop before ``--min_epochs``; the shape IoU of the anchor assignment has no "
 ``modeling_cgns.modeling_detection``). The class BCE is averaged over every anchor as in the reference
 (``--class_loss_normalization``).
 """
-import argparse
 import copy
 from dataclasses import dataclass, field
 import logging
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,16 +44,19 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 import data_scripts
-from downstream.common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
+from .common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
 from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, MAX_DETECTIONS, average_precision_per_threshold,
                                              mean_average_precision)
 from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_detection import CLASS_LOSS_NORMALIZATIONS, CGNSForObjectDetection
 from modeling_cgns.processing_cgns import to_unit_range
 
+if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
+    from .arguments import EvaluationArguments
+
 logger = logging.getLogger("downstream.detection")
 
-# Protocol defaults (ALGORITHM.md E.2); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.2); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6}
 CONF_THRESHOLD = 0.5  # E.2 inference
 NMS_IOU = 0.5
@@ -93,7 +95,7 @@ ARGUMENTS = DetectionArguments
 # data
 # --------------------------------------------------------------------------------------------------
 
-def load_detection_data(args: argparse.Namespace):
+def load_detection_data(args: "EvaluationArguments"):
     """DatasetDict (train subsampled to ``data_pct``, validation, test) checked for ``image`` + ``boxes``."""
     spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
     name = f"{args.dataset}/{args.dataset_task}"
@@ -101,7 +103,7 @@ def load_detection_data(args: argparse.Namespace):
         raise ValueError(f"{name} is a {spec.problem_type!r} task, not a detection task")
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=args.data_pct,
-        seed=getattr(args, "data_seed", 42), cache_dir=args.cache_dir, **(args.dataset_options or {}))
+        seed=args.data_seed, cache_dir=args.cache_dir, **(args.dataset_options or {}))
     for split in SPLITS:
         if split not in dataset_dict:
             raise ValueError(f"{name} lacks the split {split!r}; detection needs {list(SPLITS)}")
@@ -279,7 +281,7 @@ class EpochSelector:
         return is_best, self.stale >= self.patience and epoch >= self.min_epochs
 
 
-def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader], args: argparse.Namespace,
+def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader], args: "EvaluationArguments",
                    seed: int) -> Dict:
     """Fresh head for ``seed``; AdamW, cosine per epoch, early stopping on the selection score, best head kept.
 
@@ -289,9 +291,9 @@ def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader]
     """
     set_seed(seed)
     model.reset_head()
-    model.class_loss_normalization = getattr(args, "class_loss_normalization", "all_anchors")
-    metric = getattr(args, "selection_metric", SELECTION_METRICS[0])
-    min_epochs = getattr(args, "min_epochs", 0)
+    model.class_loss_normalization = args.class_loss_normalization
+    metric = args.selection_metric
+    min_epochs = args.min_epochs
     device = next(model.detection_head.parameters()).device
     optimizer = torch.optim.AdamW(model.detection_head.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
@@ -365,25 +367,25 @@ def write_detection_results(results: Dict, output_dir: str) -> None:
 # entry point
 # --------------------------------------------------------------------------------------------------
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(args: "EvaluationArguments") -> None:
     """Refuse a ``--dataset_task`` that is not a detection task."""
     if not args.dataset_task.startswith("detection"):
         raise ValueError(f"--dataset_task {args.dataset_task!r} is not a detection task")
     # detection trains with its own loop (see the module docstring): Trainer-only options cannot apply
-    trainer_only = {"--bf16": getattr(args, "bf16", False),
-                    "--gradient_accumulation_steps": getattr(args, "gradient_accumulation_steps", 1) != 1,
-                    "--report_to": list(getattr(args, "report_to", ["none"])) != ["none"],
-                    "--max_grad_norm": getattr(args, "max_grad_norm", 1.0) != 1.0,
-                    "--resume_from_checkpoint": getattr(args, "resume_from_checkpoint", None) is not None}
+    trainer_only = {"--bf16": args.bf16,
+                    "--gradient_accumulation_steps": args.gradient_accumulation_steps != 1,
+                    "--report_to": list(args.report_to) != ["none"],
+                    "--max_grad_norm": args.max_grad_norm != 1.0,
+                    "--resume_from_checkpoint": args.resume_from_checkpoint is not None}
     refused = [name for name, given in trainer_only.items() if given]
     if refused:
         raise ValueError(f"{', '.join(refused)}: Trainer option(s) that detection does not use (it trains "
                          f"with its own loop; only --dataloader_num_workers applies)")
-    if getattr(args, "min_epochs", 0) < 0:
+    if args.min_epochs < 0:
         raise ValueError(f"--min_epochs must be >= 0, got {args.min_epochs}")
 
 
-def run(args: argparse.Namespace) -> Dict:
+def run(args: "EvaluationArguments") -> Dict:
     """data -> detector -> a training run per seed -> test mAP -> results files; returns the results dict."""
     dataset_dict = load_detection_data(args)
     num_examples = {s: len(dataset_dict[s]) for s in SPLITS}
@@ -394,10 +396,10 @@ def run(args: argparse.Namespace) -> Dict:
     if torch.cuda.is_available():
         model.to("cuda")
     image_size = model.config.image_size
-    num_workers = getattr(args, "num_workers", 0)
+    num_workers = args.num_workers
     splits = {split: DetectionDataset(dataset_dict[split], image_size) for split in SPLITS}
     cache_gib = feature_gib(model, sum(num_examples.values()))
-    cached = cache_gib <= getattr(args, "feature_cache_gb", 0.0)
+    cached = cache_gib <= args.feature_cache_gb
     if cached:
         logger.info("caching the frozen features of every split (%.2f GiB)", cache_gib)
         splits = {split: cache_features(model, images, args.batch_size, num_workers, args.quiet,
@@ -414,7 +416,7 @@ def run(args: argparse.Namespace) -> Dict:
         test = {**detection_metrics(predictions, targets), "loss": test_loss}
         per_seed[seed] = {"test": test, **training}
         write_seed_metrics(per_seed[seed], args.output_dir, seed)
-        if getattr(args, "save_model", False):
+        if args.save_model:
             save_export(model, os.path.join(seed_dir(args.output_dir, seed), "model"), base_model=args.model,
                         data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
                         training={"seed": seed, "init": args.init}, metrics={"test": test})
@@ -426,16 +428,15 @@ def run(args: argparse.Namespace) -> Dict:
         "task": "detection", "dataset": args.dataset, "dataset_task": args.dataset_task, "metric": "map",
         "model": args.model, "init": args.init, "data_pct": args.data_pct,
         "mode": "cached features" if cached else "tower every step",
-        "data_seed": getattr(args, "data_seed", 42), "image_size": image_size, "num_examples": num_examples,
+        "data_seed": args.data_seed, "image_size": image_size, "num_examples": num_examples,
         "hyperparameters": {"max_epochs": args.max_epochs, "patience": args.patience,
                             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                             "scheduler": "cosine per epoch",
                             "conf_threshold": CONF_THRESHOLD, "nms_iou": NMS_IOU,
                             "iou_thresholds": list(IOU_THRESHOLDS),
-                            "selection": f"validation {getattr(args, 'selection_metric', SELECTION_METRICS[0])}",
-                            "min_epochs": getattr(args, "min_epochs", 0),
-                            "class_loss_normalization": getattr(args, "class_loss_normalization",
-                                                                CLASS_LOSS_NORMALIZATIONS[0])},
+                            "selection": f"validation {args.selection_metric}",
+                            "min_epochs": args.min_epochs,
+                            "class_loss_normalization": args.class_loss_normalization},
         "seeds": {str(seed): result for seed, result in per_seed.items()},
         "summary": {"map": mean_std([r["test"]["map"] for r in runs]),
                     "map_mgca": mean_std([r["test"]["map_mgca"] for r in runs]),
@@ -446,9 +447,8 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_detection = run  # the name before the downstream/ package
 
-__all__ = ["DEFAULTS", "ARGUMENTS", "DetectionArguments", "SELECTION_METRICS", "run", "run_detection",
+__all__ = ["DEFAULTS", "ARGUMENTS", "DetectionArguments", "SELECTION_METRICS", "run",
            "check_arguments", "load_detection_data", "above", "selection_score", "EpochSelector",
            "FeatureDetectionDataset", "cache_features", "feature_gib", "model_inputs", "DetectionDataset", "collate_detection", "predict",
            "detection_metrics", "train_detector", "markdown_row", "write_detection_results"]

@@ -1,6 +1,6 @@
-"""Frozen-encoder linear classification of a CGNS export (ALGORITHM.md E.1).
+"""Frozen-encoder linear classification of a CGNS export (docs/method.md E.1).
 
-    python train_downstream.py --task classification --dataset chexpert --data_dir D --data_pct 0.01 \
+    cgns evaluate --task classification --dataset chexpert --data_dir D --data_pct 0.01 \
         --model path/to/cgns_export --init pretrained --output_dir O --seeds 0 1 2
 
 Recipe (:func:`run`): load the dataset (``data_scripts``; ``data_pct`` subsamples train only)
@@ -28,13 +28,12 @@ rather than per epoch; the train subset for ``data_pct`` is drawn by ``data_scri
 seeds share one tower (for ``--init random`` the tower drawn with the first seed) and differ in the
 head's initialisation and the data order.
 """
-import argparse
 import logging
 import shutil
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -43,21 +42,22 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, Trainer, set_seed
 
 import data_scripts
-from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                               markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
-                               training_arguments, write_results, write_seed_metrics)
-from downstream.encoding import cache_key, cache_subdir, cached_tensors, model_identity
+from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
+                     markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
+                     training_arguments, write_results, write_seed_metrics)
+from .embeddings import cache_key, cache_subdir, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
 
+if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
+    from .arguments import EvaluationArguments
+
 logger = logging.getLogger("downstream.classification")
 
-# Protocol defaults (ALGORITHM.md E.1); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.1); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 100, "batch_size": 48, "lr": 5e-4, "weight_decay": 1e-6}
 MODES = ("cached", "augment", "uncached")
-# The probe's Trainer: checkpoints hold only the head (see FrozenTowerTrainer).
-LinearProbeTrainer = FrozenTowerTrainer
 
 
 @dataclass(kw_only=True)
@@ -77,7 +77,7 @@ class ClassificationArguments:
 ARGUMENTS = ClassificationArguments
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(args: "EvaluationArguments") -> None:
     """Refuse a ``--dataset_task`` that is not a classification task."""
     if not args.dataset_task.startswith("classification"):
         raise ValueError(f"--dataset_task {args.dataset_task!r} is not a classification task")
@@ -87,7 +87,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 # data
 # --------------------------------------------------------------------------------------------------
 
-def load_data(args: argparse.Namespace, spec: data_scripts.TaskSpec):
+def load_data(args: "EvaluationArguments", spec: data_scripts.TaskSpec):
     """DatasetDict with train (subsampled to ``data_pct``), validation and test, checked against ``spec``."""
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=args.data_pct,
@@ -228,7 +228,7 @@ def feature_cache_paths(args, dataset_dict, image_processor: CGNSImageProcessor)
     draws a random tower), the split's rows (dataset fingerprint and length, so a ``data_pct`` subset
     is its own entry while validation and test are shared) and the evaluation transform.
     """
-    if getattr(args, "no_feature_cache", False):
+    if args.no_feature_cache:
         return {split: None for split in SPLITS}
     tower = {"init": args.init} if args.init == "pretrained" else {"init": args.init, "seed": args.seeds[0]}
     paths = {}
@@ -294,7 +294,7 @@ def build_datasets(model: CGNSForImageClassification, dataset_dict, image_proces
 # model
 # --------------------------------------------------------------------------------------------------
 
-def build_model(args: argparse.Namespace, spec: data_scripts.TaskSpec) -> CGNSForImageClassification:
+def build_model(args: "EvaluationArguments", spec: data_scripts.TaskSpec) -> CGNSForImageClassification:
     label_names = list(spec.label_names)
     return CGNSForImageClassification.from_pretrained(
         args.model, init=args.init, num_labels=len(label_names), problem_type=spec.problem_type,
@@ -360,7 +360,7 @@ def summarise(per_seed: Dict[int, Dict], spec) -> Dict:
 # protocol
 # --------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> Dict:
+def run(args: "EvaluationArguments") -> Dict:
     """data -> probe -> features -> one Trainer run per seed -> test metrics -> results files."""
     spec = data_scripts.get_task_spec(args.dataset, args.dataset_task)
     dataset_dict = load_data(args, spec)
@@ -413,12 +413,11 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_protocol = run  # the name before the downstream/ package
 
 __all__ = [
     "DEFAULTS", "MODES", "ARGUMENTS", "ClassificationArguments", "feature_cache_dir", "feature_cache_paths",
-    "run", "run_protocol", "check_arguments", "load_data", "check_classification_data",
+    "run", "check_arguments", "load_data", "check_classification_data",
     "build_model", "build_datasets", "extract_features", "standardize_features", "fold_standardization",
-    "ImageDataset", "FeatureDataset", "moco_augmentation", "LinearProbeTrainer", "make_compute_metrics",
+    "ImageDataset", "FeatureDataset", "moco_augmentation", "make_compute_metrics",
     "train_probe", "evaluate_probe", "summarise",
 ]

@@ -1,15 +1,18 @@
 """Fill one row of the baseline tables (docs/baselines.md) for one CGNS export, e.g. a converted MGCA model.
 
-    python -m downstream.baselines --model mgca-resnet50 --name "MGCA ResNet-50 (converted)" \
-        --output_dir runs/mgca-resnet50 --data_dir chexpert=/data/CheXpert-v1.0 rsna=/data/rsna \
+    python -m cgns.downstream.baselines --model mgca-resnet50 --name "MGCA ResNet-50 (converted)" \
+        --output_dir runs/mgca-resnet50 --table docs/baselines.md \
+        --data_dir chexpert=/data/CheXpert-v1.0 rsna=/data/rsna \
         covidx=/data/covidx siim=/data/siim object_cxr=/data/object-cxr
 
 Recipe: for every column of the two tables (linear probe on CheXpert / RSNA / COVIDx; segmentation on
 SIIM / RSNA; detection on RSNA / Object-CXR) and every label fraction (1 / 10 / 100 %), run
-``train_downstream.py`` as a subprocess with the protocol's defaults (ALGORITHM.md E.1-E.3) -> read its
+``python -m cgns.downstream`` as a subprocess with the protocol's defaults (docs/linear_probe.md,
+docs/segmentation.md, docs/detection.md) -> read its
 ``results.json`` -> format mean ± std over the seeds -> replace or append this export's row in the two
-tables of ``--table`` (rows go above the ``<!-- baselines:... -->`` markers; a file without them gets
-the tables appended).
+tables of ``--table`` (default ``<output_dir>/baselines.md``; rows go above the ``<!-- baselines:... -->``
+markers; a file without them gets the tables appended). Relative paths are the caller's: the runs start in
+the caller's working directory.
 
 A run whose ``results.json`` already exists is reused (delete it, or pass ``--rerun``, to run again),
 so an interrupted sweep resumes. A dataset without ``--data_dir`` is left out ("not run"), detection on
@@ -26,8 +29,10 @@ import subprocess
 import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_SCRIPT = os.path.join(REPO_ROOT, "train_downstream.py")
+from cgns.processes import child_env
+
+# python's -m flag joined with its module, one argv item: a cell's command is [python, TRAIN_ENTRY, *options]
+TRAIN_ENTRY = "-mcgns.downstream"
 PCTS = (0.01, 0.1, 1.0)
 
 
@@ -35,8 +40,8 @@ class Column(NamedTuple):
     """One dataset x protocol group of three table columns (one per label fraction)."""
 
     title: str
-    task: str       # train_downstream --task
-    dataset: str    # train_downstream --dataset
+    task: str       # cgns evaluate --task
+    dataset: str    # cgns evaluate --dataset
     dataset_task: str
     table: str      # "classification" or "dense"
 
@@ -76,8 +81,8 @@ def run_dir(output_dir: str, column: Column, pct: float) -> str:
 
 
 def train_command(args: argparse.Namespace, column: Column, pct: float) -> List[str]:
-    """The train_downstream.py command line of one cell."""
-    return [sys.executable, args.train_script, "--task", column.task, "--dataset", column.dataset,
+    """The ``python -m cgns.downstream`` command line of one cell."""
+    return [sys.executable, args.train_entry, "--task", column.task, "--dataset", column.dataset,
             "--dataset_task", column.dataset_task, "--data_dir", args.data_dir[column.dataset],
             "--data_pct", f"{pct:g}", "--model", args.model, "--output_dir", run_dir(args.output_dir, column, pct),
             "--seeds", *map(str, args.seeds), "--quiet", *shlex.split(args.train_args)]
@@ -87,7 +92,7 @@ def run_command(command: List[str], log_path: str) -> int:
     """Run one protocol, its output to ``log_path``; returns the exit status."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env()).returncode
 
 
 def is_token_tower(model: str) -> bool:
@@ -101,7 +106,7 @@ def is_token_tower(model: str) -> bool:
 
 
 def format_mean_std(stat: Dict) -> str:
-    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"``: downstream.common's format (a test keeps
+    """``{"mean": 0.761, "std": 0.012}`` -> ``"76.1 ± 1.2"``: cgns.downstream.common's format (a test keeps
     them equal), repeated so that the sweep itself never imports torch."""
     return "undefined" if stat["mean"] is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
@@ -171,6 +176,7 @@ def update_table(path: str, rows: Dict[str, str]) -> None:
     text = open(path).read() if os.path.isfile(path) else "# Baselines under the same protocol\n"
     for table, row in rows.items():
         text = insert_row(text, table, row)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
 
@@ -201,10 +207,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="raw dataset folders: chexpert, rsna, covidx, siim, object_cxr (missing ones are not run)")
     p.add_argument("--tables", nargs="+", choices=sorted(TABLES), default=sorted(TABLES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--table", default=os.path.join(REPO_ROOT, "docs", "baselines.md"),
-                   help="markdown file whose tables get the row")
-    p.add_argument("--train_args", default="", help="extra train_downstream.py arguments, e.g. '--num_workers 8'")
-    p.add_argument("--train_script", default=TRAIN_SCRIPT)
+    p.add_argument("--table", default=None,
+                   help="markdown file whose tables get the row (in a clone: docs/baselines.md); default "
+                        "<output_dir>/baselines.md")
+    p.add_argument("--train_args", default="", help="extra `cgns evaluate` arguments, e.g. '--num_workers 8'")
+    p.add_argument("--train_entry", default=TRAIN_ENTRY,
+                   help="what python runs for a cell: -m<module> or a script path")
     p.add_argument("--rerun", action="store_true", help="run again even where results.json exists")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write no row")
     args = p.parse_args(argv)
@@ -214,6 +222,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(str(err))
     if args.name is None:
         args.name = os.path.basename(os.path.normpath(args.model))
+    if args.table is None:
+        args.table = os.path.join(args.output_dir, "baselines.md")
     return args
 
 
@@ -238,6 +248,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 if __name__ == "__main__":
     main()
 
-__all__ = ["main", "parse_args", "COLUMNS", "PCTS", "Column", "train_command", "run_cell", "format_cell",
+__all__ = ["main", "parse_args", "COLUMNS", "PCTS", "Column", "TRAIN_ENTRY", "train_command", "run_cell", "format_cell",
            "format_mean_std",
            "insert_row", "update_table", "markdown_row", "table_header", "is_token_tower"]

@@ -1,17 +1,18 @@
-"""The typed arguments of ``train_downstream.py`` (parsed by ``transformers.HfArgumentParser``).
+"""The typed arguments of ``cgns evaluate`` (parsed by ``transformers.HfArgumentParser``).
 
 * :class:`DownstreamArguments`: what to evaluate, on which data, with which shared hyperparameters.
   ``max_epochs``, ``batch_size``, ``lr`` and ``weight_decay`` default to ``None`` = the protocol's own
   default (``DEFAULTS`` of the task's module: E.1 / E.2 / E.3); an explicit value wins.
 * :class:`TrainerPassThroughArguments`: options handed to the Hugging Face ``TrainingArguments`` of the
   Trainer-based protocols unchanged (same names, same meaning); the other Trainer settings are fixed by
-  the protocol (``downstream.common.training_arguments``).
+  the protocol (``cgns.downstream.common.training_arguments``).
 * A protocol module may add its own options as a dataclass ``ARGUMENTS`` (e.g.
-  ``downstream.detection.DetectionArguments``); every registered protocol's options are on the command
+  ``cgns.downstream.detection.DetectionArguments``); every registered protocol's options are on the command
   line, and field names must be unique across all of them.
 
-:func:`build_parser` / :func:`parse_args` turn them into one flat ``argparse.Namespace`` (every field of
-every dataclass, plus ``mode``), which is what each protocol's ``run(args)`` receives.
+:func:`build_parser` / :func:`parse_args` turn them into one :class:`EvaluationArguments` (every field of
+every dataclass, plus ``mode``), which is what each protocol's ``run(args)`` receives: a protocol reads
+``args.<field>`` and never restates a default.
 """
 import argparse
 import ast
@@ -21,7 +22,7 @@ from typing import List, Optional, Sequence
 
 from transformers import HfArgumentParser
 
-from downstream import PROTOCOLS, protocol
+from .protocols import PROTOCOLS, protocol
 from modeling_cgns.modeling_classification import INITS
 
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr", "ms_cxr", "iu_xray")
@@ -151,6 +152,14 @@ def argument_dataclasses() -> List[type]:
     return classes
 
 
+@dataclass(kw_only=True)
+class EvaluationArguments(*argument_dataclasses()):
+    """The parsed command line: every field of every argument dataclass above (the shared ones and each
+    protocol's ``ARGUMENTS``), with the task's ``DEFAULTS`` filled in, plus the derived ``mode``."""
+
+    mode: str = field(default="cached", metadata={"help": "derived from --augment / --no_cache, not an option"})
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: ...)`` except where the help already gives the per-task defaults."""
 
@@ -162,12 +171,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> HfArgumentParser:
     return HfArgumentParser(argument_dataclasses(), formatter_class=HelpFormatter,
-                            description="Downstream evaluation of a CGNS export (ALGORITHM.md E): "
+                            description="Downstream evaluation of a CGNS export (docs/method.md E): "
                                         + ", ".join(PROTOCOLS) + ".")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command line -> one flat Namespace (all dataclass fields + ``mode``), protocol defaults filled in.
+def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluationArguments:
+    """Command line -> :class:`EvaluationArguments` (all dataclass fields + ``mode``), protocol defaults filled in.
 
     Inconsistent or out-of-range values exit through ``parser.error`` (status 2, one line naming the option).
     """
@@ -194,11 +203,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.dataset_task is None:
         args.dataset_task = getattr(task_module, "DATASET_TASK", args.task)
     for key, value in task_module.DEFAULTS.items():
-        if getattr(args, key, None) is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
     check_ranges(parser, args)
     args.resume_from_checkpoint = resume_value(parser, args)
-    return args
+    return EvaluationArguments(**vars(args))
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -207,7 +216,7 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"argument --max_epochs: must be >= 1, got {args.max_epochs} (with 0 the head would be "
                      f"evaluated untrained)")
     for name in ("batch_size", "patience", "gradient_accumulation_steps"):
-        value = getattr(args, name, None)
+        value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"argument --{name}: must be >= 1, got {value}")
     if args.num_workers < 0:
@@ -215,7 +224,7 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if not args.max_grad_norm >= 0:
         parser.error(f"argument --max_grad_norm: must be >= 0, got {args.max_grad_norm}")
     for name in ("lr", "weight_decay"):
-        value = getattr(args, name, None)
+        value = getattr(args, name)
         if value is not None and not value >= (0.0 if name == "weight_decay" else 1e-300):
             parser.error(f"argument --{name}: must be {'>= 0' if name == 'weight_decay' else '> 0'}, got {value}")
     if not args.seeds:
@@ -238,6 +247,7 @@ def resume_value(parser: argparse.ArgumentParser, args: argparse.Namespace):
     return value
 
 
-__all__ = ["DownstreamArguments", "TrainerPassThroughArguments", "DATASETS", "argument_dataclasses",
+__all__ = ["DownstreamArguments", "TrainerPassThroughArguments", "EvaluationArguments", "DATASETS",
+           "argument_dataclasses",
            "build_parser", "parse_args", "parse_option", "check_ranges", "resume_value",
            "HelpFormatter"]

@@ -1,7 +1,7 @@
 """Zero-shot classification of a CGNS export from prompts (docs/evaluation.md).
 
-    python train_downstream.py --task zero_shot --dataset chexpert --dataset_task 5x200 --data_dir D \
-        --model path/to/cgns_export --output_dir O [--prompts configs/zero_shot_prompts.json]
+    cgns evaluate --task zero_shot --dataset chexpert --dataset_task 5x200 --data_dir D \
+        --model path/to/cgns_export --output_dir O [--prompts my_prompts.json]
 
 Recipe: embed each prompt as a one-report text (``get_text_features``) -> per label the mean
 embedding of its positive prompts and of its negative prompts -> embed every image of the split
@@ -13,7 +13,7 @@ positive label, such as CheXpert 5x200, also get the top-1 accuracy of the arg-m
 
 Prompt file: JSON ``{"<label name>": {"positive": [str, ...], "negative": [str, ...]}, ...}`` with
 an entry for every label of the dataset's task (other entries are ignored); the default is
-``configs/zero_shot_prompts.json``.
+``cgns/downstream/zero_shot_prompts.json`` (package data).
 """
 import json
 import logging
@@ -28,59 +28,20 @@ import data_scripts
 from modeling_cgns.metrics import SINGLE_LABEL, classification_metrics
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, cache_key, cached_tensors, encode_images, encode_reports,
-                       load_model_and_processor, model_identity, pick_split, require_columns, require_dataset)
-from .retrieval import embedding_cache_dir
+from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
+                         encode_reports, load_model_and_processor, model_identity, pick_split, require_columns,
+                         require_dataset)
+from .prompts import DEFAULT_PROMPTS, POLARITIES, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.zero_shot")
 
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
 DATASET_TASK = "classification"
 
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                               "zero_shot_prompts.json")
-POLARITIES = ("positive", "negative")
 RESULTS_HEADER = ("| model | dataset | split | images | prompts | macro AUROC (%) | per label AUROC (%) |\n"
                   "|---|---|---|---|---|---|---|\n")
-
-
-def load_prompts(path: str, label_names: Sequence[str]) -> Dict[str, Dict[str, List[str]]]:
-    """Read and check a prompt file; returns ``{label: {"positive": [...], "negative": [...]}}`` for ``label_names``."""
-    try:
-        with open(path) as f:
-            prompts = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"prompt file {path}: cannot read it as JSON ({error})") from error
-    if not isinstance(prompts, dict):
-        raise ValueError(f"prompt file {path}: expected an object {{label: {{positive: [...], negative: [...]}}}}")
-    missing = [name for name in label_names if name not in prompts]
-    if missing:
-        raise ValueError(f"prompt file {path} has no prompts for {missing}; it has {sorted(prompts)}")
-    checked = {}
-    for name in label_names:
-        entry = prompts[name]
-        if not isinstance(entry, dict):
-            raise ValueError(f"prompt file {path}: {name!r} must map to {{positive: [...], negative: [...]}}")
-        checked[name] = {}
-        for polarity in POLARITIES:
-            texts = entry.get(polarity)
-            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"prompt file {path}: {name!r}/{polarity} must be a non-empty list of non-empty "
-                                 f"strings, got {texts!r}")
-            checked[name][polarity] = texts
-    return checked
-
-
-def prompt_sentences(prompt: str) -> List[str]:
-    """A prompt as the sentence list the text tower takes (the report sentence splitter)."""
-    from modeling_cgns.sentences import split_sentences
-
-    sentences = split_sentences(prompt)
-    if not sentences:
-        raise ValueError(f"prompt {prompt!r} has no sentence of at least two words after normalisation")
-    return sentences
 
 
 @torch.no_grad()
@@ -115,7 +76,7 @@ def single_positive_accuracy(logits: np.ndarray, labels: np.ndarray):
 
 def check_arguments(args) -> None:
     require_dataset(args, "zero_shot")
-    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+    if args.prompts and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts {args.prompts}: no such file")
 
 
@@ -126,7 +87,7 @@ def run(args) -> Dict:
         raise ValueError(f"zero-shot classification needs a classification task; {args.dataset}/"
                          f"{args.dataset_task} is {spec.problem_type!r}")
     label_names = list(spec.label_names)
-    prompt_path = getattr(args, "prompts", None) or DEFAULT_PROMPTS
+    prompt_path = args.prompts or DEFAULT_PROMPTS
     prompts = load_prompts(prompt_path, label_names)
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, cache_dir=args.cache_dir,
@@ -139,7 +100,7 @@ def run(args) -> Dict:
     key = cache_key(kind="images", model=model_identity(args.model), dataset=args.dataset,
                     dataset_task=args.dataset_task, split=split_name, fingerprint=split._fingerprint, rows=len(split),
                     image_size=processor.image_processor.image_size, resize_size=processor.image_processor.resize_size)
-    cache_path = None if getattr(args, "no_embedding_cache", False) else \
+    cache_path = None if args.no_embedding_cache else \
         os.path.join(embedding_cache_dir(args), f"images-{key}.safetensors")
     image_embeds = cached_tensors(
         cache_path, lambda: {"image_embeds": encode_images(model, processor, split, args.batch_size, args.quiet,
@@ -171,6 +132,6 @@ def _percent(value) -> str:
 
 
 __all__ = [
-    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "load_prompts", "class_embeddings",
-    "zero_shot_logits", "single_positive_accuracy", "prompt_sentences", "DEFAULT_PROMPTS", "RESULTS_HEADER",
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "class_embeddings",
+    "zero_shot_logits", "single_positive_accuracy", "RESULTS_HEADER",
 ]

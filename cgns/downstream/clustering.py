@@ -1,6 +1,6 @@
 """Does the export's clustering find real false negatives? Scored against sentence meanings (docs/clustering.md).
 
-    python train_downstream.py --task clustering --dataset synthetic_cxr --model path/to/cgns_export --output_dir O
+    cgns evaluate --task clustering --dataset synthetic_cxr --model path/to/cgns_export --output_dir O
 
 Recipe: every sentence of every row of the split -> the export's text sentence features z1 and cross-modal
 features z2 (one forward per batch of ``--cluster_batch_size`` reports, as in training; text-only rows, e.g.
@@ -36,7 +36,7 @@ from modeling_cgns import cluster_metrics as cm
 from modeling_cgns.clustering import gated_false_negative_mask, nearest_two_centroids
 
 from .common import write_results
-from .encoding import image_batch, load_model_and_processor, pick_split, report_sentences, require_dataset, \
+from .embeddings import image_batch, load_model_and_processor, pick_split, report_sentences, require_dataset, \
     text_batch
 
 logger = logging.getLogger("downstream.clustering")
@@ -65,7 +65,7 @@ RESULTS_HEADER = ("| model | dataset | split | sentences | K | live | FN precisi
 
 def check_arguments(args) -> None:
     require_dataset(args, "clustering")
-    if getattr(args, "cluster_batch_size", 32) < 2:
+    if args.cluster_batch_size < 2:
         raise ValueError("--cluster_batch_size must be at least 2 (pairs within a batch)")
 
 

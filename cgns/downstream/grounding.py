@@ -1,10 +1,10 @@
 """Grounding of report sentences in the image by CGNS's local cross-attention (docs/evaluation.md).
 
-    python train_downstream.py --task grounding --dataset synthetic_cxr --dataset_task grounding \
+    cgns evaluate --task grounding --dataset synthetic_cxr --dataset_task grounding \
         --model path/to/cgns_export --output_dir O
-    python train_downstream.py --task grounding --dataset rsna --dataset_task detection --data_dir D \
+    cgns evaluate --task grounding --dataset rsna --dataset_task detection --data_dir D \
         --model path/to/cgns_export --output_dir O      # queries: the label's positive prompts
-    python train_downstream.py --task grounding --dataset ms_cxr --data_dir MS_CXR \
+    cgns evaluate --task grounding --dataset ms_cxr --data_dir MS_CXR \
         --dataset_options mimic_cxr_dir=MIMIC_CXR_JPG --model path/to/cgns_export --random_init_baseline --output_dir O
 
 A query is a sentence with the boxes of what it names: on the synthetic ``grounding`` task every
@@ -38,16 +38,15 @@ import torch
 
 import data_scripts
 from modeling_cgns.grounding_metrics import phrase_grounding_scores
-from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
-                       text_batch)
-from .zero_shot import DEFAULT_PROMPTS, load_prompts, prompt_sentences
+from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
+                         text_batch)
+from .prompts import DEFAULT_PROMPTS, load_prompts, prompt_sentences
 
 logger = logging.getLogger("downstream.grounding")
 
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 16}
 #: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
@@ -312,7 +311,7 @@ def prompt_queries(model, processor, split, prompts: List[str], batch_size: int,
 
 def check_arguments(args) -> None:
     require_dataset(args, "grounding")
-    if getattr(args, "prompts", None) and not os.path.isfile(args.prompts):
+    if args.prompts and not os.path.isfile(args.prompts):
         raise ValueError(f"--prompts {args.prompts}: no such file")
 
 
@@ -331,7 +330,7 @@ def collect_queries(model, processor, split, spec, args, direction: str, counts:
         if spec.num_labels != 1:
             raise ValueError(f"prompt queries need a one-label detection task; {args.dataset}/{args.dataset_task} "
                              f"has labels {list(spec.label_names)}")
-        prompt_path = getattr(args, "prompts", None) or DEFAULT_PROMPTS
+        prompt_path = args.prompts or DEFAULT_PROMPTS
         label = spec.label_names[0]
         positive = load_prompts(prompt_path, [label])[label]["positive"]
         maps, boxes, sentences = prompt_queries(model, processor, split, positive, args.batch_size, direction,
@@ -394,7 +393,7 @@ def run(args) -> Dict:
         **args.dataset_options)
     split_name = pick_split(dataset_dict, args.split)
     split = dataset_dict[split_name]
-    direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
+    direction = args.attention_direction
     model, processor = load_model_and_processor(args.model)
     size = processor.image_processor.image_size
     counts = new_query_counts()
@@ -404,7 +403,7 @@ def run(args) -> Dict:
             logger.warning("grounding: %d %s left out", n, reason.replace("_", " "))
     scores = score_queries(queries, size)
     random_scores = None
-    if getattr(args, "random_init_baseline", False):
+    if args.random_init_baseline:
         untrained = random_init_model(model)
         random_scores = score_queries(collect_queries(untrained, processor, split, spec, args, direction,
                                                       new_query_counts()), size)

@@ -1,8 +1,8 @@
 """Pictures of what a CGNS export attends to and how it clusters sentences (docs/evaluation.md).
 
-    python train_downstream.py --task visualize --model path/to/cgns_export --output_dir O \
+    cgns evaluate --task visualize --model path/to/cgns_export --output_dir O \
         --images a.png b.png --reports a.txt b.txt
-    python train_downstream.py --task visualize --model path/to/cgns_export --output_dir O \
+    cgns evaluate --task visualize --model path/to/cgns_export --output_dir O \
         --dataset synthetic_cxr --dataset_task pretraining --split validation --num_examples 4
 
 * ``attention/<example>_sentence<k>.png``: the evaluation crop of the image (gray) with sentence k's
@@ -24,15 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modeling_cgns.modeling_cgns import DEFAULT_ATTENTION_DIRECTION
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
-                       text_batch)
+from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
+                         text_batch)
 
 logger = logging.getLogger("downstream.visualize")
 
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 16}
 DATASET_TASK = "pretraining"
@@ -238,7 +237,7 @@ def write_cluster_outputs(model, features: torch.Tensor, texts: List[str], outpu
 
 
 def check_arguments(args) -> None:
-    images, reports = getattr(args, "images", None), getattr(args, "reports", None)
+    images, reports = args.images, args.reports
     if images or reports:
         if len(images or []) != len(reports or []):
             raise ValueError(f"--images and --reports must pair up: got {len(images or [])} images and "
@@ -246,18 +245,18 @@ def check_arguments(args) -> None:
         missing = [p for p in images if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"--images: no such file(s) {missing}")
-    elif not getattr(args, "dataset", None):
+    elif not args.dataset:
         raise ValueError("--task visualize needs --images and --reports, or --dataset")
 
 
 def run(args) -> Dict:
     """Examples -> attention overlays; for a trained model also the cluster report and PCA plot."""
     model, processor = load_model_and_processor(args.model)
-    direction = getattr(args, "attention_direction", DEFAULT_ATTENTION_DIRECTION)
-    if getattr(args, "images", None):
+    direction = args.attention_direction
+    if args.images:
         examples = examples_from_files(args.images, args.reports or [])
         cluster_examples = examples
-    elif getattr(args, "dataset", None):
+    elif args.dataset:
         import data_scripts
 
         dataset_dict = data_scripts.load_cgns_dataset(

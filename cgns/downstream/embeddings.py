@@ -66,7 +66,7 @@ def require_columns(split, columns: Sequence[str], what: str) -> None:
 
 
 def require_dataset(args, task: str) -> None:
-    if not getattr(args, "dataset", None):
+    if not args.dataset:
         raise ValueError(f"--task {task} needs --dataset")
 
 
@@ -87,11 +87,16 @@ def model_identity(model_name_or_path: str) -> Dict:
 
 def cache_subdir(args, override_field: str, name: str) -> str:
     """``args.<override_field>`` when set, else ``<cache_dir or ~/.cache/cgns>/<name>``."""
-    if getattr(args, override_field, None):
+    if getattr(args, override_field):
         return getattr(args, override_field)
-    root = args.cache_dir if getattr(args, "cache_dir", None) else os.path.join(os.path.expanduser("~"), ".cache",
+    root = args.cache_dir if args.cache_dir else os.path.join(os.path.expanduser("~"), ".cache",
                                                                                   "cgns")
     return os.path.join(root, name)
+
+
+def embedding_cache_dir(args) -> str:
+    """Where the encoder-only protocols cache embeddings (``--embedding_cache_dir`` or ``<cache>/embeddings``)."""
+    return cache_subdir(args, "embedding_cache_dir", "embeddings")
 
 
 def cache_key(**parts) -> str:
@@ -181,8 +186,8 @@ def report_sentences(row: Dict) -> List[str]:
 class EncoderEvaluationArguments:
     """Command-line options of the encoder-only protocols (retrieval, zero_shot, grounding, visualize).
 
-    Each of those modules names this class as its ``ARGUMENTS``, so ``downstream.arguments`` puts the
-    fields on the ``train_downstream.py`` command line once; the other protocols ignore them.
+    Each of those modules names this class as its ``ARGUMENTS``, so ``cgns.downstream.arguments`` puts the
+    fields on the ``cgns evaluate`` command line once; the other protocols ignore them.
     """
 
     split: Optional[str] = field(default=None, metadata={
@@ -190,7 +195,7 @@ class EncoderEvaluationArguments:
                 "dataset has one, else validation)"})
     prompts: Optional[str] = field(default=None, metadata={
         "help": "zero_shot / grounding: prompt JSON {label: {positive: [...], negative: [...]}} "
-                "(default: configs/zero_shot_prompts.json)"})
+                "(default: the zero_shot_prompts.json shipped in cgns/downstream)"})
     embedding_cache_dir: Optional[str] = field(default=None, metadata={
         "help": "retrieval / zero_shot: folder of the cached embeddings, one safetensors file per model and "
                 "split (default: <cache_dir or ~/.cache/cgns>/embeddings)"})
@@ -216,6 +221,7 @@ class EncoderEvaluationArguments:
 
 __all__ = [
     "load_model_and_processor", "pick_split", "require_columns", "require_dataset", "model_identity",
-    "cache_subdir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch", "text_batch", "encode_images",
+    "cache_subdir", "embedding_cache_dir", "cache_key", "cached_tensors", "batches", "image_chunks", "image_batch",
+    "text_batch", "encode_images",
     "encode_reports", "report_sentences", "default_device", "EncoderEvaluationArguments", "WEIGHTS_FILE",
 ]

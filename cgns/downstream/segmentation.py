@@ -1,8 +1,8 @@
-"""Downstream semantic segmentation of a CGNS export with a frozen encoder (ALGORITHM.md E.3).
+"""Downstream semantic segmentation of a CGNS export with a frozen encoder (docs/method.md E.3).
 
-Run as ``train_downstream.py --task segmentation`` (:func:`run`, with that script's arguments), e.g.
+Run as ``cgns evaluate --task segmentation`` (:func:`run`, with that script's arguments), e.g.
 
-    python train_downstream.py --task segmentation --dataset synthetic_cxr --dataset_task segmentation \
+    cgns evaluate --task segmentation --dataset synthetic_cxr --dataset_task segmentation \
         --model path/to/cgns_export --init pretrained --output_dir O --seeds 42 \
         --lr 5e-4 --weight_decay 0.05 --max_epochs 50 --batch_size 16
 
@@ -10,7 +10,7 @@ Recipe: load the dataset's segmentation task (``data_scripts``; ``data_pct`` sub
 -> build :class:`CGNSForSemanticSegmentation` (frozen tower, U-Net or SETR-naive decoder) -> for each
 seed redraw the decoder and train it with the Hugging Face ``Trainer`` (AdamW, cosine, early stopping
 on validation loss, best checkpoint) -> mean per-image Dice on test -> ``results.json`` (per seed,
-mean and std) and ``results.md`` (one table row), written by ``downstream.common``'s writers.
+mean and std) and ``results.md`` (one table row), written by ``cgns.downstream.common``'s writers.
 
 Input pipeline (E.3): the image is resized to the model's ``image_size`` (no crop: the mask must keep
 covering the same pixels), normalised with the export's mean / std (0.5); the mask (0 / 255) is
@@ -24,12 +24,12 @@ Dice is the mean over images, not the mean of per-batch means (the two differ on
 the last, smaller batch); several seeds share one tower (for ``--init random`` the one drawn with the
 first seed) and differ in the decoder's initialisation and the data order.
 """
-import argparse
+import dataclasses
 from dataclasses import dataclass, field
 import logging
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -38,17 +38,20 @@ from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, TrainingArguments, set_seed
 
 import data_scripts
-from downstream.common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                               markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
-                               write_results, write_seed_metrics)
+from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
+                     markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
+                     write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
 from modeling_cgns.processing_cgns import to_unit_range
 
+if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
+    from .arguments import EvaluationArguments
+
 logger = logging.getLogger("downstream.segmentation")
 
-# Protocol defaults (ALGORITHM.md E.3); an explicit command-line value wins.
+# Protocol defaults (docs/method.md E.3); an explicit command-line value wins.
 DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05}
 
 SEGMENTATION = "segmentation"
@@ -80,7 +83,7 @@ class SegmentationArguments:
 ARGUMENTS = SegmentationArguments
 
 
-def load_segmentation_data(args: argparse.Namespace, spec: data_scripts.TaskSpec):
+def load_segmentation_data(args: "EvaluationArguments", spec: data_scripts.TaskSpec):
     """DatasetDict with train (balanced, then subsampled to ``data_pct``), validation and test, checked.
 
     The split is loaded complete, balanced (``balance_train``), then subsampled with
@@ -89,11 +92,11 @@ def load_segmentation_data(args: argparse.Namespace, spec: data_scripts.TaskSpec
     """
     dataset_dict = data_scripts.load_cgns_dataset(
         args.dataset, data_dir=args.data_dir, task=args.dataset_task, data_pct=1.0,
-        seed=getattr(args, "data_seed", 42), cache_dir=args.cache_dir, **(args.dataset_options or {}))
+        seed=args.data_seed, cache_dir=args.cache_dir, **(args.dataset_options or {}))
     check_segmentation_data(dataset_dict, spec, f"{args.dataset}/{args.dataset_task}")
-    if getattr(args, "balance_train", True):
-        dataset_dict["train"] = balance_positives(dataset_dict["train"], getattr(args, "balance_seed", 42))
-    return data_scripts.subsample_train(dataset_dict, args.data_pct, getattr(args, "data_seed", 42))
+    if args.balance_train:
+        dataset_dict["train"] = balance_positives(dataset_dict["train"], args.balance_seed)
+    return data_scripts.subsample_train(dataset_dict, args.data_pct, args.data_seed)
 
 
 def positive_images(split) -> np.ndarray:
@@ -187,7 +190,7 @@ class SegmentationDataset(Dataset):
 # model
 # --------------------------------------------------------------------------------------------------
 
-def build_segmentation_model(args: argparse.Namespace,
+def build_segmentation_model(args: "EvaluationArguments",
                              spec: data_scripts.TaskSpec) -> CGNSForSemanticSegmentation:
     label_names = list(spec.label_names)
     return CGNSForSemanticSegmentation.from_pretrained(
@@ -246,18 +249,17 @@ class DiceAccumulator:
                 "num_positive": int(positive.sum())}
 
 
-def segmentation_training_arguments(args: argparse.Namespace, output_dir: str,
+def segmentation_training_arguments(args: "EvaluationArguments", output_dir: str,
                                     seed: int) -> TrainingArguments:
     """The shared TrainingArguments (AdamW, cosine, epoch-wise eval, best eval_loss) on images."""
-    image_args = argparse.Namespace(**{**vars(args), "mode": "uncached",
-                                       "num_workers": getattr(args, "num_workers", 0)})
+    image_args = dataclasses.replace(args, mode="uncached")
     training_args = training_arguments(image_args, output_dir, seed)
     training_args.batch_eval_metrics = True
     return training_args
 
 
 def train_segmenter(model: CGNSForSemanticSegmentation, datasets_by_split: Dict[str, Dataset],
-                    args: argparse.Namespace, seed: int, output_dir: str) -> SegmentationTrainer:
+                    args: "EvaluationArguments", seed: int, output_dir: str) -> SegmentationTrainer:
     """Fresh decoder for ``seed``, trained with early stopping; the trainer then holds the best decoder."""
     set_seed(seed)
     model.reset_decoder()
@@ -291,16 +293,16 @@ def evaluate_segmenter(trainer: SegmentationTrainer, test_dataset: Dataset) -> D
 # protocol
 # --------------------------------------------------------------------------------------------------
 
-def check_arguments(args: argparse.Namespace) -> None:
+def check_arguments(args: "EvaluationArguments") -> None:
     """Refuse a ``--dataset_task`` that is not a segmentation task."""
     if not args.dataset_task.startswith("segmentation"):
         raise ValueError(f"--dataset_task {args.dataset_task!r} is not a segmentation task")
 
 
-def run(args: argparse.Namespace) -> Dict:
+def run(args: "EvaluationArguments") -> Dict:
     """data -> segmenter -> one Trainer run per seed -> test Dice -> results files; returns the results dict.
 
-    ``args`` holds train_downstream's arguments; read here: dataset, dataset_task, data_dir, cache_dir,
+    ``args`` holds the parsed `cgns evaluate` arguments; read here: dataset, dataset_task, data_dir, cache_dir,
     dataset_options, data_pct, data_seed (default 42), model, init, output_dir, seeds, max_epochs,
     patience, batch_size, lr, weight_decay, num_workers (default 0), save_model (default False), quiet.
     """
@@ -325,7 +327,7 @@ def run(args: argparse.Namespace) -> Dict:
         trainer = train_segmenter(model, datasets_by_split, args, seed, directory)
         per_seed[seed] = evaluate_segmenter(trainer, datasets_by_split["test"])
         write_seed_metrics(per_seed[seed], args.output_dir, seed)
-        if getattr(args, "save_model", False):
+        if args.save_model:
             save_export(model, os.path.join(directory, "model"), image_processor, base_model=args.model,
                         data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
                         training={"seed": seed, "init": args.init}, metrics=per_seed[seed])
@@ -341,13 +343,13 @@ def run(args: argparse.Namespace) -> Dict:
         "problem_type": spec.problem_type, "metric": METRIC, "label_names": list(spec.label_names),
         "model": args.model, "init": args.init, "mode": f"frozen {model.config.vision_kind} tower",
         "decoder": "unet" if model.config.vision_kind == "grid" else "setr_naive",
-        "data_pct": args.data_pct, "data_seed": getattr(args, "data_seed", 42),
+        "data_pct": args.data_pct, "data_seed": args.data_seed,
         "image_size": image_processor.image_size, "num_examples": num_examples,
         "hyperparameters": {"max_epochs": args.max_epochs, "patience": args.patience,
                             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
                             "scheduler": "cosine", "loss": "10 * focal(gamma=2) - log(soft dice, smooth 1)",
-                            "balance_train": getattr(args, "balance_train", True),
-                            "balance_seed": getattr(args, "balance_seed", 42)},
+                            "balance_train": args.balance_train,
+                            "balance_seed": args.balance_seed},
         "seeds": {str(seed): result for seed, result in per_seed.items()},
         "summary": {key: mean_std([r["test"][key] for r in per_seed.values()])
                     for key in (METRIC, "dice_positive", "dice_empty_prediction")},
@@ -357,11 +359,10 @@ def run(args: argparse.Namespace) -> Dict:
     return results
 
 
-run_segmentation = run  # the name before the downstream/ package
 
 __all__ = [
     "DEFAULTS", "ARGUMENTS", "SegmentationArguments", "positive_images", "balance_positives",
-    "run", "run_segmentation", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
+    "run", "check_arguments", "load_segmentation_data", "check_segmentation_data", "SegmentationDataset",
     "joint_augmentation", "build_segmentation_model", "SegmentationTrainer", "DiceAccumulator",
     "segmentation_training_arguments", "train_segmenter", "evaluate_segmenter",
 ]

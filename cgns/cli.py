@@ -1,27 +1,29 @@
-"""The ``cgns`` console command (installed by ``pip install cgns``; see setup.cfg ``console_scripts``).
+"""The ``cgns`` console command (installed by ``pip install cm-cgns``; see setup.cfg ``console_scripts``).
 
 ::
 
     cgns prepare <dataset> ...   build a dataset's Arrow files + manifest (data_scripts.<dataset>)
-    cgns pretrain ...            CM-CGNS pretraining (train_pretrain.py)
-    cgns evaluate ...            downstream protocols: linear probe, segmentation, detection (train_downstream.py)
+    cgns pretrain ...            CM-CGNS pretraining (cgns.pretraining; train_pretrain.py in a clone)
+    cgns evaluate ...            downstream protocols (cgns.downstream; train_downstream.py in a clone)
     cgns visualize ...           loss curves of a pretraining run (metrics.jsonl -> PNG)
+    cgns demo ...                the whole pipeline on the synthetic data (cgns.experiments.demo; `make demo`)
 
 Every subcommand documents its options with ``cgns <command> --help``. The work is done by the
-same ``main(argv)`` functions as ``python train_pretrain.py`` etc., imported only when chosen (so
-``cgns --help`` is fast); the top-level scripts are installed as modules (setup.cfg ``py_modules``).
+same ``main(argv)`` functions as ``python -m cgns.pretraining`` etc., imported only when chosen (so
+``cgns --help`` is fast).
 """
 import argparse
-import importlib
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 COMMANDS = {
     "prepare": "build a dataset's Arrow files and manifest from its published files (data_scripts)",
-    "pretrain": "CM-CGNS image-report pretraining, two stages, exports final/ (train_pretrain.py)",
-    "evaluate": "downstream protocols on an export: linear probe, segmentation, detection (train_downstream.py)",
+    "pretrain": "CM-CGNS image-report pretraining, two stages, exports final/ (cgns.pretraining)",
+    "evaluate": "downstream protocols on an export: linear probe, segmentation, detection, retrieval, zero-shot, "
+                "grounding, visualize (cgns.downstream)",
     "visualize": "plot the loss curves of a pretraining run (its metrics.jsonl) to a PNG",
+    "demo": "the whole pipeline on the embedded synthetic data, offline on a CPU (make demo; cgns.experiments)",
 }
 
 
@@ -39,26 +41,35 @@ def prepare(argv: Sequence[str]) -> int:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the builder's options (--data_dir, "
                         "--output_dir, --task, ...)")
     args = parser.parse_args(argv)
-    module = importlib.import_module(f"data_scripts.{args.dataset}")
-    return _exit_code(module.main(args.options))
+    return _exit_code(data_scripts.dataset_module(args.dataset).main(args.options))
 
 
-def _run_script_main(module_name: str, prog: str, argv: Sequence[str]) -> int:
-    # The scripts' parsers take their usage line from sys.argv[0]: show `cgns <command>` there.
+def _run_main(main: Callable[[List[str]], object], prog: str, argv: Sequence[str]) -> int:
+    # The parsers take their usage line from sys.argv[0]: show `cgns <command>` there.
     saved, sys.argv[0] = sys.argv[0], prog
     try:
-        importlib.import_module(module_name).main(list(argv))    # returns a summary dict
+        main(list(argv))    # returns a summary dict
     finally:
         sys.argv[0] = saved
     return 0
 
 
 def pretrain(argv: Sequence[str]) -> int:
-    return _run_script_main("train_pretrain", "cgns pretrain", argv)
+    from cgns.pretraining.cli import main
+
+    return _run_main(main, "cgns pretrain", argv)
 
 
 def evaluate(argv: Sequence[str]) -> int:
-    return _run_script_main("train_downstream", "cgns evaluate", argv)
+    from cgns.downstream.cli import main
+
+    return _run_main(main, "cgns evaluate", argv)
+
+
+def demo(argv: Sequence[str]) -> int:
+    from cgns.experiments.demo import main
+
+    return _run_main(main, "cgns demo", argv)
 
 
 def visualize(argv: Sequence[str]) -> int:
@@ -71,13 +82,15 @@ def visualize(argv: Sequence[str]) -> int:
     if not os.path.isfile(metrics):
         parser.error(f"no metrics file at {metrics!r} (pass a pretraining output_dir or its metrics.jsonl)")
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(metrics)), "loss_curves.png")
-    path = importlib.import_module("pretrain_callbacks").plot_loss_curves(metrics, output)
+    from cgns.pretraining.plots import plot_loss_curves
+
+    path = plot_loss_curves(metrics, output)
     print(path)
     return 0
 
 
 DISPATCH: Dict[str, Callable[[Sequence[str]], int]] = {
-    "prepare": prepare, "pretrain": pretrain, "evaluate": evaluate, "visualize": visualize}
+    "prepare": prepare, "pretrain": pretrain, "evaluate": evaluate, "visualize": visualize, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
 """Helpers shared by every downstream protocol: splits, image processor, the frozen-tower Trainer,
 Trainer arguments, thread control, seeds, mean ± std and the results files.
 
-Nothing here knows about a particular protocol; ``downstream.classification``, ``.detection`` and
+Nothing here knows about a particular protocol; ``cgns.downstream.classification``, ``.detection`` and
 ``.segmentation`` (and any protocol added later) import from this module and never from
-``train_downstream.py``, which only parses the command line and dispatches.
+``cgns evaluate``, which only parses the command line and dispatches.
 """
 import contextlib
 import json
@@ -22,8 +22,6 @@ from modeling_cgns import CGNSImageProcessor
 logger = logging.getLogger("downstream")
 
 SPLITS = ("train", "validation", "test")
-# The reference resizes the longest side to 256 before cropping 224 (E.1); other sizes keep the ratio.
-RESIZE_RATIO = 256 / 224
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,7 +35,7 @@ def load_image_processor(model_name_or_path: str, config) -> CGNSImageProcessor:
     except OSError:
         size = config.image_size
         logger.info("no image processor saved with %s; using image_size %d", model_name_or_path, size)
-        return CGNSImageProcessor(image_size=size, resize_size=round(size * RESIZE_RATIO))
+        return CGNSImageProcessor(image_size=size)     # the processor's default resize (256 for 224)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,10 +102,10 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
         dataloader_num_workers=0 if cached_inputs else args.num_workers,
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,
-        report_to=list(getattr(args, "report_to", ["none"])),
-        bf16=getattr(args, "bf16", False),
-        gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
-        max_grad_norm=getattr(args, "max_grad_norm", 1.0),
+        report_to=list(args.report_to),
+        bf16=args.bf16,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
         disable_tqdm=args.quiet,
     )
 
@@ -118,7 +116,7 @@ def resume_checkpoint(args, checkpoints_dir: str):
     ``True``: the last checkpoint in ``checkpoints_dir`` (None when there is none: the seed starts
     afresh); a folder: that folder; None: None.
     """
-    value = getattr(args, "resume_from_checkpoint", None)
+    value = args.resume_from_checkpoint
     if value is True:
         if not os.path.isdir(checkpoints_dir):
             return None
@@ -221,7 +219,7 @@ def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, 
 
 
 __all__ = [
-    "SPLITS", "RESIZE_RATIO", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
+    "SPLITS", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
     "best_by_eval_loss", "single_cpu_thread", "progress_bars", "seed_dir", "write_seed_metrics", "mean_std",
     "format_mean_std", "RESULTS_HEADER", "markdown_row", "write_results",
 ]

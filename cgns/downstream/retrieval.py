@@ -1,6 +1,6 @@
 """Image-report retrieval of a CGNS export (docs/evaluation.md).
 
-    python train_downstream.py --task retrieval --dataset synthetic_cxr --dataset_task pretraining \
+    cgns evaluate --task retrieval --dataset synthetic_cxr --dataset_task pretraining \
         --split validation --model path/to/cgns_export --output_dir O
 
 Recipe: load the split (rows with an ``image`` and a ``sentences`` or ``report`` column) -> embed
@@ -21,14 +21,14 @@ import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
 from .common import write_results
-from .encoding import (EncoderEvaluationArguments, cache_key, cache_subdir, cached_tensors, encode_images,
-                       encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
-                       require_dataset)
+from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
+                         encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
+                         require_dataset)
 
 logger = logging.getLogger("downstream.retrieval")
 
 #: Nothing is trained; the batch size is the embedding batch.
-#: The options of the encoder-only protocols (train_downstream.py adds them to the command line).
+#: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
 #: The dataset task used when --dataset_task is not given: image-report pairs.
@@ -46,10 +46,6 @@ def embedding_cache_path(args, split_name: str, split, processor) -> str:
                     rows=len(split), image_size=processor.image_processor.image_size,
                     resize_size=processor.image_processor.resize_size, max_length=processor.max_length)
     return os.path.join(embedding_cache_dir(args), f"retrieval-{key}.safetensors")
-
-
-def embedding_cache_dir(args) -> str:
-    return cache_subdir(args, "embedding_cache_dir", "embeddings")
 
 
 def usable_pairs(split) -> Tuple[List[int], List[List[str]]]:
@@ -96,7 +92,7 @@ def run(args) -> Dict:
         raise ValueError(f"no row of {args.dataset}/{args.dataset_task} split {split_name!r} has a report sentence")
 
     model, processor = load_model_and_processor(args.model)
-    cache_path = None if getattr(args, "no_embedding_cache", False) else \
+    cache_path = None if args.no_embedding_cache else \
         embedding_cache_path(args, split_name, split, processor)
     embeds = cached_tensors(cache_path, lambda: compute_embeddings(model, processor, split, indices, sentences,
                                                                     args.batch_size, args.quiet),
@@ -123,5 +119,5 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
 
 __all__ = [
     "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs",
-    "embedding_cache_path", "embedding_cache_dir", "RESULTS_HEADER",
+    "embedding_cache_path", "RESULTS_HEADER",
 ]

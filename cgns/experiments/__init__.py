@@ -1,0 +1,2 @@
+"""Runs composed of the layers below: :mod:`cgns.experiments.demo` (``make demo``, ``make ablation``,
+``cgns demo``): pretraining, the downstream protocols and the report, on the embedded synthetic data."""

@@ -1,0 +1,93 @@
+"""Two-stage CM-CGNS pretraining with Accelerate (docs/method.md, docs/pretraining.md).
+
+Stage 1 trains the global InfoNCE + local SimSiam + cluster-guided local text loss; stage 2 adds the
+CM-MIR reconstruction. Each stage has a fresh Adam and its own linear warm-up + cosine schedule.
+
+    cgns pretrain --config demo --output_dir outputs/demo                 # the installed command
+    python -m cgns.pretraining --config demo [--key value ...]            # the same, as a module
+    accelerate launch -m cgns.pretraining --config demo
+    torchrun --nproc_per_node 2 -m cgns.pretraining --config demo          # two CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 8 -m cgns.pretraining --config mimic_resnet50
+    python train_pretrain.py --config demo                                # from a clone
+
+``--config`` takes a packaged config by name (``demo``, ``mimic_resnet50``, ``mimic_vit_b16``,
+``reference_resnet50``: ``cgns/configs/``) or a path to a JSON file. Outputs (docs/pretraining.md):
+``metrics.jsonl``, TensorBoard logs, ``checkpoints/step_N`` (resumable with ``--resume_from_checkpoint
+latest``), ``loss_curves.png`` and ``final/`` (``CGNSModel.from_pretrained``).
+
+The recipe: parse arguments -> data -> model -> prepare (+ resume) -> loop -> export.
+"""
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+
+from .arguments import PretrainingConfig, parse_args, save_args
+from .build import build_accelerator, build_model, build_processor, prepare_run
+from .callbacks import default_callbacks
+from .checkpointing import LOSS_CURVES_FILE, METRICS_FILE, prepare_output_dir
+from .data import get_dataloaders
+from .export import export_model
+from .loop import train
+
+logger = get_logger(__name__)
+
+
+def _tracker_config(config: PretrainingConfig) -> Dict[str, Any]:
+    # TensorBoard hparams take scalars and strings only
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the whole recipe; returns a summary (steps, last metrics, output paths)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    config = parse_args(argv)
+    level = logging.INFO if config.training.log_level == "info" else logging.WARNING
+    logging.getLogger("cgns.pretraining").setLevel(level)      # our progress lines, not every library's INFO
+    accelerator = build_accelerator(config.training)
+    set_seed(config.training.seed, device_specific=True, deterministic=config.training.deterministic)
+    resume_dir = prepare_output_dir(config, accelerator)   # refuses a mixed-up output_dir before args.json is rewritten
+    save_args(config, accelerator)
+
+    model = build_model(config.model)
+    processor = build_processor(model, config.model, config.data)
+    train_loader, eval_loader = get_dataloaders(config, processor)
+    run = prepare_run(config, accelerator, model, processor, train_loader, eval_loader, resume_dir)
+    logger.info(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+                f"global batch {run.global_batch_size}, {run.updates_per_epoch} optimiser steps per epoch, "
+                f"{config.training.stage1_epochs} + {config.training.stage2_epochs} epochs")
+
+    if config.training.report_to != "none":
+        accelerator.init_trackers("cgns_pretrain", config=_tracker_config(config))
+    try:
+        started = time.perf_counter()
+        train(run, default_callbacks(config.training))
+        run.unwrapped_model.model_card_info["training_time_s"] = time.perf_counter() - started
+        if run.text_cache is not None:
+            stats = run.text_cache.stats()
+            logger.info(f"text feature cache: {stats['rows']} reports ({stats['megabytes']:.0f} MB), "
+                        f"{stats['hits']} hits, {stats['misses']} misses")
+            run.text_cache.detach()
+        final_dir = export_model(run)
+    finally:
+        accelerator.end_training()       # closes the trackers and tears down the process group
+    return {
+        "output_dir": run.output_dir,
+        "final_dir": final_dir,
+        "last_checkpoint": run.last_checkpoint,
+        "metrics_file": os.path.join(run.output_dir, METRICS_FILE),
+        "loss_curves": os.path.join(run.output_dir, LOSS_CURVES_FILE),
+        "global_step": run.progress.global_step,
+        "epoch": run.progress.epoch,
+        "stage": run.progress.stage,
+        "train": run.last_train_logs,
+        "eval": run.last_eval_metrics,
+    }
+
+
+__all__ = [
+    "main",
+]

@@ -1,0 +1,47 @@
+"""The exported model: ``output_dir/final`` (``save_pretrained`` of the unwrapped model, its processor and the
+model card).
+"""
+import os
+from typing import Any, Dict, Optional
+
+from accelerate.logging import get_logger
+
+from .state import PretrainingRun
+
+logger = get_logger(__name__)
+
+
+def pretraining_card_info(run: PretrainingRun, training_time_s: Optional[float] = None) -> Dict[str, Any]:
+    """What the model card of ``final/`` reports: data, training time and facts, last metrics."""
+    data, training = run.config.data, run.config.training
+    return {"data": {"dataset": data.dataset, "share of train split used": data.data_pct},
+            "training_time_s": training_time_s,
+            "training": {"optimiser steps": run.progress.global_step, "epochs": run.progress.epoch,
+                         "stage 1 / stage 2 epochs": f"{training.stage1_epochs} / {training.stage2_epochs}",
+                         "global batch": run.global_batch_size, "learning rate": training.learning_rate,
+                         "processes": run.accelerator.num_processes, "seed": training.seed},
+            "metrics": {"validation": run.last_eval_metrics, "last training window": run.last_train_logs}}
+
+
+def export_model(run: PretrainingRun) -> str:
+    """``output_dir/final``: ``save_pretrained`` of the unwrapped model (cluster state included), the
+    processor and the model card (README.md), loadable with ``CGNSModel.from_pretrained`` /
+    ``AutoModel.from_pretrained`` after ``import modeling_cgns``."""
+    accelerator = run.accelerator
+    final_dir = os.path.join(run.output_dir, "final")
+    accelerator.wait_for_everyone()
+    card_info = run.unwrapped_model.model_card_info
+    card_info.update(pretraining_card_info(run, card_info.get("training_time_s")))
+    run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
+                                        save_function=accelerator.save)
+    if accelerator.is_main_process:
+        run.processor.save_pretrained(final_dir)
+        logger.info(f"exported the model and processor to {final_dir}")
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+__all__ = [
+    "pretraining_card_info",
+    "export_model",
+]
