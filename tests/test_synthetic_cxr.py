@@ -249,6 +249,9 @@ def _expected_features(task):
         "grounding": {"image": Image(), "sentences": List(Value("string")),
                       "sentence_boxes": List(List(List(Value("float32"), length=4))), "image_id": Value("string")},
     }
+    meanings = {"sentence_meanings": List(Value("string")), "sentence_meanings_fine": List(Value("string"))}
+    if task in ("pretraining", "grounding"):      # the clustering's ground truth (docs/clustering.md)
+        cols[task].update(meanings)
     return Features(cols[task])
 
 
@@ -274,6 +277,9 @@ def test_builder_every_task(task, tmp_path):
     if task == "pretraining":
         assert row["report"] == st["text"] and row["sentences"] == st["sentences"]
         assert row["study_id"] == st["study_id"]
+    if task in ("pretraining", "grounding"):
+        assert row["sentence_meanings"] == st["sentence_meanings"]
+        assert row["sentence_meanings_fine"] == st["sentence_meanings_fine"]
     else:
         assert row["image_id"] == st["study_id"]
     if task == "classification":
