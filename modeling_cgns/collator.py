@@ -17,10 +17,13 @@ class CGNSPretrainingCollator:
     """
 
     def __init__(self, processor: CGNSProcessor, train: bool = True, padding="longest",
-                 max_length: Optional[int] = None):
+                 max_length: Optional[int] = None, label_meanings: bool = False):
         self.processor = processor
         self.train = train
         self.padding = padding
+        # examples without a sentence_meanings column get the sentence labeller's (docs/labeller.md), so the
+        # clustering can be scored on real reports too (about 0.1 ms a sentence)
+        self.label_meanings = label_meanings
         self.max_length = max_length
 
     def __call__(self, examples: List[Dict[str, Any]]) -> BatchFeature:
@@ -33,6 +36,12 @@ class CGNSPretrainingCollator:
         batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
         if MEANINGS_COLUMN in examples[0]:
             batch.update(sentence_meaning_tensors(examples))
+        elif self.label_meanings:
+            from .labeller import sentence_meanings
+
+            batch.update(sentence_meaning_tensors(
+                [{"sentences": ex["sentences"], MEANINGS_COLUMN: sentence_meanings(list(ex["sentences"]))}
+                 for ex in examples]))
         return batch
 
 

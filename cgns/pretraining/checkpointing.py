@@ -38,7 +38,7 @@ RESUME_SAFE_FIELDS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_steps", "save_steps",
     "save_total_limit", "report_to", "do_eval", "per_device_eval_batch_size", "max_steps",
     "dataloader_num_workers", "cache_dir", "data_dir", "gradient_checkpointing", "channels_last", "deterministic",
-    "nonfinite_grad", "sentence_check_batches", "log_level"})
+    "nonfinite_grad", "sentence_check_batches", "log_level", "sentence_meanings"})
 # what a run writes into output_dir; --overwrite_output_dir deletes these before a fresh start
 RUN_OUTPUTS = (CHECKPOINTS_DIRNAME, "final", "tensorboard", METRICS_FILE, LOSS_CURVES_FILE)
 

@@ -107,7 +107,8 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
     # the collator needs only these (and the sentence meanings, where the dataset has them, to score the
     # clustering: docs/clustering.md); not decoding the rest saves time per example
     columns = ["image", "sentences"]
-    if MEANINGS_COLUMN in splits["train"].column_names and MEANINGS_COLUMN in splits["validation"].column_names:
+    if (data_args.sentence_meanings == "auto" and MEANINGS_COLUMN in splits["train"].column_names
+            and MEANINGS_COLUMN in splits["validation"].column_names):
         columns.append(MEANINGS_COLUMN)
     return {split: splits[split].select_columns(columns) for split in ("train", "validation")}
 
@@ -155,14 +156,18 @@ def get_dataloaders(config: PretrainingConfig, processor: CGNSProcessor):
     # An explicit generator keeps iterator creation from drawing on the global torch RNG, whose
     # state the checkpoints restore (dropout and the CM-MIR mask use it).
     sampler = EpochSeededSampler(len(train), training_args.seed)
+    # the sentence labeller's meanings when the data brings none (or when asked): docs/clustering.md
+    label = data_args.sentence_meanings == "labeller" or (
+        data_args.sentence_meanings == "auto" and MEANINGS_COLUMN not in train.column_names)
     train_loader = DataLoader(
         IndexedDataset(train), batch_size=training_args.per_device_train_batch_size, sampler=sampler,
-        drop_last=True, collate_fn=SeededAugmentationCollator(CGNSPretrainingCollator(processor, train=True),
-                                                              sampler, training_args.seed),
+        drop_last=True, collate_fn=SeededAugmentationCollator(
+            CGNSPretrainingCollator(processor, train=True, label_meanings=label), sampler, training_args.seed),
         generator=torch.Generator().manual_seed(training_args.seed), **common)
     eval_loader = DataLoader(
         validation, batch_size=training_args.per_device_eval_batch_size, shuffle=False, drop_last=False,
-        collate_fn=CGNSPretrainingCollator(processor, train=False), generator=torch.Generator(), **common)
+        collate_fn=CGNSPretrainingCollator(processor, train=False, label_meanings=label), generator=torch.Generator(),
+        **common)
     return train_loader, eval_loader
 
 
