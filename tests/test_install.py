@@ -4,6 +4,7 @@ into a temporary folder and, from another working directory with only that folde
 and ``cgns evaluate --task zero_shot`` with the packaged prompts."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,9 +21,12 @@ TINY = ["--num_images", "24", "--image_size", "64", "--projection_dim", "32", "-
 def installed(tmp_path_factory):
     """(site folder, environment) of the wheel installed with --no-deps --target."""
     root = tmp_path_factory.mktemp("install")
-    wheels, site = root / "wheels", root / "site"
+    wheels, site, source = root / "wheels", root / "site", root / "source"
+    # built from a copy without the checkout's own build/ (setuptools would reuse a stale build/lib in it)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "outputs", "*.egg-info", "__pycache__", ".hf_tests", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(wheels), ROOT], check=True, timeout=300, capture_output=True)
+                    "--wheel-dir", str(wheels), str(source)], check=True, timeout=300, capture_output=True)
     (wheel,) = wheels.glob("cm_cgns-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
                     str(wheel)], check=True, timeout=300, capture_output=True)
