@@ -186,6 +186,9 @@ def cluster_table(assignments: torch.Tensor, meanings: List[str], texts: List[st
     return table
 
 
+MAX_PICTURE_MEANINGS = 40
+
+
 def plot_clusters_by_meaning(assignments: torch.Tensor, meanings: List[str], num_clusters: int, path: str) -> None:
     """Heat map: rows = clusters (those with members), columns = meanings (by frequency); each cell the share
     of the cluster's sentences with that meaning. A clustering that follows meaning has one bright cell a row."""
@@ -194,17 +197,20 @@ def plot_clusters_by_meaning(assignments: torch.Tensor, meanings: List[str], num
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m, _ in Counter(meanings).most_common()]
+    # the most frequent meanings get a column each, the rest one "other" column (real text has thousands)
+    names = [m for m, _ in Counter(meanings).most_common(MAX_PICTURE_MEANINGS)]
+    if len(set(meanings)) > len(names):
+        names.append("(other)")
     col = {m: j for j, m in enumerate(names)}
     grid = np.zeros((num_clusters, len(names)))
     for a, m in zip(assignments.tolist(), meanings):
-        grid[a, col[m]] += 1
+        grid[a, col.get(m, len(names) - 1)] += 1
     used = grid.sum(1) > 0
     grid = grid[used] / grid[used].sum(1, keepdims=True)
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(names) + 2), max(3, 0.25 * used.sum() + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(names) + 2), max(3, min(0.25 * used.sum() + 1.5, 40))))
     ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_xticklabels([n if len(n) <= 40 else n[:37] + "..." for n in names], rotation=90, fontsize=7)
     ax.set_yticks(range(int(used.sum())))
     ax.set_yticklabels([str(k) for k in np.nonzero(used)[0]], fontsize=7)
     ax.set_xlabel("sentence meaning (most frequent first)")
