@@ -40,20 +40,24 @@ def meaning_topic(meaning: Optional[str]) -> Optional[str]:
     return ",".join(sorted(item.rstrip("+-?") for item in items))
 
 
-def pair_counts(mask: torch.Tensor, meanings: torch.Tensor) -> torch.Tensor:
+def pair_counts(mask: torch.Tensor, meanings: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
     """Counts (true positive, predicted, actual, total) of ordered pairs ``i != j`` between known meanings.
 
     Args:
-        mask: (N, N) bool, the pairs treated as false negatives (the diagonal is ignored).
+        mask: (N, N) bool, the pairs treated as false negatives (the diagonal is ignored); with ``rows``, only
+            those rows, (R, N), so a large split can be counted in chunks that add up.
         meanings: (N,) long meaning ids, ``UNKNOWN`` for none.
     Returns:
         float64 tensor (4,): pairs in the mask that share a meaning, pairs in the mask, pairs that share a
         meaning, all pairs.
     """
     n = meanings.shape[0]
+    rows = rows if rows is not None else slice(0, n)
+    row_ids = torch.arange(n, device=meanings.device)[rows]
     known = meanings != UNKNOWN
-    valid = known.unsqueeze(0) & known.unsqueeze(1) & ~torch.eye(n, dtype=torch.bool, device=meanings.device)
-    same = (meanings.unsqueeze(0) == meanings.unsqueeze(1)) & valid
+    not_self = row_ids.unsqueeze(1) != torch.arange(n, device=meanings.device).unsqueeze(0)
+    valid = known[rows].unsqueeze(1) & known.unsqueeze(0) & not_self
+    same = (meanings[rows].unsqueeze(1) == meanings.unsqueeze(0)) & valid
     predicted = mask.bool() & valid
     return torch.stack([(predicted & same).sum(), predicted.sum(), same.sum(), valid.sum()]).to(torch.float64)
 

@@ -148,7 +148,8 @@ FALSE_NEGATIVE_GATES = ("cluster", "centroid", "similarity")
 
 
 def gated_false_negative_mask(anchors: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor,
-                              gate: str = "cluster", threshold: float = 0.9) -> torch.Tensor:
+                              gate: str = "cluster", threshold: float = 0.9,
+                              rows: Optional[slice] = None) -> torch.Tensor:
     """Which pairs (i, j) the loss treats as false negatives, (N, N) bool with a zero diagonal.
 
     ``anchors`` are the text sentence features z1 (N, D) and ``assignments`` their clusters.
@@ -156,13 +157,18 @@ def gated_false_negative_mask(anchors: torch.Tensor, assignments: torch.Tensor, 
     * ``"centroid"``: same cluster and ``cos(z1_i, z1_j) > cos(z1_i, m_{a_i})``: j is closer to the anchor than
       the anchor's own centroid (the test ClusterNS left commented out, on the text features).
     * ``"similarity"``: same cluster and ``cos(z1_i, z1_j) >= threshold``.
+
+    ``rows`` (a slice of anchors) gives only those rows of the mask, (R, N), e.g. to score a whole split in chunks.
     """
-    mask = false_negative_mask(assignments)
+    rows = rows if rows is not None else slice(0, anchors.shape[0])
+    row_ids = torch.arange(anchors.shape[0], device=anchors.device)[rows]
+    mask = (assignments[rows].unsqueeze(1) == assignments.unsqueeze(0)) & \
+        (row_ids.unsqueeze(1) != torch.arange(anchors.shape[0], device=anchors.device).unsqueeze(0))
     if gate == "cluster":
         return mask
-    sims = cosine_similarity_matrix(anchors, anchors)
+    sims = cosine_similarity_matrix(anchors[rows], anchors)
     if gate == "centroid":
-        own = (F.normalize(anchors, dim=-1) * F.normalize(centroids[assignments], dim=-1)).sum(dim=-1)
+        own = (F.normalize(anchors[rows], dim=-1) * F.normalize(centroids[assignments[rows]], dim=-1)).sum(dim=-1)
         return mask & (sims > own.unsqueeze(1))
     if gate == "similarity":
         return mask & (sims >= threshold)

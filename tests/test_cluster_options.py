@@ -201,6 +201,13 @@ def test_gates_on_constructed_similarities():
     sim = gated_false_negative_mask(anchors, assignments, centroids, "similarity", threshold=0.95)
     # cos(a0, a1) = 0.99, cos(a0, a2) = 0.8, cos(a1, a2) ~ 0.876
     assert sim.nonzero().tolist() == [[0, 1], [1, 0]]
+    for gate in ("cluster", "centroid", "similarity"):       # row blocks are the full mask's rows, counts add up
+        full = gated_false_negative_mask(anchors, assignments, centroids, gate, 0.95)
+        block = gated_false_negative_mask(anchors, assignments, centroids, gate, 0.95, rows=slice(1, 3))
+        assert torch.equal(block, full[1:3])
+        meanings = torch.tensor([1, 1, 2, 1])
+        chunks = cm.pair_counts(full[:2], meanings, slice(0, 2)) + cm.pair_counts(full[2:], meanings, slice(2, 4))
+        assert torch.equal(chunks, cm.pair_counts(full, meanings))
     cen = gated_false_negative_mask(anchors, assignments, centroids, "centroid")
     own = anchors @ centroids[assignments].t()
     sims = anchors @ anchors.t()

@@ -138,19 +138,8 @@ def score(features: Dict, centroids: torch.Tensor, gate: str, threshold: float) 
     else:
         for start in range(0, len(ids), 1024):           # chunks of anchor rows against every sentence
             rows = slice(start, start + 1024)
-            same = own[rows, None] == own[None, :]
-            same[torch.arange(same.shape[0]), torch.arange(start, start + same.shape[0])] = False
-            if gate == "similarity":
-                same &= (z1[rows] @ z1.t()) >= threshold
-            else:
-                own_cos = (z1[rows] * centroids[own[rows]]).sum(-1, keepdim=True)
-                same &= (z1[rows] @ z1.t()) > own_cos
-            known = ids != cm.UNKNOWN
-            valid = known[rows, None] & known[None, :]
-            valid[torch.arange(valid.shape[0]), torch.arange(start, start + valid.shape[0])] = False
-            equal = (ids[rows, None] == ids[None, :]) & valid
-            pred = same & valid
-            split_pairs += torch.stack([(pred & equal).sum(), pred.sum(), equal.sum(), valid.sum()]).double()
+            split_pairs += cm.pair_counts(gated_false_negative_mask(z1, own, centroids, gate, threshold, rows), ids,
+                                          rows)
     counts = torch.bincount(own, minlength=k)
     return {
         "num_sentences": len(meanings), "num_meanings": len(set(meanings)), "num_clusters": k,
