@@ -16,7 +16,7 @@ The replay holds the features fixed: an option's own effect on the features thro
 which is why the chosen settings are then confirmed by real runs (``make ablation``, README).
 
     python benchmarks/clustering_options.py --record [--study_dir outputs/clustering_study] [-- --max_steps 150]
-    python benchmarks/clustering_options.py [--study_dir outputs/clustering_study] [--grid full|small]
+    python benchmarks/clustering_options.py [--study_dir outputs/clustering_study] [--grid small|focus|decay|full]
 """
 import argparse
 import itertools
@@ -150,6 +150,10 @@ GRIDS = {
     "focus": dict(num_clusters=[16, 32, 64], features=["text"], update=["spherical"], assignment=["argmax", "sinkhorn"],
                   empty=["reseed", "split"], gate=[("cluster", 0.0), ("centroid", 0.0), ("similarity", 0.7),
                                                    ("similarity", 0.8), ("similarity", 0.85)], patience=[5]),
+    # the count decay and a late start, around the best settings of "focus"
+    "decay": dict(num_clusters=[32, 48, 64], features=["text"], update=["spherical"], assignment=["argmax"],
+                  empty=["reseed", "split"], gate=[("cluster", 0.0), ("similarity", 0.8), ("similarity", 0.85)],
+                  patience=[5], decay=[1.0, 0.99, 0.9], warmup=[0, 50]),
     "full": dict(num_clusters=[16, 32, 64, 128], features=["cross", "text", "both"], update=["momentum", "spherical"],
                  assignment=["argmax", "sinkhorn"], empty=["reseed", "split"],
                  gate=[("cluster", 0.0), ("centroid", 0.0), ("similarity", 0.8), ("similarity", 0.9),
@@ -163,13 +167,15 @@ def run_grid(study_dir: str, grid: str, out_json: str) -> List[dict]:
     g = GRIDS[grid]
     rows = []
     combos = list(itertools.product(g["num_clusters"], g["features"], g["update"], g["assignment"], g["empty"],
-                                    g["gate"], g["patience"]))
+                                    g["gate"], g["patience"], g.get("decay", [1.0]), g.get("warmup", [0])))
     # the empty-cluster policy only matters with a patience
     combos = [c for c in combos if not (c[6] == 0 and c[4] != "reseed")]
     started = time.perf_counter()
-    for k, feat, upd, asg, empty, (gate, thr), pat in combos:
-        res = replay(train, val, k, feat, upd, asg, empty, gate, thr, pat)
-        rows.append({"num_clusters": k, "features": feat, "update": upd, "assignment": asg, "empty": empty,
+    for k, feat, upd, asg, empty, (gate, thr), pat, decay, warmup in combos:
+        res = replay(train, val, k, feat, upd, asg, empty, gate, thr, pat, decay=decay, warmup=warmup)
+        rows.append({"num_clusters": k, "features": feat,
+                     "update": upd if decay == 1.0 else f"{upd[:3]}{decay:g}",
+                     "assignment": asg if not warmup else f"{asg[:3]}+w{warmup}", "empty": empty,
                      "gate": gate, "threshold": thr, "patience": pat, **res})
     print(f"{len(rows)} option sets replayed over {len(train)} batches in {time.perf_counter() - started:.0f} s")
     with open(out_json, "w") as f:
