@@ -135,7 +135,7 @@ def test_ablation_table_states_each_component():
 
 
 @pytest.mark.slow
-def test_ablation_tiny_end_to_end(tmp_path):
+def test_ablation_tiny_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "ablation"
     result = demo.main(["--ablation", "--output_dir", str(out), "--ablation_variants", "CGNS (full)", "random init",
                         "--ablation_seeds", "0", "1", "--seeds", "0", "--probe_max_epochs", "2", *TINY_PRETRAIN])
@@ -144,3 +144,13 @@ def test_ablation_tiny_end_to_end(tmp_path):
     assert [r["seed"] for r in result["runs"]["CGNS (full)"]] == [0, 1]
     assert result["runs"]["random init"][0]["pretrain_dir"] is None
     assert "* **pretraining itself** (full vs random init)" in (out / "ablation.md").read_text()
+    # an interrupted ablation resumes: finished runs are read back from their summary.json, nothing is redone
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished ablation run was run again")
+
+    monkeypatch.setattr(demo, "pretrain", refuse)
+    monkeypatch.setattr(demo, "export_untrained", refuse)
+    monkeypatch.setattr(demo, "evaluate_encoder", refuse)
+    again = demo.main(["--ablation", "--output_dir", str(out), "--ablation_variants", "CGNS (full)", "random init",
+                       "--ablation_seeds", "0", "1", "--seeds", "0", "--probe_max_epochs", "2", *TINY_PRETRAIN])
+    assert again["table"] == result["table"]

@@ -672,7 +672,18 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
     for name, seed in jobs:
         extra = ABLATIONS[name]
         run_dir = os.path.join(root, variant_slug(name), f"seed_{seed}")
+        done_file = os.path.join(run_dir, "summary.json")
         seed_args = args.pretrain_args + ["--seed", str(seed)]
+        run_key = {"config": read_config(args.config), "pretrain_args": seed_args + (extra or []),
+                   "untrained": extra is None, "probe_fraction": f, "probe_seeds": args.seeds, "probe_max_epochs": args.probe_max_epochs}
+        if os.path.isfile(done_file):
+            # an interrupted `make ablation` picks up where it stopped: a finished run with the same settings is
+            # read back, not redone (a run with other settings is redone)
+            done = read_json(done_file)
+            if done.get("run_key") == run_key:
+                runs.setdefault(name, []).append(done)
+                bar.update(1)
+                continue
         start = time.time()
         if extra is None:
             with quiet_step(args.verbose, os.path.join(logs, "ablation.log")):
@@ -694,7 +705,10 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
         summary["fn_precision"] = clustering["fn_precision"] if clustering else None
         summary["fn_recall"] = clustering["fn_recall"] if clustering else None
         summary["fn_base_rate"] = clustering["fn_base_rate"] if clustering else None
-        summary.update(seed=seed, pretrain_dir=pretrain_dir, seconds=time.time() - start)
+        summary.update(seed=seed, pretrain_dir=pretrain_dir, seconds=time.time() - start, run_key=run_key)
+        with open(done_file + ".tmp", "w") as fh:
+            json.dump(summary, fh, indent=2)
+        os.replace(done_file + ".tmp", done_file)
         runs.setdefault(name, []).append(summary)
         bar.update(1)
     bar.close()
