@@ -675,7 +675,8 @@ def run_ablation(args, data: Dict, cache_dir: str) -> Dict:
         done_file = os.path.join(run_dir, "summary.json")
         seed_args = args.pretrain_args + ["--seed", str(seed)]
         run_key = {"config": read_config(args.config), "pretrain_args": seed_args + (extra or []),
-                   "untrained": extra is None, "probe_fraction": f, "probe_seeds": args.seeds, "probe_max_epochs": args.probe_max_epochs}
+                   "untrained": extra is None, "probe_fraction": f, "probe_seeds": args.seeds,
+                   "probe_max_epochs": args.probe_max_epochs}
         if os.path.isfile(done_file):
             # an interrupted `make ablation` picks up where it stopped: a finished run with the same settings is
             # read back, not redone (a run with other settings is redone)
