@@ -22,7 +22,7 @@ from cgns.pretraining.checkpointing import list_checkpoints, read_trainer_state,
 from cgns.pretraining.cli import main
 from cgns.pretraining.data import get_dataloaders, load_pretraining_data, resize_size_for
 from cgns.pretraining.loop import NonFiniteLossError
-from cgns.pretraining.optimization import warmup_cosine_factor
+from cgns.pretraining.optimization import build_stage_optimization, stage_learning_rate, warmup_cosine_factor
 from modeling_cgns import CGNSModel, CGNSProcessor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +118,19 @@ def test_warmup_cosine_schedule():
     assert f(10, 10, 30, 0.01) == pytest.approx(1.0)
     assert f(20, 10, 30, 0.01) == pytest.approx(0.5)
     assert f(30, 10, 30, 0.01) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stage2_learning_rate_sets_only_the_second_stage_peak():
+    model = torch.nn.Linear(3, 2)
+    reference = parse_args(["--learning_rate", "1e-3"]).training
+    assert reference.stage2_learning_rate is None
+    lowered = parse_args(["--learning_rate", "1e-3", "--stage2_learning_rate", "1e-4"]).training
+    for stage, expected in ((1, 1e-3), (2, 1e-4)):
+        optimizer, _ = build_stage_optimization(model, stage, lowered, updates_per_epoch=10)
+        assert optimizer.defaults["lr"] == pytest.approx(expected)
+        assert stage_learning_rate(reference, stage) == pytest.approx(1e-3)   # unset: the same peak (reference)
+    with pytest.raises(ValueError, match="--stage2_learning_rate must be a positive number"):
+        parse_args(["--stage2_learning_rate", "0"])
 
 
 @pytest.mark.parametrize("name", ["demo", "mimic_resnet50", "mimic_vit_b16"])

@@ -124,6 +124,9 @@ class PretrainingArguments:
     per_device_train_batch_size: int = 64
     per_device_eval_batch_size: Optional[int] = None
     learning_rate: float = 1e-5
+    stage2_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "peak learning rate of stage 2 (CM-MIR); unset = --learning_rate (reference: the same peak in both "
+                "stages, each with a fresh Adam and its own warm-up)"})
     weight_decay: float = 1e-6
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length per stage, in epochs"})
     warmup_start_factor: float = field(default=0.01, metadata={
@@ -186,6 +189,9 @@ class PretrainingArguments:
                                  + (" (1 = an optimiser step after every batch)" if "accumulation" in name else ""))
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
+        if self.stage2_learning_rate is not None and not (math.isfinite(self.stage2_learning_rate)
+                                                          and self.stage2_learning_rate > 0):
+            raise ValueError(f"--stage2_learning_rate must be a positive number, got {self.stage2_learning_rate}")
         if self.per_device_eval_batch_size is None:
             self.per_device_eval_batch_size = self.per_device_train_batch_size
         if self.cache_text_features and self.freeze_text_layers != -1:

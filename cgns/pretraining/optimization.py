@@ -53,10 +53,16 @@ def build_stage_optimization(model: torch.nn.Module, stage: int, training_args, 
                              ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Fresh Adam (not AdamW, C) over the stage's parameters + its own warm-up/cosine schedule."""
     t = training_args
-    optimizer = torch.optim.Adam(stage_parameters(model, stage), lr=t.learning_rate,
+    optimizer = torch.optim.Adam(stage_parameters(model, stage), lr=stage_learning_rate(t, stage),
                                  weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_schedule(t, stage, updates_per_epoch))
     return optimizer, scheduler
+
+
+def stage_learning_rate(training_args, stage: int) -> float:
+    """The stage's peak learning rate: ``stage2_learning_rate`` in stage 2 when set, else ``learning_rate``."""
+    override = getattr(training_args, "stage2_learning_rate", None)
+    return float(override) if stage == 2 and override is not None else float(training_args.learning_rate)
 
 
 def stage_schedule(training_args, stage: int, updates_per_epoch: int) -> WarmupCosine:
@@ -102,6 +108,7 @@ __all__ = [
     "warmup_cosine_factor",
     "WarmupCosine",
     "build_stage_optimization",
+    "stage_learning_rate",
     "stage_schedule",
     "prepare_stage",
 ]
