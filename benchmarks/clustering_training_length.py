@@ -6,7 +6,11 @@ defaults, and reads the clustering scores the run logged on the validation split
 (``fn_precision`` / ``fn_recall`` / ``fn_base_rate`` / ``nmi`` in metrics.jsonl; docs/clustering.md). Tells a
 MIMIC-CXR user when the reference clustering starts to mean anything.
 
-    python benchmarks/clustering_training_length.py [--epochs 3 9] [--out outputs/clustering_length]
+    python benchmarks/clustering_training_length.py [--epochs 3 9] [--settings ...] [--out outputs/clustering_length]
+
+Runs with the same thread count are deterministic, so two settings that differ only in stage 2 share their stage-1
+numbers exactly (the recorded stage-2 comparison ran with OMP_NUM_THREADS=1; another thread count gives other,
+equally valid stage-1 numbers: 80 % vs 91 % precision at step 300 for the default).
 
 Epoch counts are stage 1 + stage 2 at the demo's 2:1 ratio (3 epochs = the demo's 150 steps).
 """
@@ -30,7 +34,10 @@ def reference_overrides():
     return out
 
 
-SETTINGS = {"reference": reference_overrides(), "default": []}
+SETTINGS = {"reference": reference_overrides(), "default": [],
+            # the default clustering with stage 2 at a tenth of the peak learning rate (docs/clustering.md: the
+            # fresh stage-2 warm-up back to 1e-3 is what pulls z1 away from meaning)
+            "default-stage2-lr-1e-4": ["--stage2_learning_rate", "1e-4"]}
 
 
 def run(out_dir: str, epochs: int, name: str) -> list:
