@@ -231,7 +231,8 @@ def test_latest_sets_damaged_checkpoints_aside(assets, tmp_path, caplog):
     assert sorted(os.listdir(out / "checkpoints")) == ["step_1", "step_2.corrupt"]
     assert any("renamed the damaged checkpoint" in r.getMessage() for r in caplog.records)
 
-    _flip_weight_bit(os.path.join(first, "model.safetensors"))     # now nothing intact is left: refused, not a fresh start
+    # now nothing intact is left: refused, not a fresh start
+    _flip_weight_bit(os.path.join(first, "model.safetensors"))
     with pytest.raises(CheckpointIntegrityError, match=r"no intact checkpoint in .*step_1: model.safetensors fails"):
         prepare_output_dir(_config(assets, out, "--resume_from_checkpoint", "latest"), Accelerator(cpu=True))
 
@@ -251,7 +252,8 @@ def _resume_past_damage(assets, tmp_path, caplog, fault):
     damage(str(out / "checkpoints" / "step_2"))
 
     with pytest.raises(CheckpointIntegrityError, match=f"cannot resume from .*step_2: {file} .*{reason}"):
-        run_main(assets, out, *SHORT, "--max_steps", "2", "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))
+        run_main(assets, out, *SHORT, "--max_steps", "2",
+                 "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))
     with caplog.at_level(logging.WARNING):
         resumed = run_main(assets, out, *SHORT, "--max_steps", "2", "--save_steps", "1",
                            "--resume_from_checkpoint", "latest")
@@ -356,7 +358,7 @@ def test_lock_recorded_by_another_host_is_stale_only_without_heartbeat(tmp_path,
 def test_live_process_record_on_this_host_is_respected(tmp_path):
     """A record naming a live process of this host whose heartbeat is fresh is not taken over."""
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
-    with pytest.raises(OutputDirLockedError, match=f"process {os.getppid()} on host"):
+    with pytest.raises(OutputDirLockedError, match=f"process {os.getppid()} on host.*is alive on this host"):
         OutputDirLock(str(tmp_path)).acquire()
 
 

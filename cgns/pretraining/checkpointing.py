@@ -232,9 +232,9 @@ def find_intact_checkpoint(output_dir: str) -> Tuple[Optional[str], List[Tuple[s
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    """``None`` -> no resume; ``"latest"`` -> the newest intact checkpoint in ``output_dir`` (:func:`find_intact_checkpoint`;
-    ``None`` if there is none yet); otherwise a checkpoint folder, which must be complete and intact
-    (:class:`CheckpointIntegrityError` names the damaged file and what is wrong with it)."""
+    """``None`` -> no resume; ``"latest"`` -> the newest intact checkpoint in ``output_dir``
+    (:func:`find_intact_checkpoint`; ``None`` if there is none yet); otherwise a checkpoint folder, which must be
+    complete and intact (:class:`CheckpointIntegrityError` names the damaged file and what is wrong with it)."""
     if not value:
         return None
     if value == "latest":

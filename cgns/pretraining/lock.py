@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
@@ -41,7 +41,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def _describe(record: Dict[str, Any]) -> str:
-    return f"process {record.get('pid', '?')} on host {record.get('host', '?')} (started {record.get('started', '?')})"
+    pid, host, started = (record.get(key, "?") for key in ("pid", "host", "started"))
+    return f"process {pid} on host {host} (started {started})"
 
 
 class OutputDirLock:
@@ -107,20 +108,22 @@ class OutputDirLock:
                 f"mix their logs and checkpoints. Wait for that run to end (a requeued job: cancel the old one "
                 f"first), or choose another --output_dir. If you are sure it is gone, delete {self.path}")
 
-    def _stale_reason(self, fd: int, record: Dict[str, Any]) -> Optional[str]:
-        """Why the recorded holder is gone (the lock may be taken over), or ``None`` while it may still run."""
+    @staticmethod
+    def _judge(fd: int, record: Dict[str, Any]) -> Tuple[bool, str]:
+        """(whether the recorded holder is gone, so the lock may be taken over; why, or why not)."""
         age = time.time() - os.fstat(fd).st_mtime
         host, pid = record.get("host"), record.get("pid")
         if host == socket.gethostname() and isinstance(pid, int):
             if not _process_alive(pid):
-                return f"process {pid} no longer exists on this host"
+                return True, f"process {pid} no longer exists on this host"
             if age > STALE_AFTER_S:
-                return (f"process {pid} exists but does not hold the lock and its heartbeat stopped {age:.0f} s "
-                        f"ago (the pid was reused)")
-            return None
+                return True, (f"process {pid} exists but does not hold the lock and its heartbeat stopped "
+                              f"{age:.0f} s ago (the pid was reused)")
+            return False, f"process {pid} is alive on this host and its heartbeat is {age:.0f} s old"
         if age > STALE_AFTER_S:
-            return f"its last heartbeat was {age:.0f} s ago (stale after {STALE_AFTER_S:.0f} s)"
-        return None
+            return True, f"its last heartbeat was {age:.0f} s ago (stale after {STALE_AFTER_S:.0f} s)"
+        return False, (f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s); this filesystem may "
+                       f"not share locks between hosts")
 
     def acquire(self) -> "OutputDirLock":
         os.makedirs(self.output_dir, exist_ok=True)
@@ -130,12 +133,10 @@ class OutputDirLock:
             if record is not None:
                 # The flock is ours, so no process on a host sharing our locks holds it; the record decides for
                 # the rest (a killed run's, or one on another host of a filesystem without shared flock).
-                stale = self._stale_reason(fd, record) if record else "its record is unreadable"
-                if stale is None:
-                    raise OutputDirLockedError(self._refusal(
-                        record, f"its heartbeat is {time.time() - os.fstat(fd).st_mtime:.0f} s old; this "
-                                f"filesystem may not share locks between hosts"))
-                self._warn(f"taking over the stale lock {self.path} of {_describe(record)}: {stale}")
+                stale, why = self._judge(fd, record) if record else (True, "its record is unreadable")
+                if not stale:
+                    raise OutputDirLockedError(self._refusal(record, why))
+                self._warn(f"taking over the stale lock {self.path} of {_describe(record)}: {why}")
             mine = {"host": socket.gethostname(), "pid": os.getpid(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
             os.ftruncate(fd, 0)
