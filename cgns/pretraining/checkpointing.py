@@ -474,7 +474,7 @@ def _on_main_process(accelerator: Accelerator, decide: Callable[[], Any]) -> Any
     if accelerator.is_main_process:
         try:
             outcome = {"value": decide()}
-        except (ValueError, OSError, RuntimeError) as raised:
+        except Exception as raised:      # every error, or the other processes would wait in the broadcast
             outcome, error = {"error": type(raised).__name__, "message": str(raised)}, raised
     outcome = _broadcast_json(accelerator, outcome)
     if "error" not in outcome:
