@@ -12,7 +12,6 @@ fault runs on the tiny pretraining setup of test_pretrain.py, the bit flip in th
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from safetensors.torch import load_file
 from cgns.pretraining import lock as lock_module
 from cgns.pretraining.arguments import parse_args
 from cgns.pretraining.checkpointing import (MANIFEST_NAME, CheckpointIntegrityError, file_sha256,
-                                            find_intact_checkpoint, list_checkpoints, prepare_output_dir,
+                                            find_intact_checkpoint, prepare_output_dir,
                                             resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from cgns.pretraining.lock import LOCK_FILE, OutputDirLock, OutputDirLockedError
 from cgns.pretraining.state import PretrainingRun
