@@ -18,7 +18,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from cgns.pretraining.checkpointing import list_checkpoints, read_trainer_state, resolve_checkpoint, save_checkpoint
+from cgns.pretraining.checkpointing import (list_checkpoints, read_trainer_state, resolve_checkpoint, save_checkpoint,
+                                            write_manifest)
 from cgns.pretraining.loop import NoSentencesError, NonFiniteGradientError
 from cgns.pretraining.state import PretrainingRun
 from modeling_cgns import CGNSModel
@@ -225,10 +226,12 @@ def test_resume_refuses_changed_arguments_and_names_the_fields(assets, tmp_path,
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("random_states_0.pkl is missing" in w for w in warnings), warnings
 
-    # a checkpoint that records no arguments: the shape mismatch still names the config field
+    # a checkpoint that records no arguments (an older version's, which had no manifest either): the shape
+    # mismatch still names the config field
     state_path = out / "checkpoints" / "step_2" / "trainer_state.json"
     state = json.loads(state_path.read_text())
-    del state["args"]
+    del state["args"], state["manifest"]
+    os.remove(out / "checkpoints" / "step_2" / "manifest.json")
     state_path.write_text(json.dumps(state))
     os.remove(out / "args.json")
     with pytest.raises(ValueError) as error:
@@ -256,6 +259,7 @@ def test_resume_on_another_process_count_continues_at_the_right_sample(assets, t
     state.pop("samples_in_epoch", None)
     with open(state_path, "w") as f:
         json.dump(state, f)
+    write_manifest(first["last_checkpoint"])           # as if written so: the manifest vouches for the edit
 
     resumed = run_main(assets, out, *SHORT, "--resume_from_checkpoint", "latest")
     # before: 1 batch skipped, so samples 4-7 were trained twice and the epoch took 3 more steps

@@ -3,7 +3,8 @@
 * :mod:`~cgns.pretraining.arguments`: the three argument dataclasses, ``--config`` + overrides, ``args.json``;
 * :mod:`~cgns.pretraining.state`: the run's shared state and its position in training;
 * :mod:`~cgns.pretraining.optimization`: the two stages, each with a fresh Adam and warm-up + cosine;
-* :mod:`~cgns.pretraining.checkpointing`: output-dir policy, resume checks, save / list / resolve / load;
+* :mod:`~cgns.pretraining.lock`: the output folder's run lock (one writer per folder);
+* :mod:`~cgns.pretraining.checkpointing`: output-dir policy, resume checks, save / list / resolve / verify / load;
 * :mod:`~cgns.pretraining.data`: dataset, seeded sampler and crops, DataLoaders;
 * :mod:`~cgns.pretraining.build`: accelerator, model, processor, the prepared run;
 * :mod:`~cgns.pretraining.plots`: the ``metrics.jsonl`` reader and the loss-curve plot;

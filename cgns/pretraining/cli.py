@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from .arguments import PretrainingConfig, parse_args, save_args
 from .build import build_accelerator, build_model, build_processor, prepare_run
 from .callbacks import default_callbacks
-from .checkpointing import LOSS_CURVES_FILE, METRICS_FILE, prepare_output_dir
+from .checkpointing import LOSS_CURVES_FILE, METRICS_FILE, lock_output_dir, prepare_output_dir
 from .data import get_dataloaders
 from .export import export_model
 from .loop import train
@@ -48,6 +48,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     level = logging.INFO if config.training.log_level == "info" else logging.WARNING
     logging.getLogger("cgns.pretraining").setLevel(level)      # our progress lines, not every library's INFO
     accelerator = build_accelerator(config.training)
+    with lock_output_dir(config.training.output_dir, accelerator):     # one run writes into a folder at a time
+        return _run(config, accelerator)
+
+
+def _run(config: PretrainingConfig, accelerator) -> Dict[str, Any]:
+    """The recipe inside the output folder's lock."""
     set_seed(config.training.seed, device_specific=True, deterministic=config.training.deterministic)
     resume_dir = prepare_output_dir(config, accelerator)   # refuses a mixed-up output_dir before args.json is rewritten
     save_args(config, accelerator)
