@@ -976,7 +976,7 @@ def drop_cross_split_content_duplicates(splits: Dict[str, list], manifest: Manif
     hard link or stored as a byte-identical copy under another name; this compares contents
     (``_content_keys``). As with the name-level check, the image stays where it is scored: in
     ``test``, else ``validation``, else the other split, and leaves ``train``; the removed items
-    are skipped with ``REASON_CROSS_SPLIT_CONTENT`` as ``"<split>/<id> = <kept split>/<id>"``.
+    are skipped with ``REASON_CROSS_SPLIT_CONTENT`` as ``"<id> (<split>) = <kept id> (<kept split>)"``.
     Items with no file (``file_of`` gives ``None``) and duplicates inside one split are kept.
     """
     files = {s: [file_of(item) for item in items] for s, items in splits.items()}
@@ -1003,7 +1003,7 @@ def drop_cross_split_content_duplicates(splits: Dict[str, list], manifest: Manif
         for item, p in zip(items, files[s]):
             kept = keeper.get(keys.get(p)) if p is not None else None
             if kept is not None and kept[0] != s:
-                manifest.skip(REASON_CROSS_SPLIT_CONTENT, f"{s}/{id_of(item)} = {kept[0]}/{kept[1]}")
+                manifest.skip(REASON_CROSS_SPLIT_CONTENT, f"{id_of(item)} ({s}) = {kept[1]} ({kept[0]})")
             else:
                 out[s].append(item)
     return out
