@@ -38,27 +38,49 @@ def split_sentences(text: Optional[str], min_sentence_tokens: int = 2,
     if not text:
         return []
     budget = None if max_tokens is None else max(0, int(max_tokens))
-    text = text.replace("\r", " ").replace("\n", " ")
+    if budget is None:
+        text = text.replace("\r", " ").replace("\n", " ")
+        pieces = (piece for item in _NUMBERED_ITEM.split(text) for piece in item.split("."))
+    else:  # the same pieces, found one at a time: the text after the budget is never scanned
+        pieces = (piece.replace("\r", " ").replace("\n", " ") for piece in _iter_pieces(text))
     sentences = []
-    for item in _NUMBERED_ITEM.split(text):
-        for piece in item.split("."):
-            if budget is not None and budget <= 0:
-                return sentences
-            if not piece.strip():
+    for piece in pieces:
+        if budget is not None and budget <= 0:
+            break
+        if not piece.strip():
+            continue
+        piece = piece.replace("\ufffd\ufffd", " ").lower()
+        if budget is None:
+            tokens = _WORD.findall(piece)
+            if len(tokens) < min_sentence_tokens:
                 continue
-            piece = piece.replace("\ufffd\ufffd", " ").lower()
-            if budget is None:
-                tokens = _WORD.findall(piece)
-                if len(tokens) < min_sentence_tokens:
-                    continue
-                tokens = [t for t in (t.encode("ascii", "ignore").decode() for t in tokens) if t]
-            else:
-                tokens = _first_tokens(piece, min_sentence_tokens, budget)
-            if tokens:
-                if budget is not None:
-                    budget -= len(tokens)
-                sentences.append(" ".join(tokens))
+            tokens = [t for t in (t.encode("ascii", "ignore").decode() for t in tokens) if t]
+        else:
+            tokens = _first_tokens(piece, min_sentence_tokens, budget)
+        if tokens:
+            if budget is not None:
+                budget -= len(tokens)
+            sentences.append(" ".join(tokens))
     return sentences
+
+
+def _iter_pieces(text: str):
+    """The pieces of ``split_sentences``' split (numbered-list markers, then full stops), lazily."""
+    start = 0
+    for marker in _NUMBERED_ITEM.finditer(text):
+        yield from _dot_pieces(text, start, marker.start())
+        start = marker.end()
+    yield from _dot_pieces(text, start, len(text))
+
+
+def _dot_pieces(text: str, start: int, end: int):
+    while True:
+        stop = text.find(".", start, end)
+        if stop < 0:
+            yield text[start:end]
+            return
+        yield text[start:stop]
+        start = stop + 1
 
 
 def _first_tokens(piece: str, min_sentence_tokens: int, limit: int) -> List[str]:

@@ -273,3 +273,18 @@ def test_long_sentences_given_as_sentences_are_cut_the_same_way(processor):
     ref = processor.tokenizer(" ".join(sentences), truncation=True, max_length=processor.max_length)
     assert got["input_ids"][0].tolist() == ref["input_ids"]
     assert set(got["sentence_index"][0].tolist()) == {-1, 0}
+
+
+def test_split_sentences_budget_matches_the_full_split_on_random_text():
+    import random
+
+    rng = random.Random(1)
+    alphabet = ["a", "bb", "Heart", "\u00e9", "12.", "3", ".", ". ", "\n", "\r", " ", "x_y", "\ufffd\ufffd", ",", "1.", "ok"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) + rng.choice([" ", ""]) for _ in range(rng.randint(0, 60)))
+        full = split_sentences(text)
+        words = [w for s in full for w in s.split()]
+        for budget in (0, 1, 2, 5, 40):
+            got = split_sentences(text, max_tokens=budget)
+            assert [w for s in got for w in s.split()] == words[:budget]
+            assert all(f.startswith(g) for g, f in zip(got, full)) and len(got) <= len(full)
