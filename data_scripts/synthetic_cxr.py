@@ -1139,7 +1139,8 @@ def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, see
     builders (a mistyped ``num_image=50`` would otherwise silently give 2000 studies). Data is
     cached under ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes
     num_images / image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
-    ``force_prepare`` regenerates it; ``verify`` is the check of a reused cache (``prepare_and_load``). ``data_pct`` subsamples the train split only
+    ``force_prepare`` regenerates it; ``verify`` is the check of a reused cache (``prepare_and_load``).
+    ``data_pct`` subsamples the train split only
     (``subsample_train(dd, data_pct, seed)``).
     """
     check_options(DATASET_NAME, SyntheticCXR, options)
@@ -1149,7 +1150,8 @@ def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, see
         raise ValueError(f"lesion_contrast_scale must be > 0, got {lesion_contrast_scale}")
     return prepare_and_load(SyntheticCXR, task, None, data_pct, seed, _cache_root(cache_dir),
                             download_mode=download_mode, verbose=verbose, force_prepare=force_prepare,
-                            verify=verify, max_failed_share=max_failed_share, config_id=_config_id(task, num_images, image_size, generator_seed,
+                            verify=verify, max_failed_share=max_failed_share,
+                            config_id=_config_id(task, num_images, image_size, generator_seed,
                                                  lesion_contrast_scale),
                             num_images=int(num_images), image_size=int(image_size),
                             generator_seed=int(generator_seed), lesion_contrast_scale=float(lesion_contrast_scale))

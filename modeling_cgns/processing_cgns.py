@@ -1,7 +1,8 @@
 """CGNSProcessor = CGNSImageProcessor (chest X-ray pixels) + a BERT-family tokenizer + report sentences.
 
 Image pipeline (docs/method.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays, a file
-path, an http(s) URL or a base64 string as HF pipelines take them; MONOCHROME1 inverted on request) -> intensities to [0, 1] -> resize so the longest side is
+path, an http(s) URL or a base64 string as HF pipelines take them; MONOCHROME1 inverted on request)
+-> intensities to [0, 1] -> resize so the longest side is
 ``resize_size`` (area-style antialiasing) -> zero-pad to a centred square -> crop ``image_size``
 (random in training, centre in evaluation) -> normalise with mean/std 0.5 -> 3 channels.
 

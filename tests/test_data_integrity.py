@@ -2,7 +2,9 @@
 cross-split duplicates by file content, prepared caches verified on reuse, preparations that lost
 (nearly) everything refused and never cached, and the DICOM decoder message."""
 import os
+import re
 import shutil
+import struct
 
 import numpy as np
 import pydicom
@@ -13,6 +15,7 @@ from data_scripts import DatasetFormatError, covidx, rsna, synthetic_cxr
 from data_scripts.builder import (CACHE_DIGEST_FILE, REASON_CROSS_SPLIT_CONTENT, Manifest,
                                   drop_cross_split_content_duplicates, manifest_dir, read_manifest)
 from data_scripts.dicom import DicomReadError, read_dicom
+from fixtures import write_dicom
 from test_data_covidx import make_covidx
 
 
@@ -70,8 +73,10 @@ def test_hard_linked_and_copied_test_image_in_train_counted_once(tmp_path):
     assert not {"train/linked.png", "train/copied.png"} & set(ids)
     manifest = read_manifest(manifest_dir(cache, "covidx", "classification"))
     assert manifest["skipped_counts"][REASON_CROSS_SPLIT_CONTENT] == 2
-    assert sorted(e.split(" (")[0] + " = " + e.split(" = ")[1] for e in manifest["skipped"][REASON_CROSS_SPLIT_CONTENT]) \
-        == ["train/copied.png = test/t2.png (test)", "train/linked.png = test/t1.png (test)"]
+    # "<id> (<split>) = <kept id> (test)"; the split is train or validation (patients are held out at random)
+    entries = sorted(re.sub(r" \((train|validation)\) = ", " = ", e)
+                     for e in manifest["skipped"][REASON_CROSS_SPLIT_CONTENT])
+    assert entries == ["train/copied.png = test/t2.png (test)", "train/linked.png = test/t1.png (test)"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,17 +183,83 @@ def _jpeg_extended_copy(path, patient_id):
     return str(path)
 
 
-def test_missing_decoder_is_named_with_the_extra(tmp_path, without_pylibjpeg):
-    path = _jpeg_extended_copy(tmp_path / "x.dcm", "p1")
+def lossless_jpeg(pixels: np.ndarray, precision: int) -> bytes:
+    """A lossless JPEG (ITU T.81 Annex H, Process 14) of one grayscale component: first-order prediction
+    (selection value 1), no point transform, one Huffman table of 5-bit codes for the 17 difference
+    categories. Written here because no installed package encodes this syntax."""
+    x = pixels.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:], pred[1:, 0], pred[1:, 1:] = x[0, :-1], x[:-1, 0], x[1:, :-1]
+    out, acc, n = bytearray(), 0, 0
+
+    def put(value, length):
+        nonlocal acc, n
+        for i in range(length - 1, -1, -1):
+            acc, n = (acc << 1) | ((value >> i) & 1), n + 1
+            if n == 8:
+                out.extend((acc, 0) if acc == 0xFF else (acc,))  # 0xFF is stuffed with 0x00
+                acc, n = 0, 0
+
+    for d in (x - pred).ravel().tolist():
+        category = abs(d).bit_length()
+        put(category, 5)
+        if category:
+            put(d if d > 0 else d + (1 << category) - 1, category)
+    if n:
+        put((1 << (8 - n)) - 1, 8 - n)                          # pad with 1-bits
+
+    def segment(marker, body):
+        return struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body
+
+    sof = struct.pack(">BHHB", precision, *pixels.shape, 1) + bytes([1, 0x11, 0])
+    dht = bytes([0x00]) + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])                           # Ss = predictor 1, Se = 0, Ah/Al = 0
+    return b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos) + bytes(out) + b"\xff\xd9"
+
+
+def _jpeg_lossless_dicom(path, pixels, bits_stored=12):
+    """A MONOCHROME2 DICOM with JPEG Lossless, Non-Hierarchical, First-Order Prediction (1.2.840.10008.1.2.4.70)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    write_dicom(path, pixels, "MONOCHROME2", bits_stored)
+    ds = pydicom.dcmread(str(path))
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([lossless_jpeg(pixels, bits_stored)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def _ramp12(h=37, w=53):
+    return (np.arange(h * w, dtype=np.int64).reshape(h, w) * 37 % 4096).astype(np.uint16)
+
+
+@pytest.mark.parametrize("syntax", ["jpeg_extended_12bit", "jpeg_lossless_sv1"])
+def test_missing_decoder_is_named_with_the_extra(tmp_path, without_pylibjpeg, syntax):
+    if syntax == "jpeg_extended_12bit":
+        path, name, uid = _jpeg_extended_copy(tmp_path / "x.dcm", "p1"), "JPEG Extended", "1.2.840.10008.1.2.4.51"
+    else:
+        path, name, uid = _jpeg_lossless_dicom(tmp_path / "x.dcm", _ramp12()), "JPEG Lossless", "1.2.840.10008.1.2.4.70"
     with pytest.raises(DicomReadError) as err:
         read_dicom(path)
     message = str(err.value)
-    assert "JPEG Extended" in message and "1.2.840.10008.1.2.4.51" in message
+    assert name in message and uid in message
     assert 'pip install "cm-cgns[dicom]"' in message and "pylibjpeg-libjpeg" in message
 
 
+def test_jpeg_lossless_process_14_decodes_exactly_with_the_dicom_extra(tmp_path):
+    """The usual lossless syntax of hospital archives: 12 bits back bit for bit (then the 8-bit scaling)."""
+    px = _ramp12()
+    d = read_dicom(_jpeg_lossless_dicom(tmp_path / "ll.dcm", px))
+    assert d.bits_stored == 12 and d.pixels.shape == px.shape
+    lo, hi = float(px.min()), float(px.max())
+    np.testing.assert_array_equal(d.pixels, np.rint((px - lo) * (255.0 / (hi - lo))).astype(np.uint8))
+    np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "ll.dcm").pixel_array, px)
+
+
 def test_12_bit_jpeg_extended_decodes_with_the_dicom_extra(tmp_path):
-    pytest.importorskip("libjpeg", reason="needs the [dicom] extra (pip install 'cm-cgns[dicom]')")
     d = read_dicom(_jpeg_extended_copy(tmp_path / "x.dcm", "p1"))
     raw = pydicom.dcmread(JPEG_EXTENDED_12BIT).pixel_array
     assert d.bits_stored == 12 and d.pixels.shape == raw.shape
@@ -221,8 +292,6 @@ def test_split_whose_dicoms_all_fail_names_the_decoder_and_is_not_cached(tmp_pat
 def test_preparation_losing_a_large_share_is_refused(tmp_path, without_pylibjpeg):
     """Three train patients need the missing decoder, the others are uncompressed: more than 20 % of
     train lost is refused; accepted, with the three counted, when the limit is raised to 100 %."""
-    from fixtures import write_dicom
-
     data_dir = _rsna_of_compressed_dicoms(tmp_path / "rsna")
     ids = [f"p{i:02d}" for i in range(12)]
     train = rsna.split_patients(ids, "classification")["train"]

@@ -279,7 +279,8 @@ def test_split_sentences_budget_matches_the_full_split_on_random_text():
     import random
 
     rng = random.Random(1)
-    alphabet = ["a", "bb", "Heart", "\u00e9", "12.", "3", ".", ". ", "\n", "\r", " ", "x_y", "\ufffd\ufffd", ",", "1.", "ok"]
+    alphabet = ["a", "bb", "Heart", "\u00e9", "12.", "3", ".", ". ", "\n", "\r", " ", "x_y", "\ufffd\ufffd", ",",
+                "1.", "ok"]
     for _ in range(300):
         text = "".join(rng.choice(alphabet) + rng.choice([" ", ""]) for _ in range(rng.randint(0, 60)))
         full = split_sentences(text)
