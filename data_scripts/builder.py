@@ -307,6 +307,8 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
     EXAMPLE_KEY = "image_id"
     # options naming a file or folder that may lie outside data_dir: part of the input fingerprint
     PATH_OPTIONS: Tuple[str, ...] = ()
+    # DICOM builders: the installed decoders (``dicom.decoder_versions``) are part of the cache key
+    READS_DICOM = False
     DEFAULT_WRITER_BATCH_SIZE = 64
     verbose = True
 
@@ -328,12 +330,40 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
         return os.path.abspath(os.path.expanduser(str(self.config.data_dir)))
 
     def split_generators(self, splits: Dict[str, list], **extra) -> List[datasets.SplitGenerator]:
+        """One ``SplitGenerator`` per split, after ``drop_cross_split_content_duplicates``: an image
+        file whose bytes are in another split too (a hard link, a copy under another name) is kept
+        in one split only and counted in the manifest."""
+        splits = drop_cross_split_content_duplicates(
+            splits, self.manifest, lambda item: self._item_file(item, **extra), self._item_id)
+        self._split_sizes = {s: len(items) for s, items in splits.items()}
         return [datasets.SplitGenerator(name=s, gen_kwargs={"split": s, "items": items, **extra})
                 for s, items in splits.items()]
 
+    def _item_file(self, item, **extra) -> Optional[str]:
+        """The image file an item of ``split_generators`` reads (``None``: nothing read from a file).
+
+        Records holding ``image_path`` and items with a ``path`` attribute are understood here;
+        builders with other items override it."""
+        if isinstance(item, dict):
+            return item.get("image_path")
+        return getattr(item, "path", None)
+
+    def _item_id(self, item) -> str:
+        """How an item is named in the manifest."""
+        if isinstance(item, dict):
+            return str(item.get(self.EXAMPLE_KEY, item.get("image_path")))
+        for name in ("image_id", "image_name", "patient_id", "path"):
+            if getattr(item, name, None) is not None:
+                return str(getattr(item, name))
+        return str(item)
+
     def _download_and_prepare(self, dl_manager, verification_mode, **kwargs):
         self.manifest = Manifest(self.NAME, self.config.name)
+        self._split_sizes, self._split_failures = {}, {}
         super()._download_and_prepare(dl_manager, verification_mode, **kwargs)
+        # raised here, the preparation folder is deleted: a failed preparation is never cached
+        check_failures(self.manifest, self._split_sizes, self._split_failures,
+                       getattr(self, "max_failed_share", MAX_FAILED_SHARE))
         self.manifest.fingerprint = self.hash
         if "://" not in str(self._output_dir):
             write_manifest(self.manifest, self._output_dir)
@@ -343,12 +373,13 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, split, items, **extra):
         spec = self.task_spec
         balance = LabelBalance(self.info.features, spec.label_names if spec else ())
-        n = 0
+        n, failed_before = 0, len(_decode_failures(self.manifest))
         for key, example in self._examples(items, **extra):
             balance.add(example)
             n += 1
             yield key, example
         self.manifest.rows[split] = n
+        self._split_failures[split] = len(_decode_failures(self.manifest)) - failed_before
         self.manifest.label_balance[split] = balance.counts
 
     def _examples(self, records, **extra):
@@ -356,6 +387,48 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
         for rec in records:
             yield rec[self.EXAMPLE_KEY], {"image": read_image_bytes(rec["image_path"]),
                                           **{c: rec[c] for c in columns}}
+
+
+# An image that cannot be decoded is skipped and counted; when more than this share of a
+# preparation's images fail, the cause is systemic (a missing DICOM decoder, an incomplete download)
+# and the preparation is refused rather than cached with what little remained.
+MAX_FAILED_SHARE = 0.2
+DECODE_FAILURE_REASONS = frozenset({"unreadable_dicom", "unreadable_image", "unreadable image",
+                                    "truncated image"})
+
+
+def _decode_failures(manifest: Manifest) -> List[Tuple[str, str]]:
+    return [(reason, item) for reason in sorted(DECODE_FAILURE_REASONS) for item in manifest.skipped.get(reason, ())]
+
+
+def check_failures(manifest: Manifest, split_sizes: Dict[str, int], split_failures: Dict[str, int],
+                   max_failed_share: float = MAX_FAILED_SHARE) -> None:
+    """``DatasetFormatError`` when a split that was handed items wrote no row, or when more than
+    ``max_failed_share`` of a split's items failed to decode while it was written
+    (``split_failures``: skips with a ``DECODE_FAILURE_REASONS`` reason). The message names the split,
+    the counts and the most common failure with one example (for DICOMs, the decoder to install)."""
+    bad = None
+    for split, size in split_sizes.items():
+        failed = split_failures.get(split, 0)
+        if size and not manifest.rows.get(split):
+            bad = f"split {split!r} has none of its {size} items left"
+        elif size and failed / size > max_failed_share:
+            bad = (f"{failed} of the {size} images of split {split!r} could not be decoded "
+                   f"({100 * failed / size:.0f} %, more than the {100 * max_failed_share:.0f} % a preparation "
+                   f"may lose; max_failed_share raises the limit)")
+        if bad:
+            break
+    if bad is None:
+        return
+    head = f"{manifest.dataset}/{manifest.task}: {bad}"
+    failures = _decode_failures(manifest)
+    if failures:
+        common = Counter(r for r, _ in failures).most_common(1)[0][0]
+        example = next(item for r, item in failures if r == common)
+        head += f"; {len(failures)} image(s) failed, most often {common}, e.g. {example}"
+    else:
+        head += f"; skipped: { {k: len(v) for k, v in manifest.skipped.items()} }"
+    raise DatasetFormatError(head + ". Nothing was cached.")
 
 
 # BuilderConfig fields that are not user options (set by prepare_and_load itself)
@@ -379,12 +452,13 @@ def check_options(name: str, builder_cls, options: dict) -> None:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {unknown}; this dataset takes {known} "
-                         f"(and force_prepare, download_mode, verbose)")
+                         f"(and force_prepare, download_mode, verbose, verify, max_failed_share)")
 
 
 def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.0, seed: int = 0,
                      cache_dir=None, download_mode=None, verbose: bool = True, force_prepare: bool = False,
-                     config_id: Optional[str] = None, **options):
+                     config_id: Optional[str] = None, verify: str = "quick",
+                     max_failed_share: float = None, **options):
     """Instantiate ``builder_cls`` for ``task``, prepare it once (Arrow-cached), return a DatasetDict.
 
     ``options`` become attributes of the task's BuilderConfig (``None`` means "the default" and is
@@ -396,7 +470,20 @@ def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.
     ``<cache_dir>/<name>/<task>/manifest.json`` on every call, cache hits included. ``data_pct``
     subsamples the train split only (``subsample_train``); ``verbose`` prints the summary when the
     data is actually prepared.
+
+    A cache is verified before it is reused (``verify_cache``; ``verify="full"`` re-reads every byte,
+    ``"off"`` skips the check): a truncated, emptied, deleted or altered Arrow file is announced with
+    the cache folder and the preparation is done again, as ``force_prepare`` would. A preparation in
+    which an item's image could not be decoded for more than ``max_failed_share`` of a split's items
+    (default ``MAX_FAILED_SHARE``), or a split that ends up empty, raises ``DatasetFormatError``
+    and is not cached.
     """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if max_failed_share is None:
+        max_failed_share = MAX_FAILED_SHARE
+    if not 0.0 <= float(max_failed_share) <= 1.0:
+        raise ValueError(f"max_failed_share must be in [0, 1], got {max_failed_share}")
     name = builder_cls.NAME
     if task not in builder_cls.TASKS:
         raise ValueError(f"{name} has no task {task!r}; it provides: {', '.join(builder_cls.TASKS)}")
@@ -414,25 +501,110 @@ def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.
                                if isinstance(options.get(k), str)]
         exclude = [cache_dir or datasets.config.HF_DATASETS_CACHE]
         fingerprint = input_fingerprint(inputs, exclude=exclude)
+        if builder_cls.READS_DICOM:  # installing a decoder changes which files decode: prepare again
+            from .dicom import decoder_versions
+
+            blob = json.dumps([fingerprint, decoder_versions()], sort_keys=True)
+            fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
     # dataset_name: datasets would otherwise name the cache folder after the builder's module, which
     # is "__main__" under ``python -m data_scripts.<name>`` (the CLI's cache would never be reused);
     # hash: datasets puts it in the cache path, so changed inputs get a fresh preparation
     builder = builder_cls(config_name=task, data_dir=data_dir, cache_dir=cache_dir, dataset_name=name,
                           hash=fingerprint, config_id=config_id, **options)
     builder.verbose = verbose
+    builder.max_failed_share = float(max_failed_share)
     if force_prepare:
         download_mode = datasets.DownloadMode.FORCE_REDOWNLOAD
-    reused = os.path.isfile(os.path.join(builder.cache_dir, datasets.config.DATASET_INFO_FILENAME))
-    if reused and datasets.DownloadMode(download_mode or "reuse_dataset_if_exists") \
-            == datasets.DownloadMode.REUSE_DATASET_IF_EXISTS:
+    local = "://" not in str(builder._cache_dir_root)
+    reused = os.path.isfile(os.path.join(builder.cache_dir, datasets.config.DATASET_INFO_FILENAME)) \
+        and datasets.DownloadMode(download_mode or "reuse_dataset_if_exists") \
+        == datasets.DownloadMode.REUSE_DATASET_IF_EXISTS
+    damage = verify_cache(builder.cache_dir, full=verify == "full") if reused and local and verify != "off" \
+        else None
+    if damage is not None:
+        print(f"{name}/{task}: the cached preparation in {builder.cache_dir} is damaged ({damage}); "
+              f"preparing it again from the same inputs (what --force_prepare does)", flush=True)
+        download_mode, reused = datasets.DownloadMode.FORCE_REDOWNLOAD, False
+    elif reused:
         print(f"{name}/{task}: using the cached preparation in {builder.cache_dir} "
               + ("(inputs unchanged since it was prepared; " if fingerprint else "(")
               + "force_prepare=True or --force_prepare rebuilds it)", flush=True)
     builder.download_and_prepare(download_mode=download_mode)
+    if local and not reused:
+        write_cache_digest(builder.cache_dir)
     manifest = read_manifest(builder.cache_dir)
     if manifest is not None and "://" not in str(builder._cache_dir_root):
         write_manifest(manifest, manifest_dir(cache_dir or builder._cache_dir_root, name, task))
     return subsample_train(builder.as_dataset(), data_pct, seed)
+
+
+CACHE_DIGEST_FILE = "cache_digest.json"
+VERIFY_MODES = ("quick", "full", "off")
+
+
+def _cache_data_files(directory: str) -> List[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".arrow"))
+
+
+def write_cache_digest(directory: str) -> str:
+    """Record size, modification time and ``file_digest`` of every Arrow file of a prepared cache in
+    ``<directory>/cache_digest.json`` (written atomically, after the data)."""
+    files = {}
+    for f in _cache_data_files(directory):
+        path = os.path.join(directory, f)
+        st = os.stat(path)
+        files[f] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": file_digest(path)}
+    path = os.path.join(directory, CACHE_DIGEST_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({"version": 1, "files": files}, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def verify_cache(directory: str, full: bool = False) -> Optional[str]:
+    """``None`` when the Arrow files of a prepared cache are the ones ``write_cache_digest`` recorded,
+    else what is wrong (``"<file>: <reason>"``).
+
+    Quick (default): a file that is gone, or whose size changed (truncated, emptied), is damaged
+    without reading it; a file whose modification time changed (written to since) is re-read and
+    damaged when its digest differs (a flipped byte), and its new time is recorded when the digest
+    is the same (a copied or touched cache is checked once). ``full`` re-reads every file, which also
+    finds damage that left the modification time alone (a failing disk). A cache prepared before
+    digests were written gets one now: there is nothing to compare it with.
+    """
+    path = os.path.join(directory, CACHE_DIGEST_FILE)
+    try:
+        with open(path) as fh:
+            recorded = json.load(fh)["files"]
+    except FileNotFoundError:
+        write_cache_digest(directory)
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{CACHE_DIGEST_FILE}: unreadable ({type(exc).__name__})"
+    changed = False
+    for f, rec in sorted(recorded.items()):
+        p = os.path.join(directory, f)
+        try:
+            st = os.stat(p)
+        except OSError:
+            return f"{f}: missing"
+        if st.st_size != rec["size"]:
+            return f"{f}: {st.st_size} bytes, {rec['size']} when prepared"
+        if full or st.st_mtime_ns != rec["mtime_ns"]:
+            if file_digest(p) != rec["digest"]:
+                return f"{f}: content changed since it was prepared"
+            changed |= st.st_mtime_ns != rec["mtime_ns"]
+            rec["mtime_ns"] = st.st_mtime_ns
+    unexpected = sorted(set(_cache_data_files(directory)) - set(recorded))
+    if unexpected:
+        return f"{unexpected[0]}: not part of the preparation"
+    if changed:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump({"version": 1, "files": recorded}, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    return None
 
 
 def _option_path(data_dir: str, value: str) -> str:
@@ -475,7 +647,8 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     """The CLI of every dataset module.
 
     ``python -m data_scripts.<name> --data_dir D --output_dir O [--task T ...] [--data_pct P]
-    [--seed S] [--force_prepare] [--option KEY=VALUE ...]`` plus the module's ``flags``. Prepares
+    [--seed S] [--force_prepare] [--verify_cache M] [--max_failed_share F] [--option KEY=VALUE ...]`` plus
+    the module's ``flags``. Prepares
     each task (default: all) with ``O`` as the cache dir, prints ``format_summary`` per task and
     writes the manifest to ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task
     manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last.
@@ -495,6 +668,11 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     parser.add_argument("--seed", type=int, default=0, help="seed of the data_pct subsample")
     parser.add_argument("--force_prepare", action="store_true",
                         help="prepare again even when a cached preparation of the same inputs exists")
+    parser.add_argument("--verify_cache", choices=VERIFY_MODES, default="quick",
+                        help="check of a reused preparation: quick (sizes, re-read what changed), full "
+                             "(re-read everything), off")
+    parser.add_argument("--max_failed_share", type=float, default=None,
+                        help=f"largest share of undecodable images a preparation may lose ({MAX_FAILED_SHARE})")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="builder option (value parsed as JSON when possible); repeatable")
     for f in flags:
@@ -511,7 +689,7 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
         try:
             ds = load_fn(data_dir=args.data_dir, task=task, data_pct=args.data_pct, seed=args.seed,
                          cache_dir=args.output_dir, verbose=False, force_prepare=args.force_prepare,
-                         **options)
+                         verify=args.verify_cache, max_failed_share=args.max_failed_share, **options)
         except (DatasetFormatError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -729,6 +907,106 @@ def drop_cross_split_duplicates(train: List[dict], test: List[dict], manifest: M
         else:
             kept.append(r)
     return kept
+
+
+REASON_CROSS_SPLIT_CONTENT = "cross-split duplicate file content (kept in test, then validation)"
+# which split keeps an image found in several: test lists are official, then validation (scores
+# model selection), then train; a split with another name ranks between validation and train
+_SPLIT_KEEP_ORDER = {"test": 0, "validation": 1, "train": 3}
+_HASH_CHUNK = 1 << 20
+
+
+def file_digest(path: str) -> str:
+    """``<size>:<blake2b-128 of every byte>`` of a file (read in 1 MiB chunks)."""
+    digest = hashlib.blake2b(digest_size=16)
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            digest.update(chunk)
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _content_keys(paths: Sequence[str], split_of: Dict[str, set],
+                  num_workers: Optional[int] = None) -> Dict[str, str]:
+    """``{path: content key}`` for the paths whose content may also be in another split.
+
+    Two files can only hold the same bytes when their sizes are equal, so only files whose size
+    occurs in two splits are read (one ``stat`` per file otherwise). A file reached twice (hard
+    link, symbolic link) is recognised by its device and inode without reading it; others are
+    compared by ``file_digest`` of all their bytes: a partial hash (first / last blocks) would
+    call two DICOMs with equal headers and trailers the same image.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # missing files are the validation's business
+        stats[p] = (st.st_size, st.st_dev, st.st_ino)
+    splits_by_size: Dict[int, set] = defaultdict(set)
+    for p, (size, _, _) in stats.items():
+        splits_by_size[size] |= split_of[p]
+    candidates = [p for p, (size, _, _) in stats.items() if len(splits_by_size[size]) > 1]
+    by_inode: Dict[Tuple[int, int], List[str]] = defaultdict(list)
+    for p in candidates:
+        by_inode[stats[p][1:]].append(p)
+    first = [ps[0] for ps in by_inode.values()]
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    if workers > 1 and len(first) >= 32:  # hashlib releases the GIL on large buffers
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            digests = dict(zip(first, pool.map(file_digest, first)))
+    else:
+        digests = {p: file_digest(p) for p in first}
+    return {p: digests[ps[0]] for ps in by_inode.values() for p in ps}
+
+
+def drop_cross_split_content_duplicates(splits: Dict[str, list], manifest: Manifest,
+                                        file_of: Callable[[object], Optional[str]],
+                                        id_of: Callable[[object], str],
+                                        num_workers: Optional[int] = None) -> Dict[str, list]:
+    """``splits`` where no image file's content is in two splits; each removal is a manifest skip.
+
+    The name checks (``drop_cross_split_duplicates``) cannot see the same image reached through a
+    hard link or stored as a byte-identical copy under another name; this compares contents
+    (``_content_keys``). As with the name-level check, the image stays where it is scored: in
+    ``test``, else ``validation``, else the other split, and leaves ``train``; the removed items
+    are skipped with ``REASON_CROSS_SPLIT_CONTENT`` as ``"<id> (<split>) = <kept id> (<kept split>)"``.
+    Items with no file (``file_of`` gives ``None``) and duplicates inside one split are kept.
+    """
+    files = {s: [file_of(item) for item in items] for s, items in splits.items()}
+    split_of: Dict[str, set] = defaultdict(set)
+    for s, paths in files.items():
+        for p in paths:
+            if p is not None:
+                split_of[p].add(s)
+    if len({s for ss in split_of.values() for s in ss}) < 2:
+        return splits
+    keys = _content_keys(list(split_of), split_of, num_workers)
+    if not keys:
+        return splits
+    rank = {s: (_SPLIT_KEEP_ORDER.get(s, 2), i) for i, s in enumerate(splits)}
+    keeper: Dict[str, Tuple[str, str]] = {}
+    for s in sorted(splits, key=rank.get):
+        for item, p in zip(splits[s], files[s]):
+            key = keys.get(p)
+            if key is not None and key not in keeper:
+                keeper[key] = (s, id_of(item))
+    out = {}
+    for s, items in splits.items():
+        out[s] = []
+        for item, p in zip(items, files[s]):
+            kept = keeper.get(keys.get(p)) if p is not None else None
+            if kept is not None and kept[0] != s:
+                manifest.skip(REASON_CROSS_SPLIT_CONTENT, f"{id_of(item)} ({s}) = {kept[1]} ({kept[0]})")
+            else:
+                out[s].append(item)
+    return out
 
 
 # Tried in order; latin-1 maps every byte, so decoding never fails and never drops a character.
@@ -1017,6 +1295,13 @@ __all__ = [
     "contract_features",
     "CGNSBuilder",
     "prepare_and_load",
+    "MAX_FAILED_SHARE",
+    "DECODE_FAILURE_REASONS",
+    "check_failures",
+    "CACHE_DIGEST_FILE",
+    "VERIFY_MODES",
+    "write_cache_digest",
+    "verify_cache",
     "config_options",
     "check_options",
     "input_fingerprint",
@@ -1026,6 +1311,9 @@ __all__ = [
     "resolve_listed_path",
     "REASON_CROSS_SPLIT",
     "drop_cross_split_duplicates",
+    "REASON_CROSS_SPLIT_CONTENT",
+    "file_digest",
+    "drop_cross_split_content_duplicates",
     "TEXT_ENCODINGS",
     "decode_text",
     "parse_option",

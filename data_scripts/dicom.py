@@ -3,8 +3,11 @@
 Steps (``read_dicom``):
 
 1. ``pydicom.dcmread`` (no ``force``: a file without the DICOM preamble is rejected) and decode the
-   pixel data (uncompressed, RLE, and JPEG baseline through Pillow -- the RSNA and SIIM files
-   are JPEG baseline);
+   pixel data. Uncompressed, RLE, JPEG baseline (the RSNA and SIIM files) and most JPEG 2000 decode
+   with the base install (numpy and Pillow). JPEG Lossless (Process 14, the usual lossless syntax of
+   hospital archives), 12-bit JPEG Extended, JPEG-LS and High-Throughput JPEG 2000 need the
+   pylibjpeg decoders: ``pip install "cm-cgns[dicom]"`` (``DICOM_EXTRA``). A file whose transfer
+   syntax has no decoder installed fails with a message that names the extra;
 2. the modality LUT: ``RescaleSlope`` / ``RescaleIntercept`` when present;
 3. scaling to 8 bits, whatever ``BitsStored`` is (8, 12, 16, signed or not):
 
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 SCALINGS = ("minmax", "max")
+#: The install extra with the DICOM decoders (setup.cfg): pylibjpeg with its libjpeg and openjpeg plugins.
+DICOM_EXTRA = "cm-cgns[dicom]"
+DECODER_PACKAGES = ("pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
 
 
 class DicomReadError(ValueError):
@@ -61,6 +67,44 @@ def to_uint8(values: np.ndarray, scaling: str = "minmax") -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def decoder_hint(ds) -> str:
+    """Why a compressed DICOM may not decode here, as a clause for an error message (``""`` when the
+    installed decoders are not the problem).
+
+    Names the transfer syntax and ``DICOM_EXTRA`` when pydicom's pylibjpeg plugin for it is
+    missing (Pillow alone cannot do JPEG Lossless, 12-bit JPEG Extended or JPEG-LS), or says that
+    no decoder exists for it at all.
+    """
+    from pydicom.pixels.decoders.base import get_decoder
+
+    meta = getattr(ds, "file_meta", None)
+    uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if uid is None or not uid.is_compressed:
+        return ""
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f" (no decoder exists for its transfer syntax, {uid.name}, {uid})"
+    if any(m.startswith("pylibjpeg ") for m in decoder.missing_dependencies):
+        return (f" ({uid.name}, {uid}: its decoder is not installed; pip install \"{DICOM_EXTRA}\" adds "
+                f"{', '.join(DECODER_PACKAGES)})")
+    return ""
+
+
+def decoder_versions() -> dict:
+    """Installed versions of pydicom and of the optional decoder packages (``None`` when absent):
+    what a DICOM preparation's result depends on besides the files."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("pydicom", "pillow") + DECODER_PACKAGES + ("pyjpegls", "python-gdcm"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def read_dicom(path, scaling: str = "minmax") -> DicomImage:
     """Read ``path`` into a ``DicomImage`` (8-bit, MONOCHROME1 inverted); raises ``DicomReadError``."""
     import pydicom
@@ -75,7 +119,9 @@ def read_dicom(path, scaling: str = "minmax") -> DicomImage:
     try:
         arr = ds.pixel_array
     except Exception as e:  # truncated pixel data, missing decoder, inconsistent header
-        raise DicomReadError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
+        hint = decoder_hint(ds)
+        detail = " ".join(str(e).split())
+        raise DicomReadError(f"pixel data cannot be decoded{hint}: {type(e).__name__}: {detail}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomReadError(f"not a grayscale image (PhotometricInterpretation {photometric!r}, "
@@ -94,4 +140,5 @@ def read_dicom(path, scaling: str = "minmax") -> DicomImage:
                       bits_stored=int(ds.get("BitsStored", arr.dtype.itemsize * 8)))
 
 
-__all__ = ["DicomImage", "DicomReadError", "SCALINGS", "read_dicom", "to_uint8"]
+__all__ = ["DicomImage", "DicomReadError", "SCALINGS", "DICOM_EXTRA", "DECODER_PACKAGES", "decoder_hint",
+           "decoder_versions", "read_dicom", "to_uint8"]

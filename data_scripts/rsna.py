@@ -239,6 +239,7 @@ class RSNA(CGNSBuilder):
     """RSNA Pneumonia stage-2 builder; one config per task (see the module docstring)."""
 
     NAME, TASKS = NAME, TASKS
+    READS_DICOM = True
     BUILDER_CONFIG_CLASS = RSNAConfig
     BUILDER_CONFIGS = [RSNAConfig(name=t, version=datasets.Version("1.0.0")) for t in TASKS]
     DEFAULT_CONFIG_NAME = "classification"
@@ -269,6 +270,9 @@ class RSNA(CGNSBuilder):
         splits = split_patients(usable, cfg.name, cfg.split_seed)
         return self.split_generators({s: [patients[p] for p in ids] for s, ids in splits.items()},
                                      image_dir=image_dir)
+
+    def _item_file(self, patient, image_dir):
+        return os.path.join(image_dir, patient.patient_id + ".dcm")
 
     def _examples(self, patients, image_dir):
         cfg, task = self.config, self.config.name

@@ -254,6 +254,7 @@ class SIIM(CGNSBuilder):
     """SIIM-ACR Pneumothorax segmentation builder (see the module docstring)."""
 
     NAME, TASKS = NAME, TASKS
+    READS_DICOM = True
     BUILDER_CONFIG_CLASS = SIIMConfig
     BUILDER_CONFIGS = [SIIMConfig(name="segmentation", version=datasets.Version("1.0.0"))]
     DEFAULT_CONFIG_NAME = "segmentation"

@@ -1131,14 +1131,16 @@ def _cache_root(cache_dir: Optional[str]) -> str:
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
          cache_dir: Optional[str] = None, num_images: int = 2000, image_size: int = 224,
          generator_seed: int = 0, lesion_contrast_scale: float = 1.0, download_mode=None, verbose: bool = True,
-         force_prepare: bool = False, **options) -> "datasets.DatasetDict":
+         force_prepare: bool = False, verify: str = "quick", max_failed_share: Optional[float] = None,
+         **options) -> "datasets.DatasetDict":
     """Build (or reuse) the synthetic dataset for ``task`` and return its DatasetDict.
 
     ``data_dir`` is ignored (nothing is read); any other option is an error, as for the real
     builders (a mistyped ``num_image=50`` would otherwise silently give 2000 studies). Data is
     cached under ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes
     num_images / image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
-    ``force_prepare`` regenerates it. ``data_pct`` subsamples the train split only
+    ``force_prepare`` regenerates it; ``verify`` is the check of a reused cache (``prepare_and_load``).
+    ``data_pct`` subsamples the train split only
     (``subsample_train(dd, data_pct, seed)``).
     """
     check_options(DATASET_NAME, SyntheticCXR, options)
@@ -1148,6 +1150,7 @@ def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, see
         raise ValueError(f"lesion_contrast_scale must be > 0, got {lesion_contrast_scale}")
     return prepare_and_load(SyntheticCXR, task, None, data_pct, seed, _cache_root(cache_dir),
                             download_mode=download_mode, verbose=verbose, force_prepare=force_prepare,
+                            verify=verify, max_failed_share=max_failed_share,
                             config_id=_config_id(task, num_images, image_size, generator_seed,
                                                  lesion_contrast_scale),
                             num_images=int(num_images), image_size=int(image_size),

@@ -1,7 +1,8 @@
 """CGNSProcessor = CGNSImageProcessor (chest X-ray pixels) + a BERT-family tokenizer + report sentences.
 
-Image pipeline (docs/method.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays,
-MONOCHROME1 inverted on request) -> intensities to [0, 1] -> resize so the longest side is
+Image pipeline (docs/method.md C, D.3): any grayscale/RGB input (PIL, uint8/uint16/float arrays, a file
+path, an http(s) URL or a base64 string as HF pipelines take them; MONOCHROME1 inverted on request)
+-> intensities to [0, 1] -> resize so the longest side is
 ``resize_size`` (area-style antialiasing) -> zero-pad to a centred square -> crop ``image_size``
 (random in training, centre in evaluation) -> normalise with mean/std 0.5 -> 3 channels.
 
@@ -11,6 +12,7 @@ word piece; -1 on [CLS], [SEP], padding and on anything truncated away (G.24 can
 tokens are never assigned to a sentence).
 """
 import os
+import re
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -24,7 +26,61 @@ from transformers.processing_utils import ProcessorMixin
 from .configuration_cgns import CGNSConfig
 from .sentences import report_text, split_sentences
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, "os.PathLike"]
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+
+
+def _offline() -> bool:
+    from huggingface_hub.constants import is_offline_mode
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    return is_offline_mode() or env in ("1", "ON", "YES", "TRUE")
+
+
+def load_image_source(source: Union[str, "os.PathLike"], timeout: Optional[float] = 10.0) -> Image.Image:
+    """What HF image processors and pipelines accept as a string -> PIL image.
+
+    A local file is opened with Pillow in its own mode (EXIF orientation applied, as
+    ``transformers.image_utils.load_image`` does), so a 16-bit PNG keeps its 16 bits: that loader
+    converts everything to 8-bit RGB. An ``http(s)://`` URL, a base64 string or a ``data:image/``
+    URI goes through ``load_image``; a URL in offline mode (``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE``) is refused with a message saying so. Errors name the source.
+    """
+    from PIL import ImageOps
+    from transformers.image_utils import load_image
+
+    text = os.fspath(source)
+    if text.startswith(("http://", "https://")):
+        if _offline():
+            raise ValueError(f"image URL {text} cannot be fetched in offline mode (HF_HUB_OFFLINE / "
+                             f"TRANSFORMERS_OFFLINE is set): download it and pass the local path")
+        try:
+            return load_image(text, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - network and decoder errors alike: say which image
+            raise ValueError(f"cannot load image URL {text}: {type(exc).__name__}: {exc}") from exc
+    if os.path.isfile(text):
+        try:
+            with Image.open(text) as im:
+                im.load()
+                return ImageOps.exif_transpose(im)
+        except Exception as exc:  # noqa: BLE001
+            hint = " (DICOM: read it with data_scripts.dicom.read_dicom)" if text.lower().endswith(".dcm") else ""
+            raise ValueError(f"cannot read image file {text}{hint}: {type(exc).__name__}: {exc}") from exc
+    if text.startswith("data:image/") or (len(text) >= 64 and _BASE64.fullmatch(text[:4096])):
+        try:
+            return load_image(text)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot decode the base64 image string ({len(text)} characters): {exc}") from exc
+    raise FileNotFoundError(f"image file not found: {text}")
+
+
+def _describe(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        return text if len(text) <= 120 else f"{text[:60]}... ({len(text)} characters)"
+    return type(image).__name__
 
 
 def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] = None) -> torch.Tensor:
@@ -32,7 +88,11 @@ def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] =
 
     uint8 is divided by 255; 16-bit, other integer and float arrays are min-max scaled over the image
     (the DICOM convention of "scale by the range"); RGB is averaged to gray; MONOCHROME1 is inverted.
+    A path, URL or base64 string is loaded first (``load_image_source``). An image with no pixels
+    (a 0 side) is a ``ValueError``.
     """
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image_source(image)
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image).astype(np.float32)
@@ -43,6 +103,8 @@ def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] =
     else:
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else None
+    if array.size == 0:
+        raise ValueError(f"empty image: array of shape {tuple(array.shape)}")
     if scaled is None:
         array = array.astype(np.float32)
         if not np.isfinite(array).all():
@@ -58,6 +120,8 @@ def to_unit_range(image: ImageInput, photometric_interpretation: Optional[str] =
             raise ValueError(f"cannot interpret image of shape {scaled.shape} as grayscale or RGB")
     if scaled.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale or 3-D colour image, got shape {scaled.shape}")
+    if scaled.size == 0:
+        raise ValueError(f"empty image: {scaled.shape[0]} x {scaled.shape[1]} pixels")
     if photometric_interpretation is not None and photometric_interpretation.upper() == "MONOCHROME1":
         scaled = 1.0 - scaled
     return torch.from_numpy(np.ascontiguousarray(scaled))
@@ -126,8 +190,15 @@ class CGNSImageProcessor(BaseImageProcessor):
             interpretations = list(photometric_interpretation)
         else:
             interpretations = [photometric_interpretation] * len(images)
-        pixel_values = torch.stack([self.transform(im, train, pi) for im, pi in zip(images, interpretations)])
-        return BatchFeature({"pixel_values": pixel_values}, tensor_type=None)
+        if len(interpretations) != len(images):
+            raise ValueError(f"{len(interpretations)} photometric interpretations for {len(images)} images")
+        pixel_values = []
+        for i, (im, pi) in enumerate(zip(images, interpretations)):
+            try:
+                pixel_values.append(self.transform(im, train, pi))
+            except (ValueError, OSError) as exc:  # say which image of the batch, by name where it has one
+                raise type(exc)(f"image {i} of {len(images)} ({_describe(im)}): {exc}") from exc
+        return BatchFeature({"pixel_values": torch.stack(pixel_values)}, tensor_type=None)
 
 
 class CGNSProcessor(ProcessorMixin):
@@ -188,8 +259,10 @@ class CGNSProcessor(ProcessorMixin):
                                                            subfolder=subfolder, **kwargs)
 
     @staticmethod
-    def split_report(report: Optional[str]) -> List[str]:
-        return split_sentences(report)
+    def split_report(report: Optional[str], max_tokens: Optional[int] = None) -> List[str]:
+        """The report's sentences; with ``max_tokens``, only as many as a tokenizer truncating there
+        can see (``split_sentences``): a long report is cut before the expensive work."""
+        return split_sentences(report, max_tokens=max_tokens)
 
     @staticmethod
     def split_sections(impression: Optional[str], findings: Optional[str]) -> List[str]:
@@ -202,10 +275,19 @@ class CGNSProcessor(ProcessorMixin):
         texts, spans = [], []
         for sentences in batch_sentences:
             pieces, bounds, pos = [], [], 0
+            # every whitespace-separated word is at least one word piece: words past max_length in
+            # all are truncated away anyway, so they are never handed to the tokenizer
+            budget = max_length
             for sentence in sentences:
+                if budget <= 0:
+                    break
                 sentence = sentence.strip()
                 if not sentence:
                     continue
+                words = sentence.split(None, budget)
+                if len(words) > budget:
+                    sentence = sentence[:len(sentence) - len(words[-1])].rstrip()
+                budget -= min(len(words), budget)
                 if pieces:
                     pos += 1
                 bounds.append((pos, pos + len(sentence)))
@@ -239,7 +321,7 @@ class CGNSProcessor(ProcessorMixin):
         data = {}
         if text is not None:
             reports = [text] if isinstance(text, str) else list(text)
-            sentences = [self.split_report(r) for r in reports]
+            sentences = [self.split_report(r, max_length or self.max_length) for r in reports]
         if sentences is not None:
             if sentences and isinstance(sentences[0], str):
                 sentences = [sentences]
@@ -257,4 +339,4 @@ class CGNSProcessor(ProcessorMixin):
 AutoImageProcessor.register(CGNSConfig, slow_image_processor_class=CGNSImageProcessor, exist_ok=True)
 AutoProcessor.register(CGNSConfig, CGNSProcessor, exist_ok=True)
 
-__all__ = ["CGNSImageProcessor", "CGNSProcessor", "default_resize_size", "to_unit_range"]
+__all__ = ["CGNSImageProcessor", "CGNSProcessor", "default_resize_size", "load_image_source", "to_unit_range"]

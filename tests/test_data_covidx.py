@@ -49,7 +49,7 @@ def make_covidx(root, binary=False, three_columns=False):
     train_lines.append(("PAT000", "p0_img0.png", "normal"))                     # duplicate filename
     for t in range(5):
         fn = f"t{t}.png"
-        _png(os.path.join(root, "test", fn), value=40 * t)
+        _png(os.path.join(root, "test", fn), value=40 * t + 5)  # bytes unlike any train image
         test_lines.append((f"TP{t}", fn, CLASSES[t % 3]))
         truth[f"test/{fn}"] = (f"TP{t}", CLASSES[t % 3])
     test_lines.append(("TP9", "gone.png", "normal"))

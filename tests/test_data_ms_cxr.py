@@ -58,13 +58,13 @@ def write_miniature(tmp_path, version: str, faults: bool = True):
         writer.writerow(["dicom_id", "subject_id", "study_id", "ViewPosition"])
         for dicom, (subject, study, _) in IMAGES.items():
             writer.writerow([dicom, subject, study, "PA"])
-    for dicom, (subject, study, size) in IMAGES.items():
+    for k, (dicom, (subject, study, size)) in enumerate(IMAGES.items()):
         folder = mimic / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         folder.mkdir(parents=True, exist_ok=True)
         if size == "garbage":
             (folder / f"{dicom}.jpg").write_bytes(b"not a jpeg")
         elif size is not None:
-            Image.new("L", size, 128).save(folder / f"{dicom}.jpg")
+            Image.new("L", size, 120 + k).save(folder / f"{dicom}.jpg")  # every image's bytes differ
     ms_cxr = tmp_path / "ms_cxr"
     ms_cxr.mkdir()
     header = COLUMNS + (["split"] if version == "1.1.0" else [])

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_scripts import DatasetFormatError
 from data_scripts import object_cxr as oc
-from data_scripts.builder import sklearn_test_count
+from data_scripts.builder import REASON_CROSS_SPLIT_CONTENT, sklearn_test_count
 
 pytest.importorskip("shapely")
 
@@ -168,7 +168,7 @@ def test_cli(ocxr_dir, tmp_path, capsys):
 
 # box-level reasons: one entry per box, not per row (the image itself is kept or skipped elsewhere)
 BOX_REASONS = {"box_outside_image", "box_nonpositive_size"}
-ROW_REASONS = {"missing_image_name", "duplicate_row", "conflicting_duplicate", "missing_image",
+ROW_REASONS = {REASON_CROSS_SPLIT_CONTENT, "missing_image_name", "duplicate_row", "conflicting_duplicate", "missing_image",
                "unreadable_image", "positive_without_usable_box", "absolute path in list file",
                "path outside the data folder", "malformed_annotation:odd_coordinate_count",
                "malformed_annotation:unknown_type", "malformed_annotation:non_numeric",
@@ -189,10 +189,13 @@ def faulty_dir(tmp_path_factory):
         (root / folder).mkdir()
         for name in list(rows) + (["c01.jpg", "c02.jpg"] if folder == "train" else []):
             Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8)).save(root / folder / name)
+    (root / "extra").mkdir()
+    Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8)).save(root / "extra" / "x01.jpg")
     extra = ["c01.jpg,0 1 1 9 9", "c01.jpg,0 2 2 9 9", "c01.jpg,0 1 1 9 9",   # conflicting (3 rows)
              "c02.jpg,0 1 1 9 9", "c02.jpg,0 1 1 9 9",                        # identical repeat
              "../../elsewhere/scan.jpg,0 1 1 9 9", f"{outside / 'scan.jpg'},",  # out of the folder
-             "../dev/d01.jpg,0 0 0 32 24", ",0 1 1 2 2"]                      # inside (kept); no name
+             "../extra/x01.jpg,0 0 0 32 24", ",0 1 1 2 2",                    # inside (kept); no name
+             "../dev/d01.jpg,0 0 0 32 24"]                      # inside, but the test image: kept in test only
     _csv(root / "train.csv", TRAIN, extra=extra)
     _csv(root / "dev.csv", DEV, extra=["../../elsewhere/scan.jpg,"])
     return str(root), len(TRAIN) + len(extra), len(DEV) + 1
@@ -215,7 +218,12 @@ def test_listed_paths_outside_data_folder_refused(faulty_dir, tmp_path):
     dd = oc.load(root, cache_dir=cache, verbose=False)
     ids = [i for s in dd for i in dd[s]["image_id"]]
     assert not any("elsewhere" in i for i in ids)
-    assert "../dev/d01.jpg" in ids  # a relative path that stays inside the folder is fine
+    assert "../extra/x01.jpg" in ids  # a relative path that stays inside the folder is fine
+    # ... unless it names the test image: the same file in train and test is kept in test only
+    assert "../dev/d01.jpg" not in ids and ids.count("d01.jpg") == 1
+    m = _manifest(cache)
+    assert [e.split(" (")[0] + " = " + e.split(" = ")[1] for e in m["skipped"][REASON_CROSS_SPLIT_CONTENT]] \
+        == ["../dev/d01.jpg = d01.jpg (test)"]
     m = _manifest(cache)
     assert m["skipped"]["path outside the data folder"] == ["../../elsewhere/scan.jpg"] * 2
     assert len(m["skipped"]["absolute path in list file"]) == 1

@@ -155,3 +155,137 @@ def test_processor_save_and_load(processor, tmp_path):
         assert torch.equal(a[key], b[key])
     with pytest.raises(ValueError):
         processor(text="x", sentences=["a b"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs as HF image processors and pipelines take them; empty images; long reports
+# ------------------------------------------------------------------------------------------------
+
+def _ramp16(h=40, w=50):
+    return (np.arange(h * w, dtype=np.uint32).reshape(h, w) * 29 % 65536).astype(np.uint16)
+
+
+def test_image_paths_are_loaded_keeping_16_bits(processor, tmp_path):
+    import pathlib
+
+    arr = _ramp16()
+    Image.fromarray(arr).save(tmp_path / "scan.png")              # a 16-bit grayscale PNG (mode I;16)
+    Image.fromarray((arr >> 8).astype(np.uint8)).save(tmp_path / "scan8.png")
+    expected = processor.image_processor.preprocess([arr, (arr >> 8).astype(np.uint8)])["pixel_values"]
+    for paths in ([str(tmp_path / "scan.png"), str(tmp_path / "scan8.png")],
+                  [pathlib.Path(tmp_path / "scan.png"), pathlib.Path(tmp_path / "scan8.png")]):
+        got = processor(images=paths)["pixel_values"]
+        assert torch.equal(got, expected)
+    assert torch.equal(processor.image_processor(str(tmp_path / "scan.png"))["pixel_values"], expected[:1])
+    with pytest.raises(FileNotFoundError, match=r"image 1 of 2 \(.*missing\.png\): image file not found"):
+        processor(images=[str(tmp_path / "scan.png"), str(tmp_path / "missing.png")])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image file .*broken.png"):
+        processor(images=str(tmp_path / "broken.png"))
+
+
+def test_image_urls_go_through_the_transformers_loader_and_are_refused_offline(processor, monkeypatch):
+    import huggingface_hub.constants
+    import transformers.image_utils
+
+    url = "https://example.org/cxr.png"
+    calls = []
+
+    def fake_load_image(source, timeout=None):
+        calls.append(source)
+        return Image.fromarray((_ramp16() >> 8).astype(np.uint8)).convert("RGB")
+
+    monkeypatch.setattr(transformers.image_utils, "load_image", fake_load_image)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"image URL https://example.org/cxr.png cannot be fetched in offline mode"):
+        processor(images=url)
+    assert calls == []                                             # nothing was fetched
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    got = processor(images=[url])["pixel_values"]
+    assert calls == [url]
+    expected = processor(images=(_ramp16() >> 8).astype(np.uint8))["pixel_values"]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_base64_image_string(processor):
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    gray = (_ramp16() >> 8).astype(np.uint8)
+    Image.fromarray(gray).save(buf, format="PNG")
+    got = processor(images=base64.b64encode(buf.getvalue()).decode())["pixel_values"]
+    assert torch.allclose(got, processor(images=gray)["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0), np.uint8), np.zeros((0, 7), np.uint16),
+                                   np.zeros((5, 0, 3), np.float32), Image.new("L", (0, 0)),
+                                   torch.zeros(0, 0)])
+def test_empty_image_refused_by_position(processor, empty):
+    good = np.full((8, 8), 100, np.uint8)
+    with pytest.raises(ValueError, match=r"image 1 of 2 \(\w+\): empty image"):
+        processor(images=[good, empty])
+
+
+def test_split_sentences_budget_is_a_prefix():
+    text = "1. No acute process. 2. Mild cardiomegaly with tortuous aorta. The lungs are clear. Ok."
+    full = split_sentences(text)
+    assert full == ["no acute process", "mild cardiomegaly with tortuous aorta", "the lungs are clear"]
+    assert split_sentences(text, max_tokens=5) == ["no acute process", "mild cardiomegaly"]
+    assert split_sentences(text, max_tokens=7) == ["no acute process", "mild cardiomegaly with tortuous"]
+    assert split_sentences(text, max_tokens=100) == full
+    assert split_sentences(text, max_tokens=0) == []
+    # non-ASCII-only tokens vanish without using the budget, as in the full split
+    assert split_sentences("\u00e9\u00e9 heart is big. lungs clear.", max_tokens=3) == ["heart is big"]
+
+
+def test_long_reports_truncated_before_splitting_give_the_same_tokens(processor, reports):
+    """Reports of ~100 KB (real IU-Xray text repeated): the processor's tokens and sentence ids are
+    those of the full split tokenised with truncation (computed here without any budget)."""
+    import bisect
+
+    tok = processor.tokenizer
+    for k in (3,):
+        _, findings, impression = reports[k]
+        long_report = (report_text(impression, findings) + " ") * 300 + "x" * 50_000
+        got = processor(text=[long_report, "Heart size normal."])
+        full = split_sentences(long_report)
+        joined = " ".join(full)
+        starts, pos = [], 0
+        for sentence in full:
+            starts.append(pos)
+            pos += len(sentence) + 1
+        ref = tok(joined, truncation=True, max_length=processor.max_length, return_offsets_mapping=True,
+                  return_special_tokens_mask=True)
+        n = len(ref["input_ids"])
+        assert got["input_ids"][0, :n].tolist() == ref["input_ids"]
+        expected_index = [-1 if special or end <= start else bisect.bisect_right(starts, start) - 1
+                          for (start, end), special in zip(ref["offset_mapping"], ref["special_tokens_mask"])]
+        assert got["sentence_index"][0, :n].tolist() == expected_index
+
+
+def test_long_sentences_given_as_sentences_are_cut_the_same_way(processor):
+    words = [f"word{i}" for i in range(5000)]
+    sentences = [" ".join(words[:3000]), " ".join(words[3000:])]
+    got = processor(sentences=sentences)
+    ref = processor.tokenizer(" ".join(sentences), truncation=True, max_length=processor.max_length)
+    assert got["input_ids"][0].tolist() == ref["input_ids"]
+    assert set(got["sentence_index"][0].tolist()) == {-1, 0}
+
+
+def test_split_sentences_budget_matches_the_full_split_on_random_text():
+    import random
+
+    rng = random.Random(1)
+    alphabet = ["a", "bb", "Heart", "\u00e9", "12.", "3", ".", ". ", "\n", "\r", " ", "x_y", "\ufffd\ufffd", ",",
+                "1.", "ok"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) + rng.choice([" ", ""]) for _ in range(rng.randint(0, 60)))
+        full = split_sentences(text)
+        words = [w for s in full for w in s.split()]
+        for budget in (0, 1, 2, 5, 40):
+            got = split_sentences(text, max_tokens=budget)
+            assert [w for s in got for w in s.split()] == words[:budget]
+            assert all(f.startswith(g) for g, f in zip(got, full)) and len(got) <= len(full)
