@@ -31,8 +31,10 @@ logger = logging.getLogger("downstream.retrieval")
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
-#: The dataset task used when --dataset_task is not given: image-report pairs.
+#: The dataset task used when --dataset_task is not given: image-report pairs; for MIMIC-CXR its
+#: official test split (the pretraining task's validation merges the official validate and test splits).
 DATASET_TASK = "pretraining"
+DATASET_TASKS = {"mimic_cxr": "retrieval"}
 
 RESULTS_HEADER = ("| model | dataset | split | pairs | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
                   "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank |\n"
@@ -118,6 +120,6 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
 
 
 __all__ = [
-    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs",
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "DATASET_TASKS", "check_arguments", "compute_embeddings", "usable_pairs",
     "embedding_cache_path", "RESULTS_HEADER",
 ]
