@@ -593,7 +593,9 @@ def load(data_dir=None, task: str = "pretraining", data_pct: float = 1.0, seed: 
 def main(argv=None) -> int:
     # the evaluation tasks are prepared when named (--task retrieval ...), or by the first evaluation
     return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0], default_tasks=("pretraining",),
-                   flags=[CliFlag.for_option("max_size", type=int,
+                   flags=[CliFlag.for_option("reports_path", help="mimic-cxr-reports.zip or its extracted folder "
+                                             "(PhysioNet's MIMIC-CXR project; default: found in --data_dir)"),
+                          CliFlag.for_option("max_size", type=int,
                                              help=f"longest stored side ({DEFAULT_MAX_SIZE}; 0: original JPEGs)"),
                           CliFlag.for_option("num_workers", type=int,
                                              help="threads validating and resizing images")])
