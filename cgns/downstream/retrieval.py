@@ -20,7 +20,7 @@ import torch
 import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
-from .common import write_results
+from .common import percent, write_results
 from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
                          encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
                          require_dataset)
@@ -110,7 +110,9 @@ def run(args) -> Dict:
            + " | ".join(_cell(metrics, f"{d}_{m}") for d in ("i2t", "t2i")
                         for m in ("R@1", "R@5", "R@10", "median_rank")) + " |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
-    logger.info("retrieval on %d pairs: %s", len(indices), metrics)
+    logger.info("retrieval on %d pairs (%s): %s", len(indices), split_name, "; ".join(
+        f"{d} R@1 {percent(metrics[f'{d}_R@1'])}, R@5 {percent(metrics[f'{d}_R@5'])}, R@10 "
+        f"{percent(metrics[f'{d}_R@10'])}, median rank {metrics[f'{d}_median_rank']:g}" for d in ("i2t", "t2i")))
     return results
 
 

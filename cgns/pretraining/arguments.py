@@ -9,12 +9,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from cgns.configs import config_names, read_config
+
+if TYPE_CHECKING:      # accelerate imports torch: not needed to parse (or print --help for) the arguments
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -237,7 +239,7 @@ def parse_args(argv: Optional[List[str]] = None) -> PretrainingConfig:
     return PretrainingConfig(model_args, data_args, training_args)
 
 
-def save_args(config: PretrainingConfig, accelerator: Accelerator) -> None:
+def save_args(config: PretrainingConfig, accelerator: "Accelerator") -> None:
     if accelerator.is_main_process:
         os.makedirs(config.training.output_dir, exist_ok=True)
         with open(os.path.join(config.training.output_dir, "args.json"), "w") as f:
