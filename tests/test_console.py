@@ -49,6 +49,7 @@ def consoles(tmp_path_factory):
     return pretraining, probe, run_dir
 
 
+@pytest.mark.slow       # two fresh processes that train: about a minute on an idle 2-core machine
 def test_pretraining_console_reads_like_a_report(consoles):
     out, _, run_dir = consoles
     for noise in NOISE:
@@ -66,6 +67,7 @@ def test_pretraining_console_reads_like_a_report(consoles):
     assert f"export: {os.path.join(run_dir, 'final')}" in summary
 
 
+@pytest.mark.slow       # two fresh processes that train: about a minute on an idle 2-core machine
 def test_probe_console_reads_like_a_report(consoles):
     _, out, _ = consoles
     for noise in NOISE:

