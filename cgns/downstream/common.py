@@ -57,6 +57,18 @@ class FrozenTowerTrainer(Trainer):
         with progress_bars(False):         # no "Writing model shards" bar at every epoch's checkpoint
             super()._save(output_dir, state_dict=state_dict)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        # Head checkpoints on cached features come less than a second apart; transformers' checkpoint rotation
+        # then takes the file times for an unreliable filesystem clock, says so, and orders by step, which is
+        # what is wanted here: its warning is silenced for this call only.
+        rotation_logger = logging.getLogger("transformers.trainer_utils")
+        level = rotation_logger.level
+        rotation_logger.setLevel(logging.ERROR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            rotation_logger.setLevel(level)
+
     def _issue_warnings_after_load(self, load_result) -> None:
         # The frozen tower is absent from the checkpoints by design (see _save); only report other keys.
         frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
