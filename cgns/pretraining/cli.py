@@ -43,8 +43,8 @@ def _tracker_config(config: PretrainingConfig) -> Dict[str, Any]:
 
 def _format_metrics(metrics: Dict[str, float]) -> str:
     """``loss 4.682 | global 0.467 | ... | i2t_acc1 0.667 ...``: losses to 4 significant digits, shares to 3 decimals."""
-    losses = " | ".join(f"{k.replace('_loss', '') if k != 'loss' else k} {v:.4g}" for k, v in metrics.items()
-                        if k.endswith("loss"))
+    names = sorted((k for k in metrics if k.endswith("loss")), key=lambda k: (k != "loss", k))   # the total first
+    losses = " | ".join(f"{k.replace('_loss', '') if k != 'loss' else k} {metrics[k]:.4g}" for k in names)
     accuracies = " ".join(f"{k} {metrics[k]:.3f}" for k in ("i2t_acc1", "i2t_acc5", "t2i_acc1", "t2i_acc5")
                           if k in metrics)
     return " | ".join(part for part in (losses, accuracies) if part) or "none"
