@@ -45,7 +45,6 @@ def physionet(tmp_path_factory):
             **make_pretrain_assets(root)}
 
 
-@pytest.mark.slow       # a pretraining run and a retrieval evaluation: about 40 s
 def test_pretraining_and_retrieval_reuse_the_prepared_folder(physionet, tmp_path, capsys):
     capsys.readouterr()
     run = str(tmp_path / "run")
