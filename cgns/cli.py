@@ -17,6 +17,12 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
+# data_scripts.DATASETS, spelled out: importing data_scripts loads every builder (datasets, torch, transformers:
+# seconds) only to list the names in `cgns prepare --help` (tests/test_console.py checks the two agree)
+PREPARE_DATASETS = ("synthetic_cxr", "mimic_cxr", "chexpert", "rsna", "covidx", "siim", "object_cxr", "ms_cxr",
+                    "iu_xray")
+HELP_FLAGS = ("-h", "--help")
+
 COMMANDS = {
     "prepare": "build a dataset's Arrow files and manifest from its published files (data_scripts)",
     "pretrain": "CM-CGNS image-report pretraining, two stages, exports final/ (cgns.pretraining)",
@@ -32,15 +38,15 @@ def _exit_code(result) -> int:
 
 
 def prepare(argv: Sequence[str]) -> int:
-    import data_scripts
-
     parser = argparse.ArgumentParser(
         prog="cgns prepare", description=COMMANDS["prepare"] + ". The options after the dataset name are the "
         "dataset builder's own: see `cgns prepare <dataset> --help`.")
-    parser.add_argument("dataset", choices=data_scripts.DATASETS, help="which dataset to build")
+    parser.add_argument("dataset", choices=PREPARE_DATASETS, help="which dataset to build")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the builder's options (--data_dir, "
                         "--output_dir, --task, ...)")
     args = parser.parse_args(argv)
+    import data_scripts
+
     return _exit_code(data_scripts.dataset_module(args.dataset).main(args.options))
 
 
@@ -55,7 +61,11 @@ def _run_main(main: Callable[[List[str]], object], prog: str, argv: Sequence[str
 
 
 def pretrain(argv: Sequence[str]) -> int:
-    from cgns.pretraining.cli import main
+    if any(flag in argv for flag in HELP_FLAGS):
+        # the options are the argument dataclasses': no need to import the recipe (torch, accelerate, the model)
+        from cgns.pretraining.arguments import parse_args as main
+    else:
+        from cgns.pretraining.cli import main
 
     return _run_main(main, "cgns pretrain", argv)
 
@@ -114,4 +124,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "COMMANDS", "DISPATCH", "build_parser"]
+__all__ = ["main", "COMMANDS", "DISPATCH", "PREPARE_DATASETS", "build_parser"]

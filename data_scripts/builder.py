@@ -309,6 +309,8 @@ class CGNSBuilder(datasets.GeneratorBasedBuilder):
     PATH_OPTIONS: Tuple[str, ...] = ()
     # DICOM builders: the installed decoders (``dicom.decoder_versions``) are part of the cache key
     READS_DICOM = False
+    # options that change how fast the data is prepared, never what is prepared: not part of the cache key
+    RUNTIME_OPTIONS: Tuple[str, ...] = ("num_workers",)
     DEFAULT_WRITER_BATCH_SIZE = 64
     verbose = True
 
@@ -506,6 +508,8 @@ def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.
 
             blob = json.dumps([fingerprint, decoder_versions()], sort_keys=True)
             fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    if config_id is None:
+        config_id = content_config_id(builder_cls, task, options)
     # dataset_name: datasets would otherwise name the cache folder after the builder's module, which
     # is "__main__" under ``python -m data_scripts.<name>`` (the CLI's cache would never be reused);
     # hash: datasets puts it in the cache path, so changed inputs get a fresh preparation
@@ -529,6 +533,11 @@ def prepare_and_load(builder_cls, task: str, data_dir=None, data_pct: float = 1.
         print(f"{name}/{task}: using the cached preparation in {builder.cache_dir} "
               + ("(inputs unchanged since it was prepared; " if fingerprint else "(")
               + "force_prepare=True or --force_prepare rebuilds it)", flush=True)
+    elif not reused:
+        others = other_preparations(builder, name, task)
+        if others:
+            print(f"{name}/{task}: {len(others)} preparation(s) in {os.path.dirname(others[0])} were made from "
+                  f"other input files or options than these; preparing again into {builder.cache_dir}", flush=True)
     builder.download_and_prepare(download_mode=download_mode)
     if local and not reused:
         write_cache_digest(builder.cache_dir)
@@ -607,6 +616,40 @@ def verify_cache(directory: str, full: bool = False) -> Optional[str]:
     return None
 
 
+def content_config_id(builder_cls, task: str, options: dict) -> str:
+    """The name of a preparation's cache folder: the task, plus a hash of the options that change the
+    prepared rows. The data folder and path options are left out (their files are fingerprinted into the
+    cache path) and so are ``RUNTIME_OPTIONS`` such as ``num_workers``: a folder prepared with ``cgns
+    prepare --num_workers 16`` is found again by a pretraining or evaluation run that names the same inputs.
+    (datasets' own config id would spell the absolute data folder, URL-encoded, into folder and lock names.)"""
+    skip = set(builder_cls.RUNTIME_OPTIONS) | set(builder_cls.PATH_OPTIONS)
+    content = {k: options[k] for k in sorted(options) if k not in skip}
+    # never the bare task name: datasets refuses a custom config (data_dir set) named like a packaged one
+    return f"{task}-{datasets.fingerprint.Hasher.hash(content)[:16]}"
+
+
+def other_preparations(builder, name: str, task: str) -> List[str]:
+    """Finished preparations of ``name``/``task`` under the same cache root other than ``builder``'s (made
+    from other inputs or options), so that a run which prepares again can say why."""
+    import glob
+
+    root = str(builder._cache_dir_root)
+    if "://" in root:
+        return []
+    found = glob.glob(os.path.join(glob.escape(root), name, glob.escape(task) + "*", "*", "*",
+                                   datasets.config.DATASET_INFO_FILENAME))
+    mine = os.path.abspath(builder.cache_dir)
+    return sorted(os.path.dirname(p) for p in found if os.path.abspath(os.path.dirname(p)) != mine)
+
+
+def lock_files(folder: str) -> set:
+    """Every ``*.lock`` file under ``folder`` (datasets' file locks)."""
+    found = set()
+    for root, _, files in os.walk(folder):
+        found.update(os.path.join(root, f) for f in files if f.endswith(".lock"))
+    return found
+
+
 def _option_path(data_dir: str, value: str) -> str:
     return os.path.abspath(value if os.path.isabs(value) else os.path.join(data_dir, value))
 
@@ -643,7 +686,7 @@ MAX_SIZE_FLAG = CliFlag.for_option("max_size", type=int, help="longest stored si
 
 def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None, description: str = "",
             flags: Sequence[CliFlag] = (), needs_data_dir: bool = True,
-            after: Optional[Callable] = None) -> int:
+            after: Optional[Callable] = None, default_tasks: Optional[Sequence[str]] = None) -> int:
     """The CLI of every dataset module.
 
     ``python -m data_scripts.<name> --data_dir D --output_dir O [--task T ...] [--data_pct P]
@@ -651,11 +694,12 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
     the module's ``flags``. Prepares
     each task (default: all) with ``O`` as the cache dir, prints ``format_summary`` per task and
     writes the manifest to ``O/manifest.json`` (several tasks: ``merge_manifests``); the per-task
-    manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last.
+    manifests stay at ``O/<name>/<task>/manifest.json``. ``after(args, options)`` runs last. Without
+    ``--task`` the ``default_tasks`` (default: every task) are prepared. The file locks datasets leaves in
+    ``O`` are removed.
     Returns an exit code (2 when the folder is not the named dataset or an option is wrong).
     """
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog=f"python -m data_scripts.{name}", description=description)
     parser.add_argument("--data_dir", required=needs_data_dir, default=None,
@@ -663,7 +707,8 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
                         + ("" if needs_data_dir else " (not needed: ignored)"))
     parser.add_argument("--output_dir", required=True, help="where the prepared Arrow data and manifests go")
     parser.add_argument("--task", action="append", choices=list(tasks),
-                        help="task to prepare (repeatable); default: every task")
+                        help="task to prepare (repeatable); default: "
+                        + (", ".join(default_tasks) if default_tasks else "every task"))
     parser.add_argument("--data_pct", type=float, default=1.0, help="fraction of train loaded (summary)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data_pct subsample")
     parser.add_argument("--force_prepare", action="store_true",
@@ -683,8 +728,24 @@ def run_cli(name: str, load_fn: Callable, tasks: Dict[str, TaskSpec], argv=None,
         value = getattr(args, f.flag.lstrip("-").replace("-", "_"))
         if f.option and value is not None:
             options[f.option] = value
-    selected = args.task or list(tasks)
+    selected = args.task or list(default_tasks or tasks)
     manifests = {}
+    locks_before = lock_files(args.output_dir)
+    try:
+        return _prepare_tasks(name, load_fn, tasks, args, options, selected, manifests, after)
+    finally:
+        # datasets leaves its file locks behind, named after the cache folders; the output folder is the
+        # user's, so the ones this command created go once it is done
+        for path in sorted(lock_files(args.output_dir) - locks_before):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+def _prepare_tasks(name, load_fn, tasks, args, options, selected, manifests, after) -> int:
+    import sys
+
     for task in selected:
         try:
             ds = load_fn(data_dir=args.data_dir, task=task, data_pct=args.data_pct, seed=args.seed,
@@ -1294,6 +1355,9 @@ __all__ = [
     "LabelBalance",
     "contract_features",
     "CGNSBuilder",
+    "content_config_id",
+    "other_preparations",
+    "lock_files",
     "prepare_and_load",
     "MAX_FAILED_SHARE",
     "DECODE_FAILURE_REASONS",

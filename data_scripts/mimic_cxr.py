@@ -10,8 +10,24 @@ Reads the published layout as it is (docs/data_contract.md):
 
 Each report is cut into sections (D.1, ``extract_sections``); the text used is
 ``impression + " " + findings`` (``modeling_cgns.sentences.report_text``), or the report's last
-paragraph when it has neither section. Only frontal images (PA/AP) are kept; the official
-``validate`` and ``test`` splits are merged into ``validation``. Unlike the reference, nothing
+paragraph when it has neither section. Only frontal images (PA/AP) are kept.
+
+Tasks:
+
+* ``pretraining``: ``train`` (official train) and ``validation`` (the official ``validate`` and ``test``
+  splits merged: pretraining only reports losses on it);
+* ``retrieval``: the official ``test`` split alone, as a ``test`` split of image-report pairs (``cgns evaluate
+  --task retrieval --dataset mimic_cxr``);
+* ``classification``: the same test rows with the five CheXpert competition labels of their study from
+  ``mimic-cxr-2.0.0-chexpert.csv(.gz)`` (1.0 = positive; 0.0, -1.0 (uncertain) and blank = negative), for
+  ``cgns evaluate --task zero_shot --dataset mimic_cxr``;
+* ``5x200``: up to ``holdout_per_task`` (200) of those test images per competition task that are positive
+  for exactly that task and negative or blank for the four others, drawn with ``split_seed`` (the rule of
+  the CheXpert 5x200 set, ``data_scripts.chexpert.select_5x200``), as a ``test`` split.
+
+The evaluation tasks keep the rows the pretraining task would keep (frontal, a usable report, a readable
+image); the rows of other official splits are counted in ``inputs["rows outside the official test split"]``,
+not listed. Unlike the reference, nothing
 depends on absolute paths (G.2 item 29): images are stored as bytes and the ids are kept as strings.
 Image paths are built from the digit-checked ids, never read from a file, so none can leave the
 data folder.
@@ -57,12 +73,20 @@ from .builder import (
     run_cli,
     validate_image_files,
 )
+from .chexpert import COMPETITION_TASKS, DEFAULT_HOLDOUT_PER_TASK, select_5x200
 
 NAME = "mimic_cxr"
-TASKS = {"pretraining": TaskSpec("pretraining", (), None)}
+TASKS = {"pretraining": TaskSpec("pretraining", (), None),
+         # the official test split alone (encoder-only evaluation: docs/evaluation.md)
+         "retrieval": TaskSpec("pretraining", (), None),
+         "classification": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc"),
+         "5x200": TaskSpec("multi_label_classification", COMPETITION_TASKS, "auroc")}
+EVALUATION_TASKS = ("retrieval", "classification", "5x200")
+LABELLED_TASKS = ("classification", "5x200")
 
 METADATA_FILE = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
+CHEXPERT_FILE = "mimic-cxr-2.0.0-chexpert.csv"
 REPORTS_ZIP = "mimic-cxr-reports.zip"
 FRONTAL_VIEWS = ("PA", "AP")
 SPLIT_MAP = {"train": "train", "validate": "validation", "test": "validation"}
@@ -79,6 +103,9 @@ R_EMPTY_REPORT = "empty report"
 R_SECTIONLESS = "section-less report"
 R_NO_SENTENCES = "no usable sentences"
 R_UNREADABLE_REPORT = "unreadable report (bad archive member)"
+R_NO_LABELS = "study without CheXpert labels"
+R_BAD_LABEL = "invalid CheXpert label value"
+R_NOT_5X200 = "not positive for exactly one competition task (5x200)"
 # A repair, once per report file: not UTF-8, decoded with the cp1252 / latin-1 fallback (decode_text).
 R_DECODED_REPORT = "report not UTF-8 (decoded with fallback)"
 
@@ -304,6 +331,34 @@ def _locate_reports(data_dir: str, reports_path: Optional[str]) -> str:
     )
 
 
+def read_chexpert_labels(data_dir: str) -> Dict[str, Optional[List[float]]]:
+    """``{study_id: raw labels}`` of the five competition tasks from ``mimic-cxr-2.0.0-chexpert.csv(.gz)``:
+    each value 1.0, 0.0 or -1.0, blank read as 0.0; ``None`` for a row with a value outside those."""
+    path = _find_table(data_dir, CHEXPERT_FILE)
+    if path is None:
+        raise DatasetFormatError(
+            f"{data_dir} has no {CHEXPERT_FILE}(.gz): the labels of the classification / 5x200 tasks come from "
+            f"MIMIC-CXR-JPG's CheXpert table")
+    labels: Dict[str, Optional[List[float]]] = {}
+    for row in _read_csv(path, ("subject_id", "study_id") + COMPETITION_TASKS, "CheXpert labels"):
+        study = _digits(row["study_id"], "s")
+        if study is None:
+            continue
+        raw: Optional[List[float]] = []
+        for name in COMPETITION_TASKS:
+            value = row[name]
+            try:
+                number = float(value) if value else 0.0
+            except ValueError:
+                number = float("nan")
+            if number not in (1.0, 0.0, -1.0):
+                raw = None
+                break
+            raw.append(number)
+        labels.setdefault(study, raw)
+    return labels
+
+
 def _image_relpath(subject_id: str, study_id: str, dicom_id: str) -> str:
     return f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
 
@@ -318,11 +373,12 @@ def _digits(value: str, prefix: str) -> Optional[str]:
 
 
 def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optional[int] = None,
-         task: str = "pretraining") -> Tuple[Dict[str, List[dict]], Manifest]:
+         task: str = "pretraining", holdout_per_task: int = DEFAULT_HOLDOUT_PER_TASK,
+         split_seed: int = 0) -> Tuple[Dict[str, List[dict]], Manifest]:
     """Read and validate everything; return ``({split: [record, ...]}, manifest)``.
 
     A record holds ``image_path`` (absolute, only used while writing), ``report``, ``sentences``,
-    ``study_id``, ``subject_id``, ``dicom_id``. Raises ``DatasetFormatError`` when the folder is
+    ``study_id``, ``subject_id``, ``dicom_id`` (and ``labels``, ``image_id`` for the labelled tasks). Raises ``DatasetFormatError`` when the folder is
     not MIMIC-CXR-JPG or nothing usable remains.
     """
     manifest = Manifest(NAME, task)
@@ -351,6 +407,7 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
             manifest.repair("duplicate split row", d)
         split_of.setdefault(d, s)
 
+    chexpert_labels = read_chexpert_labels(data_dir) if task in LABELLED_TASKS else {}
     reports = _ReportSource(_locate_reports(data_dir, reports_path))
     for name in reports.duplicates:
         manifest.repair("duplicate report file ignored", name)
@@ -358,6 +415,7 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
         raise DatasetFormatError(f"no s<study_id>.txt reports found in {reports.path}")
 
     manifest.inputs["metadata rows"] = len(meta)
+    outside_test = 0
     seen = set()
     candidates: List[dict] = []
     report_cache: Dict[str, Tuple[Optional[str], Optional[List[str]], Optional[str], Optional[str]]] = {}
@@ -385,6 +443,11 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
             if split is None:
                 manifest.skip(R_UNKNOWN_SPLIT, f"{dicom} ({split_of[dicom]})")
                 continue
+            if task in EVALUATION_TASKS:
+                if split_of[dicom] != "test":
+                    outside_test += 1
+                    continue
+                split = "test"
             if study not in report_cache:
                 text, unreadable = reports.read(study)
                 used, reason = (None, R_UNREADABLE_REPORT) if unreadable else report_to_text(text)
@@ -397,22 +460,40 @@ def scan(data_dir: str, reports_path: Optional[str] = None, num_workers: Optiona
                 manifest.skip(reason, f"{dicom} ({detail})" if detail else dicom)
                 continue
             rel = _image_relpath(subject, study, dicom)
-            candidates.append({"split": split, "image_path": os.path.join(data_dir, *rel.split("/")),
-                               "report": used, "sentences": sentences, "study_id": study,
-                               "subject_id": subject, "dicom_id": dicom})
+            record = {"split": split, "image_path": os.path.join(data_dir, *rel.split("/")),
+                      "report": used, "sentences": sentences, "study_id": study,
+                      "subject_id": subject, "dicom_id": dicom}
+            if task in LABELLED_TASKS:
+                if study not in chexpert_labels:
+                    manifest.skip(R_NO_LABELS, f"{dicom} (study {study})")
+                    continue
+                if chexpert_labels[study] is None:
+                    manifest.skip(R_BAD_LABEL, f"{dicom} (study {study})")
+                    continue
+                record.update(raw=chexpert_labels[study], image_id=dicom,
+                              labels=[float(v == 1.0) for v in chexpert_labels[study]])
+            candidates.append(record)
     finally:
         reports.close()
+    if task in EVALUATION_TASKS:
+        manifest.inputs["rows outside the official test split"] = outside_test
     for name in reports.decoded:
         manifest.repair(R_DECODED_REPORT, name)
 
     checked = validate_image_files([c["image_path"] for c in candidates], num_workers)
-    splits: Dict[str, List[dict]] = {"train": [], "validation": []}
+    splits: Dict[str, List[dict]] = {"test": []} if task in EVALUATION_TASKS else {"train": [], "validation": []}
     for c in keep_valid_images(candidates, checked, manifest, id_key="dicom_id"):
         splits[c.pop("split")].append(c)
+    if task == "5x200":
+        chosen = select_5x200(splits["test"], int(holdout_per_task), int(split_seed))
+        for c in splits["test"]:
+            if c["image_id"] not in chosen:
+                manifest.skip(R_NOT_5X200, c["dicom_id"])
+        splits["test"] = [c for c in splits["test"] if c["image_id"] in chosen]
     for records in splits.values():
         records.sort(key=lambda r: (r["subject_id"], r["study_id"], r["dicom_id"]))
     manifest.rows = {k: len(v) for k, v in splits.items()}
-    if not splits["train"] and not splits["validation"]:
+    if not any(splits.values()):
         raise DatasetFormatError(
             f"nothing usable remains in {data_dir}: {len(meta)} metadata rows, skipped "
             f"{ {k: len(v) for k, v in manifest.skipped.items()} }"
@@ -434,24 +515,34 @@ class MimicCxrConfig(datasets.BuilderConfig):
     (threads for image validation and resizing; default min(8, CPUs)), ``max_size`` (longest stored
     side, 256; 0 keeps the original JPEGs), ``image_format`` of resized images (``"bmp"``: lossless,
     uncompressed, fastest to decode; ``"png"``: lossless, half the disk; ``"jpeg"``), ``jpeg_quality``
-    (95)."""
+    (95); ``holdout_per_task`` (200) and ``split_seed`` (0) of the ``5x200`` task."""
 
     reports_path: Optional[str] = None
     num_workers: Optional[int] = None
     max_size: int = DEFAULT_MAX_SIZE
     image_format: str = "bmp"
     jpeg_quality: int = 95
+    holdout_per_task: int = DEFAULT_HOLDOUT_PER_TASK
+    split_seed: int = 0
 
 
 class MimicCxr(CGNSBuilder):
-    """MIMIC-CXR-JPG image-report pairs; one config, ``pretraining``."""
+    """MIMIC-CXR-JPG image-report pairs (``pretraining``) and its official test split (``retrieval``,
+    ``classification``, ``5x200``)."""
 
     NAME, TASKS = NAME, TASKS
     VERSION = datasets.Version("1.0.0")
     BUILDER_CONFIG_CLASS = MimicCxrConfig
     PATH_OPTIONS = ("reports_path",)
-    BUILDER_CONFIGS = [MimicCxrConfig(name="pretraining", version=VERSION,
-                                      description="frontal image + impression/findings sentences")]
+    BUILDER_CONFIGS = [
+        MimicCxrConfig(name="pretraining", version=VERSION, description="frontal image + impression/findings "
+                       "sentences: official train; validate + test as validation"),
+        MimicCxrConfig(name="retrieval", version=VERSION, description="the official test split's image-report "
+                       "pairs"),
+        MimicCxrConfig(name="classification", version=VERSION, description="the official test split with the "
+                       "five CheXpert competition labels"),
+        MimicCxrConfig(name="5x200", version=VERSION, description="MIMIC-CXR 5x200: test images positive for "
+                       "exactly one competition task")]
     DEFAULT_CONFIG_NAME = "pretraining"
     EXTRA_FEATURES = {"subject_id": datasets.Value("string"), "dicom_id": datasets.Value("string")}
     EXAMPLE_KEY = "dicom_id"
@@ -463,7 +554,7 @@ class MimicCxr(CGNSBuilder):
         if not 1 <= int(self.config.jpeg_quality) <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.config.jpeg_quality}")
         splits, self.manifest = scan(self._data_dir(), self.config.reports_path, self.config.num_workers,
-                                     self.config.name)
+                                     self.config.name, self.config.holdout_per_task, self.config.split_seed)
         return self.split_generators(splits)
 
     def _shard_dir(self) -> Optional[str]:
@@ -490,17 +581,21 @@ class MimicCxr(CGNSBuilder):
 
 def load(data_dir=None, task: str = "pretraining", data_pct: float = 1.0, seed: int = 0, cache_dir=None,
          **options) -> datasets.DatasetDict:
-    """``DatasetDict`` with ``train`` and ``validation`` (official validate + test); see module doc.
+    """``DatasetDict`` of ``task``: ``pretraining`` gives ``train`` and ``validation`` (official validate + test),
+    the evaluation tasks a ``test`` split (the official test split); see module doc.
 
-    ``options``: ``reports_path``, ``num_workers``, ``max_size``, ``image_format``, ``jpeg_quality``
-    (``MimicCxrConfig``), ``download_mode``, ``verbose``.
+    ``options``: ``reports_path``, ``num_workers``, ``max_size``, ``image_format``, ``jpeg_quality``,
+    ``holdout_per_task``, ``split_seed`` (``MimicCxrConfig``), ``download_mode``, ``verbose``, ``force_prepare``.
     """
     return prepare_and_load(MimicCxr, task, data_dir, data_pct, seed, cache_dir, **options)
 
 
 def main(argv=None) -> int:
-    return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0],
-                   flags=[CliFlag.for_option("max_size", type=int,
+    # the evaluation tasks are prepared when named (--task retrieval ...), or by the first evaluation
+    return run_cli(NAME, load, TASKS, argv, description=__doc__.splitlines()[0], default_tasks=("pretraining",),
+                   flags=[CliFlag.for_option("reports_path", help="mimic-cxr-reports.zip or its extracted folder "
+                                             "(PhysioNet's MIMIC-CXR project; default: found in --data_dir)"),
+                          CliFlag.for_option("max_size", type=int,
                                              help=f"longest stored side ({DEFAULT_MAX_SIZE}; 0: original JPEGs)"),
                           CliFlag.for_option("num_workers", type=int,
                                              help="threads validating and resizing images")])
@@ -511,7 +606,9 @@ if __name__ == "__main__":
 
 __all__ = [
     "TASKS",
+    "EVALUATION_TASKS",
     "DEFAULT_MAX_SIZE",
+    "read_chexpert_labels",
     "MimicCxr",
     "MimicCxrConfig",
     "SECTION_ALIASES",

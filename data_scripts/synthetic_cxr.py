@@ -1124,12 +1124,22 @@ def _config_id(task: str, num_images: int, image_size: int, generator_seed: int,
     return f"{task}-n{int(num_images)}-s{int(image_size)}-seed{int(generator_seed)}{contrast}"
 
 
+# The 224 px protocol resizes to 256 before its crops; pretraining renders at that size (as mimic_cxr stores
+# 256 px), so a `cgns prepare synthetic_cxr` folder is the one `cgns pretrain` reads.
+PRETRAINING_IMAGE_SIZE = 256
+
+
+def default_image_size(task: str) -> int:
+    """The rendered side when ``image_size`` is not given: 256 for ``pretraining``, 224 otherwise."""
+    return PRETRAINING_IMAGE_SIZE if task == "pretraining" else 224
+
+
 def _cache_root(cache_dir: Optional[str]) -> str:
     return cache_dir if cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "cgns")
 
 
 def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, seed: int = 0,
-         cache_dir: Optional[str] = None, num_images: int = 2000, image_size: int = 224,
+         cache_dir: Optional[str] = None, num_images: int = 2000, image_size: Optional[int] = None,
          generator_seed: int = 0, lesion_contrast_scale: float = 1.0, download_mode=None, verbose: bool = True,
          force_prepare: bool = False, verify: str = "quick", max_failed_share: Optional[float] = None,
          **options) -> "datasets.DatasetDict":
@@ -1140,10 +1150,12 @@ def load(data_dir=None, task: str = "classification", data_pct: float = 1.0, see
     cached under ``<cache_dir or ~/.cache/cgns>/synthetic_cxr/`` in a config id that encodes
     num_images / image_size / generator_seed; ``manifest.json`` goes to ``<...>/synthetic_cxr/<task>/``.
     ``force_prepare`` regenerates it; ``verify`` is the check of a reused cache (``prepare_and_load``).
-    ``data_pct`` subsamples the train split only
-    (``subsample_train(dd, data_pct, seed)``).
+    ``data_pct`` subsamples the train split only (``subsample_train(dd, data_pct, seed)``). ``image_size``
+    defaults to ``default_image_size(task)``.
     """
     check_options(DATASET_NAME, SyntheticCXR, options)
+    if image_size is None:
+        image_size = default_image_size(task)
     if task in TASKS and int(num_images) < 10:
         raise ValueError(f"num_images must be >= 10 (80/10/10 splits), got {num_images}")
     if not float(lesion_contrast_scale) > 0:
@@ -1186,7 +1198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """CLI (``data_scripts.builder.run_cli``): prepare the data, print rows per split and label
     balance, write the manifest and a few sample studies (PNG + report) to ``output_dir/samples``."""
     flags = [CliFlag.for_option("num_images", type=int, help="number of studies (2000)"),
-             CliFlag.for_option("image_size", type=int, help="image side in px (224)"),
+             CliFlag.for_option("image_size", type=int, help="image side in px (224; pretraining 256)"),
              CliFlag.for_option("generator_seed", type=int, help="generator seed (0)"),
              CliFlag("--num_samples", None, dict(type=int, default=6, help="studies saved as samples/"))]
     return run_cli(DATASET_NAME, load, TASKS, argv, description=__doc__.splitlines()[0], needs_data_dir=False,
@@ -1200,7 +1212,8 @@ if __name__ == "__main__":
 __all__ = [
     "DIFFICULTY", "SCENARIOS", "FINDING_NAMES", "CHEXPERT_LABELS", "MULTICLASS_NAMES", "KEYWORDS",
     "SIZE_WORDS", "TASKS", "MEANING_TASKS", "meaning_features", "positive_meaning", "statement_meaning",
-    "SyntheticCXR", "SyntheticCXRConfig", "generate_study", "generate",
+    "SyntheticCXR", "SyntheticCXRConfig", "generate_study", "generate", "PRETRAINING_IMAGE_SIZE",
+    "default_image_size",
     "study_digest", "split_sizes",
     "split_of", "load", "main",
 ]

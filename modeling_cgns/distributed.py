@@ -31,9 +31,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     # The supported autograd-aware collective (torch.distributed.nn.functional.all_gather is deprecated):
     # forward all_gather_into_tensor, backward reduce_scatter (sum) to the owner of each slice.
+    # all_gather_single_autograd is its current name; all_gather_tensor_autograd (torch < 2.14) warns
+    # (FutureWarning, on every rank) where the new one exists.
     from torch.distributed import _functional_collectives as funcol
 
-    gathered = funcol.all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    gathered = gather(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
     return funcol.wait_tensor(gathered)
 
 

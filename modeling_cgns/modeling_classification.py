@@ -12,6 +12,7 @@ model (``modeling_segmentation.py``).
 Features (E.1): the mean of the last ResNet feature map (not the pretraining attention pool) or
 the ViT CLS token after the final LayerNorm.
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForImageClassification, PretrainedConfig
 from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import logging as hf_logging
 
 from .configuration_cgns import CGNSConfig
 from .metrics import MULTI_LABEL, SINGLE_LABEL
@@ -27,7 +29,25 @@ from .modeling_cgns import CGNSPreTrainedModel
 
 INITS = ("pretrained", "random", "imagenet")
 # from_pretrained keyword arguments that locate files; they are also needed to read the config alone
+logger = hf_logging.get_logger(__name__)
+
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings and progress bars (the load report, "Loading weights") off inside the block; its
+    errors stay, and the previous settings come back."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class FrozenVisionTowerMixin:
@@ -81,8 +101,17 @@ class FrozenVisionTowerMixin:
         check_cgns_export(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
         if init == "pretrained":
             return_info = kwargs.pop("output_loading_info", False)
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                                  output_loading_info=True, **kwargs)
+            # A CGNS export has no head: transformers' load report would list the head as MISSING and the
+            # export's other parts as UNEXPECTED, both by design. It is silenced for this load only; what
+            # matters is checked below (the tower) and reported here (a head missing from a saved head model).
+            with _quiet_transformers():
+                model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                      output_loading_info=True, **kwargs)
+            head_missing = sorted(k for k in info["missing_keys"] if not k.startswith("vision_model."))
+            if head_missing and cls.__name__ in (getattr(model.config, "architectures", None) or []):
+                logger.warning(f"{pretrained_model_name_or_path!r} is a saved {cls.__name__} but lacks "
+                               f"{len(head_missing)} head weight(s) (e.g. {head_missing[0]!r}): they are freshly "
+                               f"initialised")
             missing = sorted(k for k in info["missing_keys"] if k.startswith("vision_model."))
             if missing:
                 raise ValueError(

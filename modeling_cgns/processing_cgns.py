@@ -336,7 +336,11 @@ class CGNSProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "sentence_index"]
 
 
-AutoImageProcessor.register(CGNSConfig, slow_image_processor_class=CGNSImageProcessor, exist_ok=True)
+# One implementation (torch tensor ops, no PIL- or torchvision-specific path) serves both backends transformers
+# asks for; registered under "pil" only, every load with torchvision installed would ask for "torchvision" and
+# log "Requested torchvision backend is not available. Falling back to pil backend."
+AutoImageProcessor.register(CGNSConfig, image_processor_classes={"pil": CGNSImageProcessor,
+                                                                 "torchvision": CGNSImageProcessor}, exist_ok=True)
 AutoProcessor.register(CGNSConfig, CGNSProcessor, exist_ok=True)
 
 __all__ = ["CGNSImageProcessor", "CGNSProcessor", "default_resize_size", "load_image_source", "to_unit_range"]

@@ -458,3 +458,63 @@ def test_every_metadata_row_accounted(faulty):
 
 
 __all__ = []
+
+
+# ------------------------------------------------------------------------------------------------
+# The official test split: retrieval, classification (CheXpert labels) and 5x200 tasks (issue 27)
+# ------------------------------------------------------------------------------------------------
+
+# study -> raw CheXpert labels of the five competition tasks (blank = not mentioned)
+CHEXPERT_ROWS = {"50000004": ["1.0", "", "0.0", "", ""],          # d05, d06: Atelectasis only
+                 "50000011": ["", "1.0", "-1.0", "", "1.0"]}      # d20: two positives + one uncertain
+
+
+def write_chexpert_table(root, rows=CHEXPERT_ROWS):
+    from data_scripts.chexpert import COMPETITION_TASKS
+
+    with open(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject_id", "study_id", *COMPETITION_TASKS, "No Finding"])
+        subjects = {study: subject for _, subject, study, _, _, _ in ROWS}
+        for study, values in rows.items():
+            w.writerow([subjects[study], study, *values, ""])
+
+
+def test_official_test_split_tasks(built, tmp_path):
+    root = str(tmp_path / "mimic")
+    make_mimic(root)
+    cache = str(tmp_path / "c")
+    retrieval = mimic_cxr.load(root, task="retrieval", cache_dir=cache)
+    assert set(retrieval) == {"test"}
+    assert retrieval["test"]["dicom_id"] == ["d05", "d06", "d20"]      # official test, frontal, with a report
+    assert retrieval["test"][2]["sentences"] == NORMAL_SENTENCES
+    with open(os.path.join(cache, "mimic_cxr", "retrieval", "manifest.json")) as f:
+        manifest = json.load(f)
+    # 20 metadata rows = 3 rows + skips + the rows of the other official splits (counted, not listed)
+    assert manifest["inputs"]["rows outside the official test split"] == 13
+    assert 3 + sum(manifest["skipped_counts"].values()) + 13 == manifest["inputs"]["metadata rows"] == 20
+
+    with pytest.raises(DatasetFormatError, match="mimic-cxr-2.0.0-chexpert.csv"):
+        mimic_cxr.load(root, task="classification", cache_dir=cache)
+    write_chexpert_table(root)
+    labelled = mimic_cxr.load(root, task="classification", cache_dir=cache)["test"]
+    assert labelled["image_id"] == ["d05", "d06", "d20"]
+    assert labelled["labels"] == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 1, 0, 0, 1]]   # -1 and blank: negative
+    five = mimic_cxr.load(root, task="5x200", cache_dir=cache, holdout_per_task=1)["test"]
+    assert len(five) == 1 and five[0]["image_id"] in ("d05", "d06")         # d20 has two positives
+    # the pretraining task is unchanged: validate + test form its validation split
+    assert len(mimic_cxr.load(root, cache_dir=cache)["validation"]) == 5
+
+
+def test_prepare_leaves_no_lock_files_and_names_no_path(built, tmp_path):
+    root = built[0]
+    out = tmp_path / "prepared"
+    assert mimic_cxr.main(["--data_dir", root, "--output_dir", str(out), "--num_workers", "2"]) == 0
+    names = [os.path.join(r, n) for r, dirs, files in os.walk(out) for n in files + dirs]
+    assert not [n for n in names if n.endswith(".lock")]
+    assert not [n for n in names if "%2F" in n or root.strip("/").replace("/", "_") in n]
+    # the same inputs with another thread count find the preparation again
+    ds = mimic_cxr.load(root, cache_dir=str(out), num_workers=1)
+    assert len(ds["train"]) == 3
+    infos = [r for r, _, files in os.walk(out) if "dataset_info.json" in files]
+    assert len(infos) == 1

@@ -241,9 +241,16 @@ def _global_loss_and_grads(image, text, scale):
 
 
 def _global_loss_on_rank(rank, world):
+    import warnings
+
     image, text = _global_inputs()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    return _global_loss_and_grads(image[rows], text[rows], 10.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _global_loss_and_grads(image[rows], text[rows], 10.0)
+    # the gather uses torch's current collective, not a deprecated alias (a FutureWarning on every rank)
+    future = sum(issubclass(w.category, FutureWarning) for w in caught)
+    return (*result, torch.tensor(future))
 
 
 @pytest.mark.distributed
@@ -265,7 +272,8 @@ def test_two_process_global_loss_matches_full_batch():
     assert full_labels.tolist() == list(range(WORLD * PER_RANK))
     assert torch.allclose(torch.stack([r[0] for r in ranks]).mean(), full_loss, atol=1e-12)
     assert not torch.allclose(ranks[0][0], ranks[1][0])              # the per-rank losses do differ
-    for rank, (_, image_grad, text_grad, scale_grad, labels) in enumerate(ranks):
+    assert [int(r[5]) for r in ranks] == [0] * WORLD
+    for rank, (_, image_grad, text_grad, scale_grad, labels, _) in enumerate(ranks):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         assert labels.tolist() == list(range(rank * PER_RANK, (rank + 1) * PER_RANK))     # global-rank offset
         assert torch.allclose(image_grad, WORLD * full_image_grad[rows], atol=1e-12)

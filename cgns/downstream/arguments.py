@@ -25,7 +25,7 @@ from transformers import HfArgumentParser
 from .protocols import PROTOCOLS, protocol
 from modeling_cgns.modeling_classification import INITS
 
-DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr", "ms_cxr", "iu_xray")
+DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr", "ms_cxr", "iu_xray", "mimic_cxr")
 # the shared hyperparameters whose default belongs to the protocol (the module's DEFAULTS)
 PER_TASK = ("max_epochs", "batch_size", "lr", "weight_decay")
 CHECKPOINT_MODES = ("augment", "uncached")
@@ -54,8 +54,9 @@ class DownstreamArguments:
                                      "--images / --reports"})
     dataset_task: Optional[str] = field(default=None, metadata={
         "help": "the dataset's task name; default: the protocol's DATASET_TASK (retrieval / visualize: "
-                "pretraining, zero_shot: classification), else the --task name (synthetic_cxr also has "
-                "classification_binary, classification_multiclass, segmentation_opacity and grounding)"})
+                "pretraining, mimic_cxr retrieval: retrieval, the official test split; zero_shot: classification), "
+                "else the --task name (synthetic_cxr also has classification_binary, classification_multiclass, "
+                "segmentation_opacity and grounding; chexpert and mimic_cxr 5x200)"})
     data_dir: Optional[str] = field(default=None, metadata={
         "help": "raw dataset folder (not needed for synthetic_cxr)"})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "where prepared datasets are cached"})
@@ -201,7 +202,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluationArguments:
     if args.dataset is None and not getattr(task_module, "DATASET_OPTIONAL", False):
         parser.error(f"the following arguments are required for --task {args.task}: --dataset")
     if args.dataset_task is None:
-        args.dataset_task = getattr(task_module, "DATASET_TASK", args.task)
+        # a protocol may name another task for some datasets (DATASET_TASKS: mimic_cxr's official test split)
+        args.dataset_task = getattr(task_module, "DATASET_TASKS", {}).get(
+            args.dataset, getattr(task_module, "DATASET_TASK", args.task))
     for key, value in task_module.DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, set_seed
 
 import data_scripts
-from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                     markdown_row, mean_std, resume_checkpoint, seed_dir, single_cpu_thread,
-                     training_arguments, write_results, write_seed_metrics)
+from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, console_trainer, format_epoch,
+                     load_image_processor, markdown_row, mean_std, percent, resume_checkpoint, seed_dir,
+                     single_cpu_thread, training_arguments, write_results, write_seed_metrics)
 from .embeddings import cache_key, cache_subdir, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
@@ -326,8 +326,7 @@ def train_probe(model: CGNSForImageClassification, datasets_by_split: Dict[str, 
         compute_metrics=make_compute_metrics(spec),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
     )
-    if args.quiet:
-        trainer.remove_callback(PrinterCallback)
+    console_trainer(trainer, args.quiet, f"seed {seed} probe")
     resume = resume_checkpoint(args, trainer.args.output_dir)
     with single_cpu_thread(args.mode == "cached" and not torch.cuda.is_available()):
         trainer.train(resume_from_checkpoint=resume)
@@ -393,8 +392,8 @@ def run(args: "EvaluationArguments") -> Dict:
         # the checkpoints only served to restore the best head, which is evaluated now
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
         main_value = per_seed[seed]["test"][spec.metric]
-        logger.info("seed %d: test %s = %s (best epoch %s)", seed, spec.metric,
-                    "undefined" if main_value is None else f"{main_value:.4f}", per_seed[seed]["best_epoch"])
+        logger.info("seed %d: test %s %s (best epoch %s)", seed, spec.metric, percent(main_value),
+                    format_epoch(per_seed[seed]["best_epoch"]))
 
     results = {
         "task": args.task, "dataset": args.dataset, "dataset_task": args.dataset_task,

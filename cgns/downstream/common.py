@@ -8,12 +8,13 @@ Nothing here knows about a particular protocol; ``cgns.downstream.classification
 import contextlib
 import json
 import logging
+import math
 import os
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
@@ -53,7 +54,20 @@ class FrozenTowerTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if state_dict is None:
             state_dict = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
-        super()._save(output_dir, state_dict=state_dict)
+        with progress_bars(False):         # no "Writing model shards" bar at every epoch's checkpoint
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Head checkpoints on cached features come less than a second apart; transformers' checkpoint rotation
+        # then takes the file times for an unreliable filesystem clock, says so, and orders by step, which is
+        # what is wanted here: its warning is silenced for this call only.
+        rotation_logger = logging.getLogger("transformers.trainer_utils")
+        level = rotation_logger.level
+        rotation_logger.setLevel(logging.ERROR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            rotation_logger.setLevel(level)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # The frozen tower is absent from the checkpoints by design (see _save); only report other keys.
@@ -106,8 +120,76 @@ def training_arguments(args, output_dir: str, seed: int) -> TrainingArguments:
         bf16=args.bf16,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
-        disable_tqdm=args.quiet,
+        # the Trainer's bars nest (a prediction bar inside the training bar: cursor escape codes in a log
+        # file) and its printer writes raw dicts: EpochProgressCallback shows one bar instead (console_trainer)
+        disable_tqdm=True,
     )
+
+
+def format_number(value, digits: int = 4) -> str:
+    """A loss or other unbounded number to ``digits`` significant digits; ``undefined`` for None / NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{value:.{digits}g}"
+
+
+def percent(value) -> str:
+    """A share in [0, 1] as the results tables show it: ``0.4476789`` -> ``"44.8 %"``; ``undefined`` for None / NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{100 * value:.1f} %"
+
+
+def format_epoch(epoch) -> str:
+    """The Trainer's float epoch (``2.0``) as a person counts it."""
+    if epoch is None:
+        return "none"
+    return f"{epoch:g}"
+
+
+class EpochProgressCallback(TrainerCallback):
+    """One progress bar per training run, in epochs, with the last train and validation loss beside it (rounded),
+    in place of the Trainer's nested bars and raw log dicts. Nothing is shown on a non-main process."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self.postfix: Dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=int(math.ceil(args.num_train_epochs)), desc=self.description, unit="epoch",
+                            initial=int(state.epoch or 0), dynamic_ncols=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key, name in (("loss", "loss"), ("eval_loss", "validation loss")):
+            if key in logs:
+                self.postfix[name] = format_number(logs[key])
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(int(state.epoch or 0) - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.close()
+            self.bar = None
+
+
+def console_trainer(trainer: Trainer, quiet: bool, description: str) -> Trainer:
+    """The Trainer's console: no printer of raw log dicts, no Trainer bars, one :class:`EpochProgressCallback`
+    bar unless ``quiet``. Returns ``trainer``."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(EpochProgressCallback(description))
+    return trainer
 
 
 def resume_checkpoint(args, checkpoints_dir: str):
@@ -219,7 +301,8 @@ def write_results(results: Dict, output_dir: str, header: str = RESULTS_HEADER, 
 
 
 __all__ = [
-    "SPLITS", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "resume_checkpoint",
+    "SPLITS", "load_image_processor", "FrozenTowerTrainer", "training_arguments", "format_number", "percent",
+    "format_epoch", "EpochProgressCallback", "console_trainer", "resume_checkpoint",
     "best_by_eval_loss", "single_cpu_thread", "progress_bars", "seed_dir", "write_seed_metrics", "mean_std",
     "format_mean_std", "RESULTS_HEADER", "markdown_row", "write_results",
 ]

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 import data_scripts
-from .common import SPLITS, format_mean_std, mean_std, seed_dir, write_results, write_seed_metrics
+from .common import (SPLITS, format_epoch, format_mean_std, format_number, mean_std, percent, seed_dir,
+                     write_results, write_seed_metrics)
 from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, MAX_DETECTIONS, average_precision_per_threshold,
                                              mean_average_precision)
 from modeling_cgns.model_card import save_export
@@ -321,9 +322,9 @@ def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader]
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "validation_loss": validation_loss,
                         "validation_map": validation["map"],
                         "validation_map_all_scores": validation["map_all_scores"]})
-        logger.info("seed %d epoch %d: train loss %.4f, validation loss %.4f, mAP %s, mAP all scores %s", seed,
-                    epoch, history[-1]["train_loss"], validation_loss, format_value(validation["map"]),
-                    format_value(validation["map_all_scores"]))
+        logger.info("seed %d epoch %d: train loss %s, validation loss %s, mAP %s, mAP all scores %s", seed,
+                    epoch, format_number(history[-1]["train_loss"]), format_number(validation_loss),
+                    percent(validation["map"]), percent(validation["map_all_scores"]))
         is_best, stop = selector.update(epoch, score)
         if is_best:
             best_state = head_state(model)
@@ -338,10 +339,6 @@ def train_detector(model: CGNSForObjectDetection, loaders: Dict[str, DataLoader]
             "best_validation_map_all_scores": best.get("validation_map_all_scores"),
             "best_validation_loss": best.get("validation_loss"),
             "epochs_trained": len(history), "history": history}
-
-
-def format_value(value) -> str:
-    return "undefined" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,8 +417,8 @@ def run(args: "EvaluationArguments") -> Dict:
             save_export(model, os.path.join(seed_dir(args.output_dir, seed), "model"), base_model=args.model,
                         data=f"{args.dataset}/{args.dataset_task} ({100 * args.data_pct:g} % of the train labels)",
                         training={"seed": seed, "init": args.init}, metrics={"test": test})
-        logger.info("seed %d: test mAP %s, with MGCA quirks %s (best epoch %s)", seed, test["map"],
-                    test["map_mgca"], training["best_epoch"])
+        logger.info("seed %d: test mAP %s, with MGCA quirks %s (best epoch %s)", seed, percent(test["map"]),
+                    percent(test["map_mgca"]), format_epoch(training["best_epoch"]))
 
     runs = list(per_seed.values())
     results = {

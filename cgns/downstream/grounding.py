@@ -39,7 +39,7 @@ import torch
 import data_scripts
 from modeling_cgns.grounding_metrics import phrase_grounding_scores
 
-from .common import write_results
+from .common import format_number, percent, write_results
 from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
                          text_batch)
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompt_sentences
@@ -422,7 +422,10 @@ def run(args) -> Dict:
     write_results(results, args.output_dir, RESULTS_HEADER, row)
     with open(os.path.join(args.output_dir, "phrase_grounding.md"), "w") as f:
         f.write(per_finding_table(scores, random_scores))
-    logger.info("grounding on %d queries: %s", scores["num_queries"], scores)
+    logger.info("grounding on %d queries: pointing game %s (uniform map %s), attention mass in the box %s, CNR %s, "
+                "mIoU %s", scores["num_queries"], percent(scores["pointing_game"]),
+                percent(scores["uniform_pointing_game"]), percent(scores["attention_mass_in_box"]),
+                format_number(scores["cnr"], 3), format_number(scores["miou"], 3))
     return results
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 import data_scripts
 from modeling_cgns.metrics import RETRIEVAL_KS, retrieval_metrics
 
-from .common import write_results
+from .common import percent, write_results
 from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
                          encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
                          require_dataset)
@@ -31,8 +31,10 @@ logger = logging.getLogger("downstream.retrieval")
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
 DEFAULTS = {"batch_size": 64}
-#: The dataset task used when --dataset_task is not given: image-report pairs.
+#: The dataset task used when --dataset_task is not given: image-report pairs; for MIMIC-CXR its
+#: official test split (the pretraining task's validation merges the official validate and test splits).
 DATASET_TASK = "pretraining"
+DATASET_TASKS = {"mimic_cxr": "retrieval"}
 
 RESULTS_HEADER = ("| model | dataset | split | pairs | i2t R@1 | i2t R@5 | i2t R@10 | i2t median rank | "
                   "t2i R@1 | t2i R@5 | t2i R@10 | t2i median rank |\n"
@@ -108,7 +110,9 @@ def run(args) -> Dict:
            + " | ".join(_cell(metrics, f"{d}_{m}") for d in ("i2t", "t2i")
                         for m in ("R@1", "R@5", "R@10", "median_rank")) + " |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
-    logger.info("retrieval on %d pairs: %s", len(indices), metrics)
+    logger.info("retrieval on %d pairs (%s): %s", len(indices), split_name, "; ".join(
+        f"{d} R@1 {percent(metrics[f'{d}_R@1'])}, R@5 {percent(metrics[f'{d}_R@5'])}, R@10 "
+        f"{percent(metrics[f'{d}_R@10'])}, median rank {metrics[f'{d}_median_rank']:g}" for d in ("i2t", "t2i")))
     return results
 
 
@@ -118,6 +122,6 @@ def _cell(metrics: Dict[str, float], key: str) -> str:
 
 
 __all__ = [
-    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "check_arguments", "compute_embeddings", "usable_pairs",
+    "run", "ARGUMENTS", "DEFAULTS", "DATASET_TASK", "DATASET_TASKS", "check_arguments", "compute_embeddings", "usable_pairs",
     "embedding_cache_path", "RESULTS_HEADER",
 ]

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import EarlyStoppingCallback, EvalPrediction, PrinterCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, EvalPrediction, TrainingArguments, set_seed
 
 import data_scripts
-from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, load_image_processor,
-                     markdown_row, mean_std, resume_checkpoint, seed_dir, training_arguments,
-                     write_results, write_seed_metrics)
+from .common import (SPLITS, FrozenTowerTrainer, best_by_eval_loss, console_trainer, format_epoch,
+                     load_image_processor, markdown_row, mean_std, percent, resume_checkpoint, seed_dir,
+                     training_arguments, write_results, write_seed_metrics)
 from modeling_cgns import CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
@@ -271,8 +271,7 @@ def train_segmenter(model: CGNSForSemanticSegmentation, datasets_by_split: Dict[
         compute_metrics=DiceAccumulator(),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
     )
-    if args.quiet:
-        trainer.remove_callback(PrinterCallback)
+    console_trainer(trainer, args.quiet, f"seed {seed} segmentation")
     trainer.train(resume_from_checkpoint=resume_checkpoint(args, trainer.args.output_dir))
     return trainer
 
@@ -334,9 +333,9 @@ def run(args: "EvaluationArguments") -> Dict:
         # the checkpoints only served to restore the best decoder, which is evaluated now
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
         test = per_seed[seed]["test"]
-        logger.info("seed %d: test dice = %.4f, on positive images %s, of an empty prediction %.4f (best epoch "
-                    "%s)", seed, test[METRIC], "undefined" if test["dice_positive"] is None
-                    else f"{test['dice_positive']:.4f}", test["dice_empty_prediction"], per_seed[seed]["best_epoch"])
+        logger.info("seed %d: test Dice %s, on positive images %s, of an empty prediction %s (best epoch %s)",
+                    seed, percent(test[METRIC]), percent(test["dice_positive"]), percent(test["dice_empty_prediction"]),
+                    format_epoch(per_seed[seed]["best_epoch"]))
 
     results = {
         "task": SEGMENTATION, "dataset": args.dataset, "dataset_task": args.dataset_task,

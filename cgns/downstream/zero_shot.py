@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data_scripts
 from modeling_cgns.metrics import SINGLE_LABEL, classification_metrics
 
-from .common import write_results
+from .common import percent, write_results
 from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
                          encode_reports, load_model_and_processor, model_identity, pick_split, require_columns,
                          require_dataset)
@@ -123,7 +123,8 @@ def run(args) -> Dict:
     row = (f"| {args.model} | {args.dataset}/{args.dataset_task} | {split_name} | {len(split)} | "
            f"{os.path.basename(prompt_path)} | {_percent(metrics['auroc'])} | {per_label} |")
     write_results(results, args.output_dir, RESULTS_HEADER, row)
-    logger.info("zero-shot on %d images: macro AUROC %s", len(split), metrics["auroc"])
+    logger.info("zero-shot on %d images (%s/%s %s): macro AUROC %s", len(split), args.dataset, args.dataset_task,
+                split_name, percent(metrics["auroc"]))
     return results
 
 

@@ -9,12 +9,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from accelerate import Accelerator
 from transformers import HfArgumentParser
 
 from cgns.configs import config_names, read_config
+
+if TYPE_CHECKING:      # accelerate imports torch: not needed to parse (or print --help for) the arguments
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -90,8 +92,17 @@ class DataArguments:
         "help": "a data_scripts dataset name (synthetic_cxr, mimic_cxr) or a folder saved with "
                 "DatasetDict.save_to_disk holding train/validation splits with image + sentences"})
     data_dir: Optional[str] = field(default=None, metadata={
-        "help": "raw files of a real dataset (mimic_cxr)"})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "where prepared datasets are cached"})
+        "help": "raw files of a real dataset (mimic_cxr: the MIMIC-CXR-JPG 2.0.0 folder)"})
+    reports_path: Optional[str] = field(default=None, metadata={
+        "help": "mimic_cxr: the reports (mimic-cxr-reports.zip or its extracted folder; PhysioNet ships them in "
+                "the MIMIC-CXR project, apart from MIMIC-CXR-JPG); default: looked for in data_dir"})
+    dataset_options: List[str] = field(default_factory=list, metadata={
+        "metavar": "KEY=VALUE",
+        "help": "further options of the dataset builder, as `cgns prepare` takes them, e.g. max_size=256 "
+                "image_format=bmp num_workers=16 (values read as JSON when they are)"})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where prepared datasets are cached; the --output_dir of `cgns prepare` reuses that preparation "
+                "(same inputs and options)"})
     data_pct: float = field(default=1.0, metadata={"help": "share of the train split used, in (0, 1]"})
     data_seed: int = field(default=0, metadata={
         "help": "seed of the data_pct subsample (and of synthetic data)"})
@@ -234,7 +245,7 @@ def parse_args(argv: Optional[List[str]] = None) -> PretrainingConfig:
     return PretrainingConfig(model_args, data_args, training_args)
 
 
-def save_args(config: PretrainingConfig, accelerator: Accelerator) -> None:
+def save_args(config: PretrainingConfig, accelerator: "Accelerator") -> None:
     if accelerator.is_main_process:
         os.makedirs(config.training.output_dir, exist_ok=True)
         with open(os.path.join(config.training.output_dir, "args.json"), "w") as f:

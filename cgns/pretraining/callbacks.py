@@ -308,9 +308,11 @@ class LoggingCallback(Callback):
                              if k in metrics)
         message = (f"eval after epoch {run.progress.epoch}/{run.total_epochs} (stage {run.progress.stage}, "
                    f"step {step}): {terms} | {retrieval}")
+        # once: above the bar while it is shown (a log line would tear it), else through the logger
         if self.bar is not None and not self.bar.disable:
             self.bar.write(message)
-        logger.info(message)
+        else:
+            logger.info(message)
 
     def close(self, run: PretrainingRun) -> None:
         if self.bar is not None:

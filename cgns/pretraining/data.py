@@ -87,17 +87,16 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
         raise ValueError("--lesion_contrast_scale applies to the synthetic_cxr dataset only, "
                          f"not {data_args.dataset!r}")
     if os.path.isdir(data_args.dataset):
+        if data_args.reports_path or data_args.dataset_options:
+            raise ValueError("--reports_path / --dataset_options are options of a dataset builder; "
+                             f"--dataset {data_args.dataset!r} is a saved folder")
         splits = datasets.load_from_disk(data_args.dataset)
         splits = data_scripts.subsample_train(splits, data_args.data_pct, data_args.data_seed)
     else:
-        options = {}
-        if data_args.dataset == "synthetic_cxr":
-            options = {"num_images": data_args.num_images,
-                       "image_size": data_args.render_size or resize_size_for(data_args, image_size),
-                       "lesion_contrast_scale": data_args.lesion_contrast_scale}
         splits = data_scripts.load_cgns_dataset(data_args.dataset, data_args.data_dir, task="pretraining",
                                                 data_pct=data_args.data_pct, seed=data_args.data_seed,
-                                                cache_dir=data_args.cache_dir, **options)
+                                                cache_dir=data_args.cache_dir,
+                                                **builder_options(data_args, image_size))
     for split in ("train", "validation"):
         if split not in splits:
             raise ValueError(f"dataset {data_args.dataset!r} has no {split!r} split (found {list(splits)})")
@@ -111,6 +110,30 @@ def load_pretraining_data(data_args: DataArguments, image_size: int):
             and MEANINGS_COLUMN in splits["validation"].column_names):
         columns.append(MEANINGS_COLUMN)
     return {split: splits[split].select_columns(columns) for split in ("train", "validation")}
+
+
+def builder_options(data_args: DataArguments, image_size: int) -> Dict[str, Any]:
+    """The dataset builder's options: ``--dataset_options`` KEY=VALUE items, ``--reports_path`` (mimic_cxr; a path
+    that exists from the working directory is made absolute, else the builder reads it relative to data_dir) and
+    the synthetic generator's settings. The same options as ``cgns prepare`` gives find its preparation again."""
+    from data_scripts.builder import parse_option
+
+    options = dict(parse_option(item) for item in data_args.dataset_options)
+    if data_args.reports_path:
+        if "reports_path" in options:
+            raise ValueError("reports_path given twice (--reports_path and --dataset_options)")
+        path = data_args.reports_path
+        options["reports_path"] = os.path.abspath(path) if os.path.exists(path) else path
+    if data_args.dataset == "synthetic_cxr":
+        synthetic = {"num_images": data_args.num_images,
+                     "image_size": data_args.render_size or resize_size_for(data_args, image_size),
+                     "lesion_contrast_scale": data_args.lesion_contrast_scale}
+        twice = sorted(set(synthetic) & set(options))
+        if twice:
+            raise ValueError(f"--dataset_options {', '.join(twice)}: set these with their own arguments "
+                             f"(--num_images, --render_size, --lesion_contrast_scale)")
+        options.update(synthetic)
+    return options
 
 
 def resize_size_for(data_args: DataArguments, image_size: int) -> int:
@@ -176,6 +199,7 @@ __all__ = [
     "IndexedDataset",
     "SeededAugmentationCollator",
     "load_pretraining_data",
+    "builder_options",
     "resize_size_for",
     "warn_if_stored_too_small",
     "get_dataloaders",

@@ -5,6 +5,7 @@ import os
 from typing import Any, Dict, Optional
 
 from accelerate.logging import get_logger
+from transformers.utils import logging as hf_logging
 
 from .state import PretrainingRun
 
@@ -32,8 +33,14 @@ def export_model(run: PretrainingRun) -> str:
     accelerator.wait_for_everyone()
     card_info = run.unwrapped_model.model_card_info
     card_info.update(pretraining_card_info(run, card_info.get("training_time_s")))
-    run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
-                                        save_function=accelerator.save)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()      # a "Writing model shards" bar for one file says nothing
+    try:
+        run.unwrapped_model.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
+                                            save_function=accelerator.save)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if accelerator.is_main_process:
         run.processor.save_pretrained(final_dir)
         logger.info(f"exported the model and processor to {final_dir}")

@@ -214,7 +214,8 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
                 micro_batches, run.step_logs = [], {}
                 if run.should_stop:
                     break
-        else:
+        # an epoch that ran to its last batch ends here, also when --max_steps stopped on that batch
+        if progress.step_in_epoch >= len(run.train_dataloader):
             sentence_check.finish(run)
             progress.epoch += 1
             progress.step_in_epoch = 0
