@@ -279,13 +279,17 @@ class CGNSReportTokenizer:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CGNSReportTokenizer":
         """The processor saved with a CGNS export (a folder or a Hub id) -> its report tokenizer."""
+        missing = OSError(f"{pretrained_model_name_or_path}: no CGNSProcessor (processor_config.json + tokenizer/) "
+                          f"saved with this CGNS export, so no tokenizer: save it beside the model with "
+                          f"processor.save_pretrained(folder)")
         if cls._loading:
-            raise OSError(f"{pretrained_model_name_or_path}: no tokenizer saved with this CGNS export (save the "
-                          f"CGNSProcessor with the model: processor.save_pretrained(folder))")
+            raise missing
         cls._loading = True
         try:
             options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
             return cls(CGNSProcessor.from_pretrained(pretrained_model_name_or_path, **options))
+        except OSError as error:
+            raise missing from error
         finally:
             cls._loading = False
 

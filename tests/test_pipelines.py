@@ -110,8 +110,8 @@ def test_image_feature_extraction_pipeline_returns_the_global_image_embedding(ex
     assert np.allclose(extract(image), expected.numpy(), atol=1e-5)           # the default: nested lists
 
 
-def test_report_tokenizer_is_the_processors_text_side(export):
-    folder, _, processor = export
+def test_report_tokenizer_is_the_processors_text_side(export, tmp_path):
+    folder, model, processor = export
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert isinstance(tokenizer, CGNSReportTokenizer)
     reports = ["Small LEFT pleural effusion. Heart size is normal.", "The lungs are clear."]
@@ -120,6 +120,9 @@ def test_report_tokenizer_is_the_processors_text_side(export):
         assert torch.equal(got[key], want[key])
     assert int(got["sentence_index"][0].max()) == 1                     # two sentences in the first report
     assert tokenizer.pad_token_id == processor.tokenizer.pad_token_id     # the word-piece tokenizer's attributes
+    model.save_pretrained(tmp_path / "model_only")                      # an export without its processor
+    with pytest.raises(OSError, match="no CGNSProcessor"):
+        AutoTokenizer.from_pretrained(tmp_path / "model_only")
 
 
 # --------------------------------------------------------------------------------------------------
