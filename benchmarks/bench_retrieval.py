@@ -51,12 +51,13 @@ def build_model(vision: str, image_size: int):
 
 @torch.no_grad()
 def images_one_at_a_time(model, processor, images: List) -> torch.Tensor:
-    return torch.cat([model.get_image_features(processor(images=[im])["pixel_values"]) for im in images])
+    return torch.cat([model.get_image_features(processor(images=[im])["pixel_values"]).pooler_output
+                      for im in images])
 
 
 @torch.no_grad()
 def reports_one_at_a_time(model, processor, reports: List[List[str]]) -> torch.Tensor:
-    return torch.cat([model.get_text_features(**text_batch(processor, [r], "cpu")) for r in reports])
+    return torch.cat([model.get_text_features(**text_batch(processor, [r], "cpu")).pooler_output for r in reports])
 
 
 def timed(fn):

@@ -150,7 +150,7 @@ def retrieval_metrics(image_embeds, text_embeds, ks: Sequence[int] = RETRIEVAL_K
     Args:
         image_embeds: (N, D) image embeddings; text_embeds: (N, D) report embeddings (tensors or
             arrays). Similarity is the dot product, i.e. the cosine for L2-normalised inputs such as
-            ``CGNSModel.get_image_features`` / ``get_text_features``.
+            the ``pooler_output`` of ``CGNSModel.get_image_features`` / ``get_text_features``.
         ks: the cut-offs k of Recall@k.
 
     Returns ``{"i2t_R@k": ..., "t2i_R@k": ..., "i2t_median_rank": ..., "t2i_median_rank": ...}``:

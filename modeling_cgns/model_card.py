@@ -51,6 +51,21 @@ LIMITATIONS = (
 )
 
 
+def public_name(name_or_path) -> str:
+    """How an export names a source given as a Hub id or a local path (a tower's ``_name_or_path`` in
+    ``config.json``, a dataset in the card): a Hub id or a plain name as given; a local folder by name, never
+    by path (an export names no path of the machine that made it): ``org/name`` for a snapshot in the Hub
+    cache (``models--org--name/snapshots/<commit>``), else the folder's own name."""
+    text = str(name_or_path)
+    path = os.path.normpath(os.path.expanduser(text))
+    if not (os.path.isabs(path) or os.path.exists(path)):
+        return text
+    parts = path.split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return parts[-1]
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
@@ -93,7 +108,8 @@ def tower_description(config) -> Dict[str, Any]:
         "image tower": f"timm `{vision.architecture}` ({config.vision_kind} features), {config.image_size} px input",
         "report tower": (f"{text.model_type} ({getattr(text, 'num_hidden_layers', '?')} layers, hidden "
                          f"{getattr(text, 'hidden_size', '?')}, vocab {getattr(text, 'vocab_size', '?')}"
-                         + (f", from `{text._name_or_path}`" if getattr(text, "_name_or_path", "") else "") + ")"),
+                         + (f", from `{public_name(text._name_or_path)}`" if getattr(text, "_name_or_path", "") else "")
+                         + ")"),
         "projection dim": config.projection_dim,
     }
 
@@ -119,7 +135,9 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
     title, pipeline_tag, auto_class, task = KINDS[kind]
     where = repo_id or "path/or/hub-id-of-this-export"
-    front = {"library_name": LIBRARY_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag,
+    # inference: false -- the Hub's hosted widget cannot run the pipeline: it would need this package imported
+    # (no trust_remote_code here); the usage lines below are what works.
+    front = {"library_name": LIBRARY_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag, "inference": False,
              "tags": ["cgns", "chest-x-ray", "medical-imaging", "radiology-reports", kind]}
     if base_model:
         front["base_model"] = base_model
@@ -133,7 +151,13 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
               "otherwise `AutoModel` reports an unknown model type `cgns` and `AutoProcessor` cannot build the "
               "processor.", "", "```bash", INSTALL_LINE, "```", "", "```python", IMPORT_LINE]
     if kind == "pretraining":
-        lines += ["from transformers import AutoModel, AutoProcessor", "",
+        lines += ["from transformers import AutoModel, AutoProcessor, pipeline", "",
+                  "# labels go through the model's own report handling (sentences, lower case, no punctuation)",
+                  f'classify = pipeline("zero-shot-image-classification", model="{where}")',
+                  'classify(image, candidate_labels=["pleural effusion", "pneumothorax", "cardiomegaly"],',
+                  '         hypothesis_template="There is {}.")',
+                  f'embed = pipeline("image-feature-extraction", model="{where}")',
+                  "embed(image)   # [[...]]: the global image embedding (projection dim), unit norm", "",
                   f'model = AutoModel.from_pretrained("{where}")',
                   f'processor = AutoProcessor.from_pretrained("{where}")',
                   'inputs = processor(images=image, text="No acute cardiopulmonary process.")',
@@ -222,4 +246,5 @@ def read_front_matter(path: str) -> Dict[str, Any]:
 
 
 __all__ = ["build_model_card", "write_model_card", "save_export", "read_front_matter", "tower_description",
+           "public_name",
            "LIBRARY_NAME", "PACKAGE_NAME", "INSTALL_LINE", "IMPORT_LINE", "CARD_NAME", "KINDS", "LIMITATIONS"]

@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from . import losses
 from .clustering import CrossModalKMeans
 from .configuration_cgns import CGNSConfig
+from .model_card import public_name
 
 logger = logging.get_logger(__name__)
 # CrossModalKMeans buffers holding features; every other one is the bool ``initialized`` or a long counter.
@@ -52,6 +54,24 @@ def segment_mean(token_features: torch.Tensor, sentence_index: torch.Tensor,
     counts = membership.sum(dim=-1)
     sentences = membership @ token_features / counts.clamp(min=1.0).unsqueeze(-1)
     return sentences, counts > 0
+
+
+def whole_text_sentence_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``sentence_index`` when none is given (a CLIP-style call with a plain tokenizer's output): the whole text
+    is one sentence.
+
+    Args:
+        attention_mask: (B, L); the first and the last attended token of each row are the tokenizer's
+            [CLS] and [SEP] (BERT-family tokenisation of one text) and belong to no sentence.
+    Returns:
+        (B, L) long: 0 on every other attended token, -1 on [CLS], [SEP] and padding.
+    """
+    attended = attention_mask.bool()
+    positions = torch.arange(attended.shape[1], device=attended.device).expand_as(attended)
+    first = torch.where(attended, positions, attended.shape[1]).min(dim=1, keepdim=True).values
+    last = torch.where(attended, positions, -1).max(dim=1, keepdim=True).values
+    inside = attended & (positions > first) & (positions < last)
+    return torch.where(inside, 0, -1).long()
 
 
 class CGNSAttentionPool2d(nn.Module):
@@ -566,7 +586,8 @@ class CGNSModel(CGNSPreTrainedModel):
         ``vision_model_name_or_path``: a timm name (``"resnet50"``; random init), ``"timm/<name>"`` hub id
         (ImageNet weights, online), or a local folder holding a TimmWrapper save. ``text_model_name_or_path``:
         a BERT-family hub id (e.g. ``emilyalsentzer/Bio_ClinicalBERT``) or local folder.
-        ``config_kwargs`` go to :class:`CGNSConfig`.
+        ``config_kwargs`` go to :class:`CGNSConfig`. The config records each tower by
+        ``model_card.public_name`` (a Hub id, or a local folder's name), never by a local path.
         """
         import os
 
@@ -587,6 +608,8 @@ class CGNSModel(CGNSPreTrainedModel):
                     f"'timm/<name>' hub id or an existing local folder")
             vision_model = AutoModel.from_config(TimmWrapperConfig(architecture=vision_model_name_or_path))
         text_model = AutoModel.from_pretrained(text_model_name_or_path)
+        for tower, source in ((vision_model, vision_model_name_or_path), (text_model, text_model_name_or_path)):
+            tower.config._name_or_path = public_name(source)
         config = CGNSConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
         # post_init only initialises the CGNS heads' own modules: the towers keep their loaded weights.
         vision_state = {k: v.clone() for k, v in vision_model.state_dict().items()}
@@ -615,6 +638,7 @@ class CGNSModel(CGNSPreTrainedModel):
         return self._encode_image(pixel_values)[:2]
 
     def _encode_image(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """-> (image_embeds, local tokens V, the tower's hidden states or None, the tower's last_hidden_state)."""
         vision_out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states or None)
         features = vision_out.last_hidden_state
         if self.config.vision_kind == "grid":
@@ -626,16 +650,24 @@ class CGNSModel(CGNSPreTrainedModel):
         image_embeds = F.normalize(self.global_image_projection(global_raw), dim=-1)
         local_image = F.normalize(self.local_image_projection(tokens), dim=-1)
         hidden_states = tuple(vision_out.hidden_states) if output_hidden_states else None
-        return image_embeds, local_image, hidden_states
+        return image_embeds, local_image, hidden_states, features
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor,
-                    token_type_ids: Optional[torch.Tensor] = None
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    sentence_index: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (report embedding (B, D) normalised, sentences T (B, S, D), sentence_mask (B, S))."""
+        """-> (report embedding (B, D) normalised, sentences T (B, S, D), sentence_mask (B, S)).
+
+        Without ``sentence_index`` the whole text is one sentence (:func:`whole_text_sentence_index`); without
+        ``attention_mask`` every token is attended."""
         return self._encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[:3]
 
-    def _encode_text(self, input_ids, attention_mask, sentence_index, token_type_ids=None,
+    def _encode_text(self, input_ids, attention_mask=None, sentence_index=None, token_type_ids=None,
                      output_hidden_states: bool = False):
+        """-> (text_embeds, sentences, sentence_mask, the tower's hidden states or None, its last_hidden_state)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if sentence_index is None:
+            sentence_index = whole_text_sentence_index(attention_mask)
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         text_out = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=output_hidden_states or None, **kwargs)
@@ -643,22 +675,52 @@ class CGNSModel(CGNSPreTrainedModel):
         sentences, sentence_mask = segment_mean(tokens, sentence_index, attention_mask)
         text_embeds = F.normalize(self.sentence_pool(sentences, sentence_mask), dim=-1)
         hidden_states = tuple(text_out.hidden_states) if output_hidden_states else None
-        return text_embeds, sentences, sentence_mask, hidden_states
+        return text_embeds, sentences, sentence_mask, hidden_states, text_out.last_hidden_state
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised global image embeddings (B, D)."""
-        return self.encode_image(pixel_values)[0]
+    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: Optional[bool] = None,
+                           return_dict: Optional[bool] = None) -> Union[BaseModelOutputWithPooling, Tuple]:
+        """The global image embedding, in transformers' convention for ``get_image_features`` (as CLIPModel's).
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor,
-                          token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Normalised global report embeddings (B, D)."""
-        return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[0]
+        Returns ``BaseModelOutputWithPooling``: ``pooler_output`` (B, D) the normalised global image embedding,
+        ``last_hidden_state`` the image tower's own (ResNet: (B, C, h, w) feature map; ViT: (B, 1 + P, C)
+        tokens), ``hidden_states`` the tower's when ``output_hidden_states``; a tuple when ``return_dict=False``.
+        """
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+        image_embeds, _, hidden_states, features = self._encode_image(pixel_values, output_hidden_states)
+        out = BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=image_embeds,
+                                         hidden_states=hidden_states)
+        return out if self._use_return_dict(return_dict) else out.to_tuple()
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                          sentence_index: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None,
+                          output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None
+                          ) -> Union[BaseModelOutputWithPooling, Tuple]:
+        """The report embedding, in transformers' convention for ``get_text_features`` (as CLIPModel's).
+
+        ``sentence_index`` (B, L) comes from :class:`CGNSProcessor`; without it (a CLIP-style call with a plain
+        tokenizer's ``input_ids`` / ``attention_mask``) the whole text is one sentence
+        (:func:`whole_text_sentence_index`), which for a one-sentence text the processor has normalised is
+        the same embedding. Returns ``BaseModelOutputWithPooling``: ``pooler_output`` (B, D) the normalised
+        report embedding, ``last_hidden_state`` (B, L, H) the text tower's, ``hidden_states`` its layers when
+        ``output_hidden_states``; a tuple when ``return_dict=False``.
+        """
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+        text_embeds, _, _, hidden_states, last_hidden_state = self._encode_text(
+            input_ids, attention_mask, sentence_index, token_type_ids, output_hidden_states)
+        out = BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=text_embeds,
+                                         hidden_states=hidden_states)
+        return out if self._use_return_dict(return_dict) else out.to_tuple()
+
+    def _use_return_dict(self, return_dict: Optional[bool]) -> bool:
+        return self.config.return_dict if return_dict is None else bool(return_dict)
 
     def get_local_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised local image tokens (B, P, D) in row-major grid order."""
         return self.encode_image(pixel_values)[1]
 
-    def get_sentence_features(self, input_ids, attention_mask, sentence_index, token_type_ids=None
+    def get_sentence_features(self, input_ids, attention_mask, sentence_index=None, token_type_ids=None
                               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sentence features (B, S, D) (means of normalised tokens) and their validity mask (B, S)."""
         return self.encode_text(input_ids, attention_mask, sentence_index, token_type_ids)[1:]
@@ -776,12 +838,12 @@ class CGNSModel(CGNSPreTrainedModel):
     # ---------------------------------------------------------------- forward
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        sentence_index: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        sentence_index: Optional[torch.Tensor] = None,
         token_type_ids: Optional[torch.Tensor] = None,
-        return_loss: Optional[bool] = True,
+        return_loss: Optional[bool] = None,
         reconstruct: bool = False,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
@@ -789,6 +851,14 @@ class CGNSModel(CGNSPreTrainedModel):
         labels: Optional[torch.Tensor] = None,
     ) -> Union[CGNSOutput, Tuple]:
         """See the class docstring; all inputs are batch-first, ``sentence_index`` (B, L) from :class:`CGNSProcessor`.
+
+        ``return_loss=None`` (the default) computes the loss for a training batch — both modalities, one
+        report per image, with ``sentence_index`` (what the processor and the collator give) — and skips it
+        otherwise. So a CLIP-style call works as CLIP's does: a plain tokenizer's ``input_ids`` /
+        ``attention_mask`` (each text one sentence, :func:`whole_text_sentence_index`), any number of texts
+        per image (``logits_per_image`` (B_images, B_texts), as the zero-shot pipeline reads it), or one
+        modality alone (``pixel_values`` only: ``image_embeds`` is the output's first field, what the
+        image-feature-extraction pipeline returns). ``return_loss=True`` needs a paired batch.
 
         ``output_hidden_states`` adds both towers' hidden states; ``return_dict=False`` returns
         ``CGNSOutput.to_tuple()`` (loss first when computed). Unknown keyword arguments raise ``TypeError``
@@ -804,6 +874,15 @@ class CGNSModel(CGNSPreTrainedModel):
         if output_attentions if output_attentions is not None else cfg.output_attentions:
             raise ValueError("CGNSModel cannot return attentions: the timm image tower exposes no attention maps "
                              "(text attentions: call model.text_model(..., output_attentions=True) directly)")
+        if pixel_values is None and input_ids is None:
+            raise ValueError("CGNSModel needs pixel_values, input_ids or both")
+        paired = (pixel_values is not None and input_ids is not None
+                  and pixel_values.shape[0] == input_ids.shape[0])
+        if return_loss is None:
+            return_loss = paired and sentence_index is not None
+        if (return_loss or reconstruct) and not paired:
+            raise ValueError(f"return_loss / reconstruct need a paired batch (one report per image), got "
+                             f"{_batch_size(pixel_values)} image(s) and {_batch_size(input_ids)} report(s)")
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else cfg.output_hidden_states)
         return_dict = return_dict if return_dict is not None else cfg.return_dict
@@ -814,9 +893,23 @@ class CGNSModel(CGNSPreTrainedModel):
     def _forward(self, pixel_values, input_ids, attention_mask, sentence_index, token_type_ids, return_loss,
                  reconstruct, output_hidden_states) -> CGNSOutput:
         cfg = self.config
-        image_embeds, local_image, vision_hidden_states = self._encode_image(pixel_values, output_hidden_states)
-        text_embeds, sentences, sentence_mask, text_hidden_states = self._encode_text(
-            input_ids, attention_mask, sentence_index, token_type_ids, output_hidden_states)
+        image_embeds = local_image = vision_hidden_states = None
+        text_embeds = sentences = sentence_mask = text_hidden_states = None
+        if pixel_values is not None:
+            image_embeds, local_image, vision_hidden_states, _ = self._encode_image(pixel_values, output_hidden_states)
+        if input_ids is not None:
+            text_embeds, sentences, sentence_mask, text_hidden_states, _ = self._encode_text(
+                input_ids, attention_mask, sentence_index, token_type_ids, output_hidden_states)
+        encoded = dict(image_embeds=image_embeds, text_embeds=text_embeds, local_image_embeds=local_image,
+                       sentence_embeds=sentences, sentence_mask=sentence_mask,
+                       vision_hidden_states=vision_hidden_states, text_hidden_states=text_hidden_states)
+        logit_scale = self.scaled_logit_scale()
+        if image_embeds is None or text_embeds is None:
+            return CGNSOutput(**encoded)
+        if image_embeds.shape[0] != text_embeds.shape[0]:
+            # texts are candidates for every image (zero-shot): no pairwise cross-attention
+            logits_per_image = logit_scale * image_embeds @ text_embeds.t()
+            return CGNSOutput(logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(), **encoded)
         text_to_image, image_to_text = self.cross_attention(local_image, sentences, sentence_mask)
         text_sentence_features = sentences[sentence_mask]
         cross_sentence_features = image_to_text[sentence_mask]
@@ -829,14 +922,10 @@ class CGNSModel(CGNSPreTrainedModel):
 
         # The output is built once, at the end, with every field: a ModelOutput's tuple order is the order in
         # which fields become non-None, so filling ``loss`` in afterwards would move it to the back.
-        fields = dict(image_embeds=image_embeds, text_embeds=text_embeds, local_image_embeds=local_image,
-                      sentence_embeds=sentences, sentence_mask=sentence_mask,
-                      text_to_image_features=text_to_image, image_to_text_features=image_to_text,
+        fields = dict(encoded, text_to_image_features=text_to_image, image_to_text_features=image_to_text,
                       text_sentence_features=text_sentence_features,
                       cross_sentence_features=cross_sentence_features,
-                      reconstruction=reconstruction, token_mask=token_mask,
-                      vision_hidden_states=vision_hidden_states, text_hidden_states=text_hidden_states)
-        logit_scale = self.scaled_logit_scale()
+                      reconstruction=reconstruction, token_mask=token_mask)
         if not return_loss:
             logits_per_image = logit_scale * image_embeds @ text_embeds.t()
             return CGNSOutput(logits_per_image=logits_per_image, logits_per_text=logits_per_image.t(), **fields)
@@ -879,6 +968,10 @@ class CGNSModel(CGNSPreTrainedModel):
         yield from self.decoder.parameters()
 
 
+def _batch_size(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else int(tensor.shape[0])
+
+
 __all__ = [
     "CGNSModel",
     "CGNSPreTrainedModel",
@@ -890,6 +983,7 @@ __all__ = [
     "CGNSGridDecoder",
     "CGNSTokenDecoder",
     "segment_mean",
+    "whole_text_sentence_index",
     "random_token_mask",
     "ATTENTION_DIRECTIONS",
 ]

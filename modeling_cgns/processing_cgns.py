@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PretrainedConfig
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature, PretrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -336,11 +336,79 @@ class CGNSProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "token_type_ids", "sentence_index"]
 
 
+# the loading options of ``AutoTokenizer.from_pretrained`` that reach the processor (the rest are its own)
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+
+
+class CGNSReportTokenizer:
+    r"""The text side of :class:`CGNSProcessor` behind the tokenizer interface.
+
+    ``AutoTokenizer.from_pretrained(export)`` returns one (after ``import modeling_cgns``), so the pipelines
+    that tokenize text themselves — ``pipeline("zero-shot-image-classification", model=export)`` — embed a
+    candidate label's prompt exactly as ``processor(text=prompt)`` and ``cgns evaluate --task zero_shot`` do:
+    each text is a report, cut into sentences by ``sentences.split_sentences`` (lower case, punctuation
+    dropped, pieces of fewer than two words dropped), tokenized jointly, with ``sentence_index``. A text with
+    no such sentence (a bare one-word label under ``hypothesis_template="{}"``) is refused with a reason:
+    its embedding would be the same for every label. Any other attribute (``pad_token_id``, ``decode``,
+    ``vocab_size``, ...) is the word-piece tokenizer's.
+    """
+
+    _loading = False     # CGNSProcessor.from_pretrained can fall back to AutoTokenizer, which lands here again
+
+    def __init__(self, processor: CGNSProcessor):
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CGNSReportTokenizer":
+        """The processor saved with a CGNS export (a folder or a Hub id) -> its report tokenizer."""
+        missing = OSError(f"{pretrained_model_name_or_path}: no CGNSProcessor (processor_config.json + tokenizer/) "
+                          f"saved with this CGNS export, so no tokenizer: save it beside the model with "
+                          f"processor.save_pretrained(folder)")
+        if cls._loading:
+            raise missing
+        cls._loading = True
+        try:
+            options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+            return cls(CGNSProcessor.from_pretrained(pretrained_model_name_or_path, **options))
+        except OSError as error:
+            raise missing from error
+        finally:
+            cls._loading = False
+
+    def __call__(self, text: Union[str, Sequence[str]], padding: Union[bool, str] = "longest",
+                 truncation: bool = True, max_length: Optional[int] = None, return_tensors: Optional[str] = "pt"
+                 ) -> BatchFeature:
+        """Reports -> ``input_ids``, ``attention_mask`` (, ``token_type_ids``), ``sentence_index``; all (B, L)."""
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"CGNSReportTokenizer returns PyTorch tensors only, got return_tensors={return_tensors!r}")
+        if not truncation:
+            raise ValueError("CGNSReportTokenizer always truncates reports to the processor's max_length")
+        texts = [text] if isinstance(text, str) else list(text)
+        sentences = [self.processor.split_report(t) for t in texts]
+        empty = [t for t, s in zip(texts, sentences) if not s]
+        if empty:
+            raise ValueError(f"{empty!r}: no sentence of at least two words after normalisation (lower case, "
+                             f"punctuation dropped), so nothing for the report tower to embed; for zero-shot labels "
+                             f"use a template with words around the label, e.g. hypothesis_template='There is {{}}.'")
+        return BatchFeature(dict(self.processor.tokenize_sentences(sentences, padding=padding, max_length=max_length)))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Saves the processor it belongs to (``processor_config.json`` + ``tokenizer/``)."""
+        return self.processor.save_pretrained(save_directory, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "processor":       # not set yet (copy / unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.processor.tokenizer, name)
+
+
 # One implementation (torch tensor ops, no PIL- or torchvision-specific path) serves both backends transformers
 # asks for; registered under "pil" only, every load with torchvision installed would ask for "torchvision" and
 # log "Requested torchvision backend is not available. Falling back to pil backend."
 AutoImageProcessor.register(CGNSConfig, image_processor_classes={"pil": CGNSImageProcessor,
                                                                  "torchvision": CGNSImageProcessor}, exist_ok=True)
 AutoProcessor.register(CGNSConfig, CGNSProcessor, exist_ok=True)
+AutoTokenizer.register(CGNSConfig, tokenizer_class=CGNSReportTokenizer, exist_ok=True)
 
-__all__ = ["CGNSImageProcessor", "CGNSProcessor", "default_resize_size", "load_image_source", "to_unit_range"]
+__all__ = ["CGNSImageProcessor", "CGNSProcessor", "CGNSReportTokenizer", "default_resize_size", "load_image_source",
+           "to_unit_range"]

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, TimmWrapperConfig  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 
 from cgns.downstream import cli as td  # noqa: E402
 from data_scripts import synthetic_cxr as sc  # noqa: E402
@@ -115,12 +116,13 @@ class AlignedTowers(nn.Module):
 
     def get_image_features(self, pixel_values):
         stripes = pixel_values[:, 0, :, STRIPE // 2::STRIPE][..., :5].mean(dim=1)    # stripe centres, (B, 5)
-        return F.normalize(self.sign * stripes, dim=-1)
+        return BaseModelOutputWithPooling(pooler_output=F.normalize(self.sign * stripes, dim=-1))
 
     def get_text_features(self, input_ids, attention_mask, sentence_index, token_type_ids=None):
         negated = (input_ids == self.no_id).any(dim=1, keepdim=True)
         named = torch.stack([(input_ids == i).any(dim=1) for i in self.colour_ids], dim=1).float()
-        return F.normalize(torch.where(negated, -named, named) + 1e-6, dim=-1)
+        embeds = F.normalize(torch.where(negated, -named, named) + 1e-6, dim=-1)
+        return BaseModelOutputWithPooling(pooler_output=embeds)
 
 
 def stripe_images(brightness: np.ndarray):
@@ -363,8 +365,8 @@ def test_end_to_end_retrieval_matches_one_at_a_time_embeddings(export_dir, cache
     studies = [sc.generate_study(i, 0, IMAGE_SIZE) for i in range(24, 27)]
     with torch.no_grad():
         images = torch.cat([model.get_image_features(processor(images=[Image.fromarray(s["image"])])["pixel_values"])
-                            for s in studies])
-        texts = torch.cat([model.get_text_features(**text_batch(processor, [s["sentences"]], "cpu"))
+                            .pooler_output for s in studies])
+        texts = torch.cat([model.get_text_features(**text_batch(processor, [s["sentences"]], "cpu")).pooler_output
                            for s in studies])
     cached = load_file(cache)
     assert torch.allclose(cached["image_embeds"], images, atol=1e-5)

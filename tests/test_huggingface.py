@@ -361,7 +361,8 @@ def test_push_to_hub_uploads_the_cgns_card(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pretraining_run(tmp_path_factory):
-    """A real two-stage pretraining run through main on tiny generated data."""
+    """A real two-stage pretraining run through main on tiny generated data, stopped by ``--max_steps`` exactly
+    at the end of its last epoch (2 epochs of 4 optimiser steps)."""
     from accelerate.state import AcceleratorState, GradientState
 
     from cgns.pretraining.cli import main
@@ -370,7 +371,7 @@ def pretraining_run(tmp_path_factory):
     assets = _make_assets(root)
     try:
         summary = main(["--config", assets["config"], "--output_dir", str(root / "run"),
-                                       "--stage1_epochs", "1", "--stage2_epochs", "1"])
+                                       "--stage1_epochs", "1", "--stage2_epochs", "1", "--max_steps", "8"])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -405,6 +406,22 @@ def test_pretraining_export_has_a_model_card_with_the_run_facts(pretraining_run)
     eval_loss = pretraining_run["eval"]["loss"] if "loss" in pretraining_run["eval"] else None
     assert "validation/" in text and (eval_loss is None or f"{eval_loss:.4g}" in text)   # final metrics
     assert "not** a medical device" in text                                               # clinical limits
+
+
+def test_pretraining_export_names_no_local_path_and_counts_its_epochs(pretraining_run):
+    from test_pipelines import export_texts
+
+    final = pretraining_run["final_dir"]
+    run_root = os.path.dirname(os.path.dirname(final))     # holds the run, the tiny BERT and the data pairs
+    texts = export_texts(final)
+    assert {"config.json", "README.md", "processor_config.json"} <= set(texts)
+    for name, text in texts.items():
+        assert run_root not in text, f"{name} names a path of this machine"
+    config = json.loads(texts["config.json"])
+    assert config["text_config"]["_name_or_path"] == "tiny_bert"            # the tower's folder, by name
+    assert "| dataset | pairs |" in texts["README.md"]
+    # --max_steps stopped the run exactly at the end of epoch 2: the card says 2 epochs, not 1
+    assert "| epochs | 2 |" in texts["README.md"] and "| optimiser steps | 8 |" in texts["README.md"]
 
 
 def test_cgns_pretrain_export_reloads_with_auto_classes(pretraining_run):

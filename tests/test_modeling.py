@@ -134,8 +134,9 @@ def test_feature_accessors_match_forward(model_and_batch):
     model.eval()
     with torch.no_grad():
         out = model(**batch, return_loss=False)
-        img = model.get_image_features(batch["pixel_values"])
-        txt = model.get_text_features(batch["input_ids"], batch["attention_mask"], batch["sentence_index"])
+        img = model.get_image_features(batch["pixel_values"]).pooler_output
+        txt = model.get_text_features(batch["input_ids"], batch["attention_mask"],
+                                      batch["sentence_index"]).pooler_output
         local = model.get_local_image_features(batch["pixel_values"])
         sentences, mask = model.get_sentence_features(batch["input_ids"], batch["attention_mask"],
                                                       batch["sentence_index"])

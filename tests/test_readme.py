@@ -15,5 +15,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "my-cgns" / "model.safetensors").exists()
     assert (tmp_path / "my-cgns" / "processor_config.json").exists()
     assert tuple(namespace["image_embeds"].shape) == (2, 128)
+    assert len(namespace["features"]) == 1 and len(namespace["features"][0]) == 128     # the pipelines ran
     printed = capsys.readouterr().out
     assert "tensor" in printed

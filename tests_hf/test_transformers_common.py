@@ -20,8 +20,8 @@ NO_EMBEDDING_RESIZE = "CGNS is not a language model: its token embeddings are ne
 NO_ATTENTIONS = "the timm image tower exposes no attention maps, so CGNS refuses output_attentions"
 NO_INPUTS_EMBEDS = "CGNS takes pixel_values + input_ids + sentence_index; sentence pooling needs the token ids"
 TIMM_ONLY_SDPA = "the timm image tower supports SDPA only (no flash/flex attention)"
-FEATURES_API = ("CGNS's get_image_features / get_text_features return the normalised embedding tensor (the "
-                "project's documented API); the text one also needs sentence_index")
+TIMM_HIDDEN_STATES = ("the timm image tower's hidden states are its stages (forward_intermediates), not the "
+                      "tester's num_hidden_layers + 1; tested in tests/test_pipelines.py")
 BOOL_OUTPUTS = ("CGNSOutput carries bool masks (sentence_mask, token_mask) that the generic check subtracts; "
                 "tuple/dict equivalence is tested in tests/test_huggingface.py")
 COMPOSITE_HIDDEN = ("hidden states are the towers' own (vision_hidden_states / text_hidden_states), tested "
@@ -130,42 +130,16 @@ class CGNSCommonSkips:
     def test_model_outputs_equivalence(self):
         pass
 
-    @unittest.skip(reason=FEATURES_API)
+    @unittest.skip(reason=TIMM_HIDDEN_STATES)
     def test_get_image_features_hidden_states(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_text_features_hidden_states(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_image_features_output_0(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_image_features_output_1(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_image_features_output_2(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_text_features_output_0(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_text_features_output_1(self):
-        pass
-
-    @unittest.skip(reason=FEATURES_API)
-    def test_get_text_features_output_2(self):
         pass
 
 
 class CGNSModelTest(CGNSCommonSkips, ModelTesterMixin, unittest.TestCase):
     all_model_classes = (CGNSModel,)
     architecture = "resnet18"
+    # the ResNet tower's model_args name no width for the generic shape check (its feature map is B x C x h x w)
+    skip_test_image_features_output_shape = True
 
     def setUp(self):
         self.model_tester = CGNSModelTester(self, architecture=self.architecture)
@@ -189,6 +163,7 @@ class CGNSModelTest(CGNSCommonSkips, ModelTesterMixin, unittest.TestCase):
 
 class CGNSModelViTTest(CGNSModelTest):
     architecture = "vit_tiny_patch16_224"
+    skip_test_image_features_output_shape = False     # (B, 1 + P, embed_dim): checked
 
 
 class CGNSClassificationModelTester(CGNSModelTester):

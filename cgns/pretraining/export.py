@@ -7,17 +7,29 @@ from typing import Any, Dict, Optional
 from accelerate.logging import get_logger
 from transformers.utils import logging as hf_logging
 
+from modeling_cgns.model_card import public_name
+
 from .state import PretrainingRun
 
 logger = get_logger(__name__)
 
 
+def epochs_trained(run: PretrainingRun) -> float:
+    """Epochs of data the optimiser has stepped through: ``global_step / updates_per_epoch``, rounded to 0.01.
+
+    Not ``progress.epoch``, the epoch counter of the loop: a run that ``--max_steps`` stops exactly on an epoch
+    boundary leaves that counter one short (the loop breaks before the epoch-end bookkeeping), so a 5-epoch
+    run read "epochs 4"."""
+    return round(run.progress.global_step / max(run.updates_per_epoch, 1), 2)
+
+
 def pretraining_card_info(run: PretrainingRun, training_time_s: Optional[float] = None) -> Dict[str, Any]:
-    """What the model card of ``final/`` reports: data, training time and facts, last metrics."""
+    """What the model card of ``final/`` reports: data, training time and facts, last metrics. A dataset given
+    as a local folder is named by the folder's name (an export names no path of the machine that made it)."""
     data, training = run.config.data, run.config.training
-    return {"data": {"dataset": data.dataset, "share of train split used": data.data_pct},
+    return {"data": {"dataset": public_name(data.dataset), "share of train split used": data.data_pct},
             "training_time_s": training_time_s,
-            "training": {"optimiser steps": run.progress.global_step, "epochs": run.progress.epoch,
+            "training": {"optimiser steps": run.progress.global_step, "epochs": epochs_trained(run),
                          "stage 1 / stage 2 epochs": f"{training.stage1_epochs} / {training.stage2_epochs}",
                          "global batch": run.global_batch_size, "learning rate": training.learning_rate,
                          "processes": run.accelerator.num_processes, "seed": training.seed},
@@ -49,6 +61,7 @@ def export_model(run: PretrainingRun) -> str:
 
 
 __all__ = [
+    "epochs_trained",
     "pretraining_card_info",
     "export_model",
 ]
