@@ -129,7 +129,8 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
         training: other training facts (steps, epochs, batch size, seeds, ...).
         metrics: final metrics of this export (validation/test), nested dicts are flattened.
         downstream: downstream results when present (task -> metrics).
-        base_model: the CGNS export a downstream head was trained on.
+        base_model: the CGNS export a downstream head was trained on: a Hub id goes to the front matter's
+            ``base_model``; a local folder is named in the text by its folder name, never by its path.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
@@ -139,12 +140,18 @@ def build_model_card(config, kind: str = "pretraining", repo_id: Optional[str] =
     # (no trust_remote_code here); the usage lines below are what works.
     front = {"library_name": LIBRARY_NAME, "license": "apache-2.0", "pipeline_tag": pipeline_tag, "inference": False,
              "tags": ["cgns", "chest-x-ray", "medical-imaging", "radiology-reports", kind]}
-    if base_model:
-        front["base_model"] = base_model
+    base_is_local = bool(base_model) and public_name(base_model) != str(base_model)
+    if base_model and not base_is_local:
+        front["base_model"] = base_model          # a Hub id: the Hub links the card to it
     lines = ["---"]
     for key, value in front.items():
         lines.append(f"{key}: {json.dumps(value)}")
     lines += ["---", "", f"# {title}", "", f"Use: {task}.", ""]
+    if base_is_local:
+        # a local folder is named, never its path (and base_model must be a Hub id): push the CGNS export to
+        # the Hub and set base_model to its id to link the two
+        lines += [f"Trained on the frozen CGNS export `{public_name(base_model)}` (a local folder when this card was "
+                  f"written; set `base_model` to its Hub id after pushing it).", ""]
 
     lines += ["## Install and load", "",
               "The model classes are not part of transformers: install this package and import it first, "
