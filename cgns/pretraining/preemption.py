@@ -23,8 +23,6 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-import torch
-
 #: exit status of a run stopped by a signal after writing its checkpoint: EX_TEMPFAIL of sysexits.h
 #: ("temporary failure, the user is invited to retry"); a requeue script resumes it with
 #: ``--resume_from_checkpoint latest``
@@ -129,6 +127,8 @@ def stop_agreed(run) -> bool:
     """Whether any process received a stop signal; every process calls this at the same step boundary and
     gets the same answer (a sum over processes, gloo and NCCL alike). Sets ``run.preempted`` and, on a
     process that got the signal itself, lets the next one end it at once (:meth:`StopRequest.escalate`)."""
+    import torch
+
     request = run.stop_request
     if request is None:
         return False
