@@ -182,7 +182,8 @@ def _signal_during_forward(monkeypatch, call: int, sig=signal.SIGTERM):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
-                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=lambda sig: signal.Signals(sig).name)
 def test_stop_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(assets, tmp_path, monkeypatch, sig):
     """A signal during step 4, the last of stage 1 (and of epoch 0), lets the step finish, writes step_4, exits
     with status 75 and a preempted.json; the resume from that stage-end checkpoint switches to stage 2 and equals
