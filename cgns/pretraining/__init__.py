@@ -2,6 +2,7 @@
 
 * :mod:`~cgns.pretraining.arguments`: the three argument dataclasses, ``--config`` + overrides, ``args.json``;
 * :mod:`~cgns.pretraining.state`: the run's shared state and its position in training;
+* :mod:`~cgns.pretraining.preemption`: stop signals -> a checkpoint at a step boundary and exit status 75;
 * :mod:`~cgns.pretraining.optimization`: the two stages, each with a fresh Adam and warm-up + cosine;
 * :mod:`~cgns.pretraining.lock`: the output folder's run lock (one writer per folder);
 * :mod:`~cgns.pretraining.checkpointing`: output-dir policy, resume checks, save / list / resolve / verify / load;

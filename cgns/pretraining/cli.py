@@ -32,6 +32,8 @@ from .checkpointing import LOSS_CURVES_FILE, METRICS_FILE, lock_output_dir, prep
 from .data import get_dataloaders
 from .export import export_model
 from .loop import train
+from .preemption import (PREEMPTED_EXIT_CODE, PREEMPTED_FILE, StopRequest, TrainingPreempted, exit_with_parent,
+                         launched_by_launcher, write_preempted_file)
 
 logger = get_logger(__name__)
 
@@ -74,7 +76,13 @@ def closing_summary(config: PretrainingConfig, run, final_dir: str, seconds: flo
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Run the whole recipe; returns a summary (steps, last metrics, output paths)."""
+    """Run the whole recipe; returns a summary (steps, last metrics, output paths).
+
+    SIGTERM, SIGINT or SIGUSR1 during training stop it at the next optimiser-step boundary with a checkpoint
+    and raise :class:`~.preemption.TrainingPreempted` (a ``SystemExit`` with status 75) instead of exporting.
+    """
+    if launched_by_launcher():
+        exit_with_parent()       # a worker never trains on after its launcher (torchrun, accelerate) is gone
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     config = parse_args(argv)
     level = logging.INFO if config.training.log_level == "info" else logging.WARNING
@@ -100,9 +108,17 @@ def _run(config: PretrainingConfig, accelerator) -> Dict[str, Any]:
 
     if config.training.report_to != "none":
         accelerator.init_trackers("cgns_pretrain", config=_tracker_config(config))
+    if accelerator.is_main_process and os.path.exists(os.path.join(run.output_dir, PREEMPTED_FILE)):
+        os.remove(os.path.join(run.output_dir, PREEMPTED_FILE))       # this run continues (or replaces) it
     try:
         started = time.perf_counter()
-        train(run, default_callbacks(config.training))
+        run.stop_request = StopRequest().install()
+        try:
+            train(run, default_callbacks(config.training))
+        finally:
+            run.stop_request.uninstall()
+        if run.preempted:
+            raise preempted(run)
         run.unwrapped_model.model_card_info["training_time_s"] = time.perf_counter() - started
         if run.text_cache is not None:
             stats = run.text_cache.stats()
@@ -125,6 +141,18 @@ def _run(config: PretrainingConfig, accelerator) -> Dict[str, Any]:
         "train": run.last_train_logs,
         "eval": run.last_eval_metrics,
     }
+
+
+def preempted(run) -> TrainingPreempted:
+    """Log and record (``output_dir/preempted.json``, main process) a run that a signal stopped at a checkpoint."""
+    checkpoint = run.last_checkpoint
+    message = (f"training stopped by {run.preempted} at optimiser step {run.progress.global_step} (stage "
+               f"{run.progress.stage}, epoch {run.progress.epoch}) with checkpoint {checkpoint}; exit status "
+               f"{PREEMPTED_EXIT_CODE}. Continue with the same command and --resume_from_checkpoint latest")
+    if run.accelerator.is_main_process:
+        write_preempted_file(run.output_dir, run, checkpoint)
+    logger.warning(message)
+    return TrainingPreempted(message, checkpoint, run.preempted)
 
 
 __all__ = [

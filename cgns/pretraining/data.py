@@ -13,6 +13,7 @@ from modeling_cgns.collator import MEANINGS_COLUMN
 from modeling_cgns.processing_cgns import default_resize_size
 
 from .arguments import DataArguments, PretrainingConfig
+from .preemption import ignore_stop_signals
 
 logger = get_logger(__name__)
 
@@ -175,7 +176,10 @@ def get_dataloaders(config: PretrainingConfig, processor: CGNSProcessor):
     workers = data_args.dataloader_num_workers
     common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
     if workers > 0:
-        common.update(persistent_workers=True, prefetch_factor=data_args.dataloader_prefetch_factor)
+        # a stop signal sent to the whole process group (Ctrl-C, a scheduler) must not kill the workers while
+        # the main process finishes its step and checkpoint (preemption.py)
+        common.update(persistent_workers=True, prefetch_factor=data_args.dataloader_prefetch_factor,
+                      worker_init_fn=ignore_stop_signals)
     # An explicit generator keeps iterator creation from drawing on the global torch RNG, whose
     # state the checkpoints restore (dropout and the CM-MIR mask use it).
     sampler = EpochSeededSampler(len(train), training_args.seed)

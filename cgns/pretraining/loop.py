@@ -10,6 +10,7 @@ from accelerate.logging import get_logger
 from modeling_cgns.collator import flat_sentence_meanings, pop_sentence_meanings
 
 from .callbacks import ClusterQuality, notify
+from .preemption import stop_agreed
 from .state import PretrainingRun
 
 logger = get_logger(__name__)
@@ -83,36 +84,46 @@ def gradients_finite(run: PretrainingRun, loss: torch.Tensor) -> bool:
 
 class SentenceCheck:
     """Stops a run whose first ``num_batches`` train batches (on every rank) hold no sentence at all: the
-    local text loss then has nothing to learn and the global loss sits at chance, silently."""
+    local text loss then has nothing to learn and the global loss sits at chance, silently.
 
-    def __init__(self, num_batches: int):
+    The counts live in ``run.progress`` (saved in every checkpoint), so a resumed run continues the check
+    where it stood instead of judging what is left of an epoch; a run that has looked at no batch yet (a
+    resume from the last step of an epoch or stage, which skips the whole rest of that epoch) decides
+    nothing. It passes at the first batch holding a sentence on any rank.
+    """
+
+    def __init__(self, num_batches: int, progress):
         self.num_batches = num_batches
-        self.seen = 0
-        self.with_sentences = 0
-        self.done = num_batches <= 0
+        self.progress = progress
+
+    @property
+    def done(self) -> bool:
+        p = self.progress
+        return self.num_batches <= 0 or p.sentence_check_found > 0 or p.sentence_check_seen >= self.num_batches
 
     def add(self, run: PretrainingRun, out) -> None:
         if self.done:
             return
-        self.seen += 1
-        self.with_sentences += int(out.text_sentence_features.shape[0] > 0)
-        if self.seen >= self.num_batches:
+        found = torch.tensor([float(out.text_sentence_features.shape[0] > 0)], device=run.accelerator.device)
+        if run.accelerator.num_processes > 1:
+            # every rank sees the same number of batches, so all enter this reduction until it passes
+            found = run.accelerator.reduce(found, reduction="sum")
+        self.progress.sentence_check_seen += 1
+        self.progress.sentence_check_found += int(found.item() > 0)
+        if self.progress.sentence_check_seen >= self.num_batches:
             self.finish(run)
 
     def finish(self, run: PretrainingRun) -> None:
-        """Decide now (at the N-th batch or the end of a shorter first epoch); every rank gets here together."""
-        if self.done:
+        """Decide now (at the N-th batch or the end of a shorter first epoch); every rank gets here together
+        with the same counts."""
+        p = self.progress
+        if self.num_batches <= 0 or p.sentence_check_found > 0 or p.sentence_check_seen == 0:
             return
-        self.done = True
-        found = torch.tensor([float(self.with_sentences)], device=run.accelerator.device)
-        if run.accelerator.num_processes > 1:
-            found = run.accelerator.reduce(found, reduction="sum")
-        if found.item() == 0:
-            dataset = run.config.data.dataset
-            raise NoSentencesError(
-                f"none of the first {self.seen} train batches holds a sentence: every report in them is empty "
-                f"after sentence splitting, so nothing would be learnt from the text. Check the 'sentences' "
-                f"column of {dataset!r} (--sentence_check_batches 0 turns this check off)")
+        dataset = run.config.data.dataset
+        raise NoSentencesError(
+            f"none of the first {p.sentence_check_seen} train batches holds a sentence: every report in them is "
+            f"empty after sentence splitting, so nothing would be learnt from the text. Check the 'sentences' "
+            f"column of {dataset!r} (--sentence_check_batches 0 turns this check off)")
 
 
 def epoch_batches(run: PretrainingRun):
@@ -171,7 +182,9 @@ def evaluate(run: PretrainingRun) -> Dict[str, float]:
 
 def train(run: PretrainingRun, callbacks: list) -> None:
     """Both stages: accumulate -> finite check -> backward -> (clip) -> step; callbacks after each
-    optimiser step; validation and a checkpoint at each epoch end; stop at ``max_steps``."""
+    optimiser step; validation and a checkpoint at each epoch end; stop at ``max_steps``, or at the step
+    boundary after a stop signal (``run.preempted`` then names it; the checkpoint of ``on_train_end`` is
+    that step's)."""
     try:
         _train_loop(run, callbacks)
     finally:
@@ -182,7 +195,7 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
     accelerator, model, progress, args = run.accelerator, run.model, run.progress, run.training_args
     notify(callbacks, "on_train_begin", run)
     model.train()
-    sentence_check = SentenceCheck(args.sentence_check_batches)
+    sentence_check = SentenceCheck(args.sentence_check_batches, progress)
     while progress.epoch < run.total_epochs and not run.should_stop:
         notify(callbacks, "on_epoch_begin", run)
         micro_batches = []
@@ -212,6 +225,8 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
                 run.should_stop = 0 < args.max_steps <= progress.global_step
                 notify(callbacks, "on_step_end", run, micro_batches=micro_batches)
                 micro_batches, run.step_logs = [], {}
+                # a stop signal on any process: all stop here, at the same step boundary (preemption.py)
+                run.should_stop = run.should_stop or stop_agreed(run)
                 if run.should_stop:
                     break
         # an epoch that ran to its last batch ends here, also when --max_steps stopped on that batch
@@ -223,6 +238,8 @@ def _train_loop(run: PretrainingRun, callbacks: list) -> None:
                 run.last_eval_metrics = evaluate(run)
                 notify(callbacks, "on_evaluate", run, metrics=run.last_eval_metrics)
             notify(callbacks, "on_epoch_end", run)
+            if progress.epoch < run.total_epochs:
+                run.should_stop = run.should_stop or stop_agreed(run)     # a signal during validation
     sentence_check.finish(run)           # a run that stopped (max_steps) before the N-th batch
     notify(callbacks, "on_train_end", run)
 

@@ -17,7 +17,10 @@ class TrainingProgress:
     ``stage`` is the stage whose optimiser is live (and saved); ``epoch`` counts epochs over both
     stages; ``step_in_epoch`` counts the micro-batches of ``epoch`` already consumed (what
     ``skip_first_batches`` skips on resume); ``global_step`` counts optimiser steps;
-    ``skipped_steps`` counts the steps whose optimiser update was skipped for a non-finite gradient.
+    ``skipped_steps`` counts the steps whose optimiser update was skipped for a non-finite gradient;
+    ``sentence_check_seen`` / ``sentence_check_found`` are the sentence check's count of train batches looked
+    at (per process) and of those holding a sentence (on any process), so that a resumed run continues the
+    check instead of starting it again on what is left of an epoch (``loop.SentenceCheck``).
     """
 
     def __init__(self):
@@ -26,17 +29,23 @@ class TrainingProgress:
         self.step_in_epoch = 0
         self.global_step = 0
         self.skipped_steps = 0
+        self.sentence_check_seen = 0
+        self.sentence_check_found = 0
 
     def state_dict(self) -> Dict[str, int]:
         return {"stage": self.stage, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "skipped_steps": self.skipped_steps}
+                "global_step": self.global_step, "skipped_steps": self.skipped_steps,
+                "sentence_check_seen": self.sentence_check_seen, "sentence_check_found": self.sentence_check_found}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.stage = int(state["stage"])
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))     # absent in older checkpoints
+        # absent in older checkpoints
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.sentence_check_seen = int(state.get("sentence_check_seen", 0))
+        self.sentence_check_found = int(state.get("sentence_check_found", 0))
 
     def __repr__(self) -> str:
         return f"TrainingProgress({self.state_dict()})"
@@ -66,6 +75,8 @@ class PretrainingRun:
     last_train_logs: Dict[str, float] = field(default_factory=dict)
     last_eval_metrics: Dict[str, float] = field(default_factory=dict)
     text_cache: Any = None                     # modeling_cgns.text_cache.FrozenTextFeatureCache when enabled
+    stop_request: Any = None                   # preemption.StopRequest while signal handlers are installed
+    preempted: Optional[str] = None            # the signal that stopped training early ("SIGTERM"), if any
 
     @property
     def unwrapped_model(self):
