@@ -61,7 +61,9 @@ def test_resume_from_a_stage_end_checkpoint_is_exact(assets, tmp_path):
     out = tmp_path / "cut"
     first = run_main(assets, out, *NO_EVAL, "--max_steps", "4")
     state = read_trainer_state(first["last_checkpoint"])
-    assert (state["stage"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4, 4)
+    # --max_steps on an epoch's last step completes that epoch (counted, validated when on): the checkpoint is
+    # the boundary itself, stage 1 done and epoch 1 not begun
+    assert (state["stage"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 0, 4)
     assert state["sentence_check_seen"] == state["sentence_check_found"] == 1     # passed at the first batch
 
     resumed = run_main(assets, out, *NO_EVAL, "--max_steps", "5", "--resume_from_checkpoint", "latest")
@@ -81,7 +83,7 @@ def test_resume_from_epoch_and_stage_end_checkpoints_is_exact_with_validation(as
         extra += ("--freeze_text_layers", "-1", "--cache_text_features", "true")
     straight = run_main(assets, tmp_path / "straight", *extra)
     out = tmp_path / "cut"
-    for max_steps, expected in ((4, (1, 0, 4)), (8, (1, 1, 4)), (10, (2, 2, 2))):
+    for max_steps, expected in ((4, (1, 1, 0)), (8, (1, 2, 0)), (10, (2, 2, 2))):
         summary = run_main(assets, out, *extra, "--max_steps", str(max_steps),
                            *(("--resume_from_checkpoint", "latest") if max_steps > 4 else ()))
         state = read_trainer_state(summary["last_checkpoint"])
@@ -201,7 +203,9 @@ def test_stop_signal_checkpoints_at_the_step_boundary_and_resume_is_exact(assets
     assert "--resume_from_checkpoint latest" in str(stopped.value)
     assert checkpoint_steps(out) == [4] and not (out / "final").exists()
     state = read_trainer_state(str(out / "checkpoints" / "step_4"))
-    assert (state["stage"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4, 4)
+    # the step was the epoch's last: the epoch is completed (counted, validated when on) before the stop, so the
+    # checkpoint is the boundary itself: stage 1 done, epoch 1 not begun (the resume switches to stage 2)
+    assert (state["stage"], state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 1, 0, 4)
     record = json.loads((out / PREEMPTED_FILE).read_text())
     assert (record["signal"], record["global_step"], record["exit_code"]) == (signal.Signals(sig).name, 4, 75)
     assert {s: signal.getsignal(s) for s in handlers} == handlers          # the handlers are gone again
