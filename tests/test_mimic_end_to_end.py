@@ -104,3 +104,27 @@ def test_missing_default_text_tower_names_the_extra(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match=r"cm-cgns\[demo\]") as error:
         default_text_model()
     assert isinstance(error.value, MissingTextTowerError) and "--text_model" in str(error.value)
+
+
+def test_zero_shot_on_the_official_test_split(physionet, tmp_path, capsys):
+    """Zero-shot classification on MIMIC-CXR's own official test split (CheXpert labels of
+    mimic-cxr-2.0.0-chexpert.csv, the classification task), from an export of the same tiny towers."""
+    from test_data_mimic_cxr import write_chexpert_table
+
+    write_chexpert_table(physionet["jpg"])
+    run = str(tmp_path / "run")
+    summary = pretrain_main([
+        "--dataset", "mimic_cxr", "--data_dir", physionet["jpg"], "--reports_path", physionet["reports"],
+        "--cache_dir", physionet["prepared"], "--text_model", physionet["bert"], "--vision_model", "resnet18",
+        "--image_size", "64", "--projection_dim", "32", "--num_clusters", "4", "--max_text_length", "64",
+        "--decoder_channels", "16", "8", "--stage1_epochs", "1", "--stage2_epochs", "0",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-4", "--save_steps", "0", "--report_to", "none",
+        "--output_dir", run])
+    capsys.readouterr()
+    assert cgns_main(["evaluate", "--task", "zero_shot", "--dataset", "mimic_cxr", "--data_dir", physionet["jpg"],
+                      "--dataset_options", f"reports_path={physionet['reports']}", "--cache_dir",
+                      physionet["prepared"], "--model", summary["final_dir"], "--output_dir",
+                      str(tmp_path / "zero_shot"), "--quiet"]) == 0
+    saved = json.load(open(tmp_path / "zero_shot" / "results.json"))
+    assert saved["dataset_task"] == "classification" and saved["split"] == "test"
+    assert saved["num_examples"] == 3                                # d05, d06, d20: the official test split
