@@ -71,7 +71,11 @@ def pretrain(argv: Sequence[str]) -> int:
 
 
 def evaluate(argv: Sequence[str]) -> int:
-    from cgns.downstream.cli import main
+    if any(flag in argv for flag in HELP_FLAGS):
+        # the options are the argument dataclasses (cgns.downstream.specs): no protocol, torch or Trainer import
+        from cgns.downstream.arguments import parse_args as main
+    else:
+        from cgns.downstream.cli import main
 
     return _run_main(main, "cgns evaluate", argv)
 

@@ -38,6 +38,40 @@ def test_every_option_has_help_and_the_dispatch_table_names_every_task():
         downstream.protocol("nope")
 
 
+def test_specs_match_the_protocols_and_the_library():
+    """cgns.downstream.specs spells out what the parser needs without importing the protocols: each protocol module
+    uses exactly its ARGUMENTS and DEFAULTS, and the constants copied from modeling_cgns are the library's."""
+    from cgns.downstream import specs
+    from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS, DEFAULT_ATTENTION_DIRECTION
+    from modeling_cgns.modeling_classification import INITS
+    from modeling_cgns.modeling_detection import CLASS_LOSS_NORMALIZATIONS
+
+    assert tuple(downstream.PROTOCOLS) == specs.TASKS
+    for task in specs.TASKS:
+        module = downstream.protocol(task)
+        assert module.ARGUMENTS is specs.TASK_ARGUMENTS[task] and module.DEFAULTS is specs.TASK_DEFAULTS[task]
+    assert specs.INITS == INITS and specs.CLASS_LOSS_NORMALIZATIONS == CLASS_LOSS_NORMALIZATIONS
+    assert specs.ATTENTION_DIRECTIONS == ATTENTION_DIRECTIONS
+    assert specs.DEFAULT_ATTENTION_DIRECTION == DEFAULT_ATTENTION_DIRECTION
+
+
+def test_evaluate_help_imports_no_protocol_and_no_torch():
+    """`cgns evaluate --help` builds the whole parser from specs (BENCHMARKS.md: 6.3 s -> 0.7 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from cgns.cli import main\n"
+            "try:\n    main(['evaluate', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers.trainer', 'cgns.downstream.classification',\n"
+            "                           'cgns.downstream.embeddings', 'data_scripts') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert "--selection_metric" in out and "--cluster_batch_size" in out and "--attention_direction" in out
+    assert "HEAVY []" in out, out[-500:]
+
+
 def test_help_states_the_per_task_defaults(capsys):
     with pytest.raises(SystemExit):
         td.parse_args(["--help"])

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 from transformers import HfArgumentParser
 
 from .protocols import PROTOCOLS, protocol
-from modeling_cgns.modeling_classification import INITS
+from .specs import INITS, TASK_ARGUMENTS, TASK_DEFAULTS
 
 DATASETS = ("chexpert", "rsna", "covidx", "siim", "object_cxr", "synthetic_cxr", "ms_cxr", "iu_xray", "mimic_cxr")
 # the shared hyperparameters whose default belongs to the protocol (the module's DEFAULTS)
@@ -35,7 +35,7 @@ def per_task_help(name: str) -> str:
     """``"default per task: classification 100, detection 50, ..."`` from the protocols' DEFAULTS."""
     values = []
     for task in PROTOCOLS:
-        default = protocol(task).DEFAULTS.get(name)
+        default = TASK_DEFAULTS[task].get(name)
         if default is not None:
             values.append(f"{task} {default:g}")
     return "default per task: " + ", ".join(values)
@@ -144,10 +144,11 @@ def parse_option(item: str):
 
 
 def argument_dataclasses() -> List[type]:
-    """The shared dataclasses, then each registered protocol's ``ARGUMENTS`` (when it has one)."""
+    """The shared dataclasses, then each registered protocol's ``ARGUMENTS`` (``specs.TASK_ARGUMENTS``, which
+    each protocol module names as its ``ARGUMENTS``; read from ``specs`` so that parsing imports no protocol)."""
     classes = [DownstreamArguments, TrainerPassThroughArguments]
     for task in PROTOCOLS:
-        extra = getattr(protocol(task), "ARGUMENTS", None)
+        extra = TASK_ARGUMENTS.get(task)
         if extra is not None and extra not in classes:
             classes.append(extra)
     return classes

@@ -32,7 +32,6 @@ import logging
 import shutil
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import numpy as np
@@ -49,6 +48,7 @@ from .embeddings import cache_key, cache_subdir, cached_tensors, model_identity
 from modeling_cgns import CGNSForImageClassification, CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.metrics import MULTI_LABEL, SINGLE_LABEL, classification_metrics, flat_numeric_metrics
+from .specs import TASK_DEFAULTS, ClassificationArguments
 
 if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
     from .arguments import EvaluationArguments
@@ -56,22 +56,9 @@ if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
 logger = logging.getLogger("downstream.classification")
 
 # Protocol defaults (docs/method.md E.1); an explicit command-line value wins.
-DEFAULTS = {"max_epochs": 100, "batch_size": 48, "lr": 5e-4, "weight_decay": 1e-6}
+DEFAULTS = TASK_DEFAULTS["classification"]
 MODES = ("cached", "augment", "uncached")
 
-
-@dataclass(kw_only=True)
-class ClassificationArguments:
-    """Options of the linear probe only (``--task classification``)."""
-
-    _argument_group_name = "Linear-probe options (--task classification)"
-
-    feature_cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "classification: folder of the cached frozen features, one safetensors file per model, init, "
-                "split and preprocessing, reused by later runs (other seeds, --standardize_features, the same "
-                "validation / test splits at another --data_pct) (default: <cache_dir or ~/.cache/cgns>/features)"})
-    no_feature_cache: bool = field(default=False, metadata={
-        "help": "classification: extract the features afresh and write no cache file"})
 
 
 ARGUMENTS = ClassificationArguments

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -38,24 +37,15 @@ from modeling_cgns.clustering import gated_false_negative_mask, nearest_two_cent
 from .common import write_results
 from .embeddings import image_batch, load_model_and_processor, pick_split, report_sentences, require_dataset, \
     text_batch
+from .specs import TASK_DEFAULTS, ClusteringArguments
 
 logger = logging.getLogger("downstream.clustering")
 
 
-@dataclass
-class ClusteringArguments:
-    """Options of ``--task clustering``."""
-
-    cluster_batch_size: int = field(default=32, metadata={
-        "help": "clustering: reports per forward, i.e. per batch whose pairs the 'batch' scores count (the "
-                "pretraining batch size; demo 32)"})
-    max_cluster_rows: int = field(default=0, metadata={
-        "help": "clustering: score at most this many rows of the split (0: all)"})
-
 
 #: --split comes with the encoder-only protocols' options (EncoderEvaluationArguments)
 ARGUMENTS = ClusteringArguments
-DEFAULTS = {}
+DEFAULTS = TASK_DEFAULTS["clustering"]
 #: image-report rows; synthetic_cxr's test split with meanings is --dataset_task grounding --split test
 DATASET_TASK = "pretraining"
 RESULTS_HEADER = ("| model | dataset | split | sentences | K | live | FN precision (batch) | FN recall (batch) | "

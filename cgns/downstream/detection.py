@@ -30,7 +30,6 @@ no stop before ``--min_epochs``; the shape IoU of the anchor assignment has no "
 (``--class_loss_normalization``).
 """
 import copy
-from dataclasses import dataclass, field
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ from modeling_cgns.detection_metrics import (IOU_THRESHOLDS, MAX_DETECTIONS, ave
 from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_detection import CLASS_LOSS_NORMALIZATIONS, CGNSForObjectDetection
 from modeling_cgns.processing_cgns import to_unit_range
+from .specs import SELECTION_METRICS, TASK_DEFAULTS, DetectionArguments
 
 if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
     from .arguments import EvaluationArguments
@@ -58,35 +58,10 @@ if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
 logger = logging.getLogger("downstream.detection")
 
 # Protocol defaults (docs/method.md E.2); an explicit command-line value wins.
-DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6}
+DEFAULTS = TASK_DEFAULTS["detection"]
 CONF_THRESHOLD = 0.5  # E.2 inference
 NMS_IOU = 0.5
-# model selection / early stopping scores (see DetectionArguments.selection_metric); the first is the default
-SELECTION_METRICS = ("map_all_scores", "map", "loss")
 
-
-@dataclass(kw_only=True)
-class DetectionArguments:
-    """Options of the detection protocol only (``--task detection``)."""
-
-    _argument_group_name = "Detection options (--task detection)"
-
-    min_epochs: int = field(default=25, metadata={
-        "help": "detection: early stopping never fires before this epoch (not in E.2: on a small or "
-                "synthetic set the head needs several epochs before its first confident box)"})
-    selection_metric: str = field(default=SELECTION_METRICS[0], metadata={
-        "choices": SELECTION_METRICS,
-        "help": "detection: validation score of the best epoch and of early stopping. map_all_scores: mAP of "
-                "the detections at any confidence (threshold-free, not 0 before the first box scores 0.5); "
-                "map: E.2's mAP at confidence 0.5 (the reference's choice); loss: validation loss"})
-    class_loss_normalization: str = field(default=CLASS_LOSS_NORMALIZATIONS[0], metadata={
-        "choices": CLASS_LOSS_NORMALIZATIONS,
-        "help": "detection: class BCE averaged over every anchor (all_anchors, the reference's YOLOLoss) or "
-                "over the object anchors only (object_anchors)"})
-    feature_cache_gb: float = field(default=2.0, metadata={
-        "help": "detection: keep the frozen tower's C3 / C4 / C5 of every split in memory when they fit in this "
-                "many GiB (0: never) and train the head on them; the tower is frozen and there is no "
-                "augmentation, so the head sees the same inputs, many times faster"})
 
 
 ARGUMENTS = DetectionArguments

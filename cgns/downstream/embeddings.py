@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from modeling_cgns import CGNSModel, CGNSProcessor
 from modeling_cgns.modeling_cgns import ATTENTION_DIRECTIONS, DEFAULT_ATTENTION_DIRECTION
+from .specs import EncoderEvaluationArguments
 
 logger = logging.getLogger("downstream")
 
@@ -182,42 +182,6 @@ def report_sentences(row: Dict) -> List[str]:
         return [s for s in row["sentences"] if s and s.strip()]
     return CGNSProcessor.split_report(row.get("report"))
 
-
-@dataclass
-class EncoderEvaluationArguments:
-    """Command-line options of the encoder-only protocols (retrieval, zero_shot, grounding, visualize).
-
-    Each of those modules names this class as its ``ARGUMENTS``, so ``cgns.downstream.arguments`` puts the
-    fields on the ``cgns evaluate`` command line once; the other protocols ignore them.
-    """
-
-    split: Optional[str] = field(default=None, metadata={
-        "help": "retrieval / zero_shot / grounding / visualize: the split evaluated (default: test when the "
-                "dataset has one, else validation)"})
-    prompts: Optional[str] = field(default=None, metadata={
-        "help": "zero_shot / grounding: prompt JSON {label: {positive: [...], negative: [...]}} "
-                "(default: the zero_shot_prompts.json shipped in cgns/downstream)"})
-    embedding_cache_dir: Optional[str] = field(default=None, metadata={
-        "help": "retrieval / zero_shot: folder of the cached embeddings, one safetensors file per model and "
-                "split (default: <cache_dir or ~/.cache/cgns>/embeddings)"})
-    no_embedding_cache: bool = field(default=False, metadata={
-        "help": "retrieval / zero_shot: recompute the embeddings and write no cache file"})
-    attention_direction: str = field(default=DEFAULT_ATTENTION_DIRECTION, metadata={
-        "choices": ATTENTION_DIRECTIONS,
-        "help": "grounding / visualize: which local cross-attention map (CGNSModel.get_sentence_attention)"})
-    random_init_baseline: bool = field(default=False, metadata={
-        "help": "grounding: also score the export's architecture with fresh weights (seed 0), the random-init "
-                "baseline, beside the uniform map"})
-    images: Optional[List[str]] = field(default=None, metadata={
-        "help": "visualize: image files (instead of --dataset), paired with --reports"})
-    reports: Optional[List[str]] = field(default=None, metadata={
-        "help": "visualize: one report per image, a text file or the report text itself"})
-    num_examples: int = field(default=4, metadata={
-        "help": "visualize: rows of the split drawn as attention pictures"})
-    max_cluster_reports: int = field(default=500, metadata={
-        "help": "visualize: rows of the split whose sentences go into the cluster report and plot"})
-    cluster_top_sentences: int = field(default=5, metadata={
-        "help": "visualize: most central sentences listed per cluster"})
 
 
 __all__ = [

@@ -43,12 +43,13 @@ from .common import format_number, percent, write_results
 from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, require_dataset,
                          text_batch)
 from .prompts import DEFAULT_PROMPTS, load_prompts, prompt_sentences
+from .specs import TASK_DEFAULTS
 
 logger = logging.getLogger("downstream.grounding")
 
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
-DEFAULTS = {"batch_size": 16}
+DEFAULTS = TASK_DEFAULTS["grounding"]
 #: synthetic_cxr's task with per-sentence boxes; give --dataset_task detection for RSNA.
 DATASET_TASK = "grounding"
 

@@ -1,19 +1,79 @@
 """The registry of downstream protocols: task name -> module with ``run(args)`` and ``DEFAULTS``
-(see :mod:`cgns.downstream` for how a task is added)."""
+(see :mod:`cgns.downstream` for how a task is added).
+
+``PROTOCOLS`` maps each task of ``cgns.downstream.specs.MODULES`` to its module, imported when it is first
+looked up: the command line's parser and ``--help`` need only ``specs`` (no torch, no Trainer)."""
+from collections.abc import Mapping
 from types import ModuleType
+from typing import Callable, Dict, Iterator
 
-from . import classification, clustering, detection, grounding, retrieval, segmentation, visualize, zero_shot
+from .specs import MODULES
 
-PROTOCOLS = {
-    "classification": classification,  # linear probe, docs/linear_probe.md
-    "detection": detection,  # YOLOv3 head, docs/detection.md
-    "segmentation": segmentation,  # U-Net / SETR decoder, docs/segmentation.md
-    "retrieval": retrieval,  # image <-> report Recall@k, docs/evaluation.md
-    "zero_shot": zero_shot,  # prompt classification, AUROC
-    "grounding": grounding,  # pointing game of the local cross-attention
-    "visualize": visualize,  # attention overlays, cluster report and plot
-    "clustering": clustering,  # false negatives found by the clustering, against sentence meanings
+
+# one explicit import per protocol, run when the task is first looked up (the import graph stays visible to
+# static tools: no import by string)
+def _classification():
+    from . import classification
+    return classification
+
+
+def _detection():
+    from . import detection
+    return detection
+
+
+def _segmentation():
+    from . import segmentation
+    return segmentation
+
+
+def _retrieval():
+    from . import retrieval
+    return retrieval
+
+
+def _zero_shot():
+    from . import zero_shot
+    return zero_shot
+
+
+def _grounding():
+    from . import grounding
+    return grounding
+
+
+def _visualize():
+    from . import visualize
+    return visualize
+
+
+def _clustering():
+    from . import clustering
+    return clustering
+
+
+_LOADERS: Dict[str, Callable[[], ModuleType]] = {
+    "classification": _classification, "detection": _detection, "segmentation": _segmentation,
+    "retrieval": _retrieval, "zero_shot": _zero_shot, "grounding": _grounding, "visualize": _visualize,
+    "clustering": _clustering,
 }
+assert tuple(_LOADERS) == tuple(MODULES), "cgns.downstream.specs.MODULES and the loaders must name the same tasks"
+
+
+class _Protocols(Mapping):
+    """task -> protocol module, imported on first access (in the registry's order)."""
+
+    def __getitem__(self, task: str) -> ModuleType:
+        return _LOADERS[task]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_LOADERS)
+
+    def __len__(self) -> int:
+        return len(_LOADERS)
+
+
+PROTOCOLS = _Protocols()
 
 
 def protocol(task: str) -> ModuleType:

@@ -24,13 +24,14 @@ from .common import percent, write_results
 from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, embedding_cache_dir, encode_images,
                          encode_reports, load_model_and_processor, model_identity, pick_split, report_sentences,
                          require_dataset)
+from .specs import TASK_DEFAULTS
 
 logger = logging.getLogger("downstream.retrieval")
 
 #: Nothing is trained; the batch size is the embedding batch.
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
-DEFAULTS = {"batch_size": 64}
+DEFAULTS = TASK_DEFAULTS["retrieval"]
 #: The dataset task used when --dataset_task is not given: image-report pairs; for MIMIC-CXR its
 #: official test split (the pretraining task's validation merges the official validate and test splits).
 DATASET_TASK = "pretraining"

@@ -25,7 +25,6 @@ the last, smaller batch); several seeds share one tower (for ``--init random`` t
 first seed) and differ in the decoder's initialisation and the data order.
 """
 import dataclasses
-from dataclasses import dataclass, field
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from modeling_cgns import CGNSImageProcessor
 from modeling_cgns.model_card import save_export
 from modeling_cgns.modeling_segmentation import CGNSForSemanticSegmentation, dice_per_image
 from modeling_cgns.processing_cgns import to_unit_range
+from .specs import TASK_DEFAULTS, SegmentationArguments
 
 if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
     from .arguments import EvaluationArguments
@@ -52,7 +52,7 @@ if TYPE_CHECKING:      # the parsed command line (cgns/downstream/arguments.py)
 logger = logging.getLogger("downstream.segmentation")
 
 # Protocol defaults (docs/method.md E.3); an explicit command-line value wins.
-DEFAULTS = {"max_epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05}
+DEFAULTS = TASK_DEFAULTS["segmentation"]
 
 SEGMENTATION = "segmentation"
 METRIC = "dice"
@@ -65,19 +65,6 @@ AUGMENT_SCALE = (0.9, 1.1)
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
-
-@dataclass(kw_only=True)
-class SegmentationArguments:
-    """Options of the segmentation protocol only (``--task segmentation``)."""
-
-    _argument_group_name = "Segmentation options (--task segmentation)"
-
-    balance_train: bool = field(default=True, metadata={
-        "help": "segmentation: keep every positive training image (a non-empty mask) plus as many "
-                "negatives drawn with RandomState(--balance_seed), before --data_pct, as E.3 does for SIIM "
-                "(whose builder already balances: then this is a no-op); validation and test stay as they "
-                "are. --no_balance_train keeps the split as loaded"})
-    balance_seed: int = field(default=42, metadata={"help": "segmentation: seed of the negatives kept (E.3: 42)"})
 
 
 ARGUMENTS = SegmentationArguments

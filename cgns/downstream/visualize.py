@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from .common import write_results
 from .embeddings import (EncoderEvaluationArguments, image_batch, load_model_and_processor, pick_split, report_sentences,
                          text_batch)
+from .specs import TASK_DEFAULTS
 
 logger = logging.getLogger("downstream.visualize")
 
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
-DEFAULTS = {"batch_size": 16}
+DEFAULTS = TASK_DEFAULTS["visualize"]
 DATASET_TASK = "pretraining"
 #: --images / --reports replace --dataset.
 DATASET_OPTIONAL = True

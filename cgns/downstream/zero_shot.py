@@ -32,12 +32,13 @@ from .embeddings import (EncoderEvaluationArguments, cache_key, cached_tensors, 
                          encode_reports, load_model_and_processor, model_identity, pick_split, require_columns,
                          require_dataset)
 from .prompts import DEFAULT_PROMPTS, POLARITIES, load_prompts, prompt_sentences
+from .specs import TASK_DEFAULTS
 
 logger = logging.getLogger("downstream.zero_shot")
 
 #: The options of the encoder-only protocols (`cgns evaluate` adds them to the command line).
 ARGUMENTS = EncoderEvaluationArguments
-DEFAULTS = {"batch_size": 64}
+DEFAULTS = TASK_DEFAULTS["zero_shot"]
 DATASET_TASK = "classification"
 
 RESULTS_HEADER = ("| model | dataset | split | images | prompts | macro AUROC (%) | per label AUROC (%) |\n"
