@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cgns.downstream import clustering
+from cgns.downstream.arguments import parse_option
 from cgns.downstream.embeddings import load_model_and_processor
 
 
@@ -34,14 +35,6 @@ def spherical_kmeans(z: torch.Tensor, k: int, seed: int, iterations: int) -> tor
     return centroids
 
 
-def parse_options(pairs):
-    out = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        out[key] = float(value) if "." in value else int(value)
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("exports", nargs="+")
@@ -51,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset_options", nargs="*",
                         default=["num_images=2000", "image_size=146", "lesion_contrast_scale=3.0"])
     args = parser.parse_args(argv)
-    options = parse_options(args.dataset_options)
+    options = dict(parse_option(item) for item in args.dataset_options)
     print("| export | centroids | FN precision | FN recall | NMI |")
     print("|---|---|---|---|---|")
     for path in args.exports:
